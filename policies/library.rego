@@ -1,0 +1,58 @@
+# The default library: request hygiene rules that hold in front of any CRM.
+# Their settings are in data.json (data.settings), which a DSI edits.
+package rempart
+
+import rego.v1
+
+# Methods a CRM never needs from a browser or an API client (TRACE echoes
+# credentials back; CONNECT on the ingress is a misrouted proxy request).
+deny contains {
+	"code": "method_not_allowed",
+	"message": sprintf("method %s is not allowed", [input.request.method]),
+} if {
+	input.direction == "ingress"
+	input.request.method in data.settings.blocked_methods
+}
+
+# A `..` or `.` segment, or a decoded segment that hides a slash or a
+# backslash, is a traversal attempt whatever the CRM does with it.
+deny contains {
+	"code": "path_traversal",
+	"message": "the path tries to leave its directory",
+} if {
+	some segment in input.request.segments
+	traversal_segment(segment)
+}
+
+traversal_segment(s) if s in {"..", "."}
+
+traversal_segment(s) if contains(s, "/")
+
+traversal_segment(s) if contains(s, "\\")
+
+# Paths that must never be served (repository metadata, secrets files).
+deny contains {
+	"code": "blocked_path",
+	"message": sprintf("path %s is blocked (prefix %s)", [input.request.path, prefix]),
+} if {
+	some prefix in data.settings.blocked_path_prefixes
+	startswith(lower(input.request.path), lower(prefix))
+}
+
+# Bulk operations (exports, mass deletes) are allowed here but always
+# flagged, so that a DPO can find them in the trail.
+warn contains {
+	"code": "bulk_operation",
+	"message": sprintf("bulk %s on %s", [input.resource.operation, input.resource.type]),
+} if {
+	input.resource.bulk
+}
+
+# Plain HTTP from the public internet exposes credentials in transit.
+warn contains {
+	"code": "plaintext_from_public",
+	"message": "plain HTTP request from a public address",
+} if {
+	input.request.scheme == "http"
+	input.source.scope == "public"
+}

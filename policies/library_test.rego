@@ -1,0 +1,83 @@
+# Tests of the default library; run with `rempart policy test policies/`.
+package rempart_test
+
+import rego.v1
+
+import data.rempart
+
+base := {
+	"direction": "ingress",
+	"request": {
+		"id": "t", "method": "GET", "scheme": "http", "host": "crm.example.eu", "port": 8080,
+		"path": "/api/contacts/42", "segments": ["api", "contacts", "42"],
+		"query": {}, "headers": {}, "protocol": "HTTP/1.1",
+	},
+	"source": {"ip": "10.0.0.5", "port": 40000, "scope": "private"},
+	"destination": {"host": "127.0.0.1", "ip": "127.0.0.1", "port": 8000, "scope": "loopback"},
+	"identity": {"authenticated": false, "method": "none", "subject": null, "roles": []},
+	"resource": {"crm": "generic", "type": "contacts", "id": "42", "operation": "read", "bulk": false},
+	"time": {"rfc3339": "2026-11-27T10:00:00Z", "unix_ns": 0, "weekday": 5, "hour": 10},
+}
+
+codes(reasons) := {r.code | some r in reasons}
+
+with_request(patch) := object.union(base, {"request": object.union(base.request, patch)})
+
+test_plain_read_is_allowed if {
+	d := rempart.decision with input as base
+	d.allow
+	d.deny == []
+	d.warn == []
+}
+
+test_trace_is_denied if {
+	d := rempart.decision with input as with_request({"method": "TRACE"})
+	not d.allow
+	codes(d.deny) == {"method_not_allowed"}
+}
+
+test_blocked_methods_come_from_data if {
+	d := rempart.decision with input as with_request({"method": "TRACE"})
+		with data.settings.blocked_methods as []
+	d.allow
+}
+
+test_dot_dot_segment_is_denied if {
+	d := rempart.decision with input as with_request({"path": "/a/../etc/passwd", "segments": ["a", "..", "etc", "passwd"]})
+	"path_traversal" in codes(d.deny)
+}
+
+test_encoded_slash_segment_is_denied if {
+	d := rempart.decision with input as with_request({"path": "/a/../b", "segments": ["a/..", "b"]})
+	"path_traversal" in codes(d.deny)
+}
+
+test_blocked_prefix_is_denied_case_insensitively if {
+	d := rempart.decision with input as with_request({"path": "/.GIT/config", "segments": [".GIT", "config"]})
+	codes(d.deny) == {"blocked_path"}
+}
+
+test_similar_path_is_not_blocked if {
+	d := rempart.decision with input as with_request({"path": "/git/config", "segments": ["git", "config"]})
+	d.allow
+}
+
+test_bulk_operation_warns_but_allows if {
+	inp := object.union(base, {"resource": object.union(base.resource, {"operation": "export", "bulk": true})})
+	d := rempart.decision with input as inp
+	d.allow
+	codes(d.warn) == {"bulk_operation"}
+}
+
+test_public_plaintext_warns if {
+	inp := object.union(base, {"source": {"ip": "8.8.8.8", "port": 1, "scope": "public"}})
+	d := rempart.decision with input as inp
+	d.allow
+	"plaintext_from_public" in codes(d.warn)
+}
+
+test_egress_trace_is_not_this_rule if {
+	inp := object.union(with_request({"method": "TRACE"}), {"direction": "egress"})
+	d := rempart.decision with input as inp
+	not "method_not_allowed" in codes(d.deny)
+}

@@ -1,0 +1,183 @@
+//! The audit trail: one JSON line per decision, appended to a file.
+//!
+//! Request tasks serialise their record and hand the line to a queue; one
+//! writer thread drains the queue in batches and appends them with a single
+//! write. The writer sleeps between batches instead of waiting on the queue,
+//! so under load a request never has to wake it.
+//!
+//! Durability of this first form ("buffered"): a record is on disk within
+//! `flush_interval` plus one write; a crash can lose at most the batch in
+//! memory. A clean stop (SIGTERM) writes and fsyncs everything queued.
+
+mod record;
+
+pub use record::{AuditDecision, AuditIdentity, AuditRecord, AuditRequest};
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::metrics::Metrics;
+
+enum Msg {
+    Line(Vec<u8>),
+    /// Write and fsync everything before this, then answer.
+    Sync(mpsc::Sender<std::io::Result<()>>),
+}
+
+/// The sending side, cloned into every worker.
+#[derive(Clone)]
+pub struct AuditSink {
+    tx: SyncSender<Msg>,
+    metrics: Arc<Metrics>,
+}
+
+/// The writer thread; join it after every sink is dropped.
+pub struct AuditWriter {
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl AuditSink {
+    /// Opens (creating or appending to) the trail and starts the writer.
+    pub fn open(
+        path: &Path,
+        flush_interval: Duration,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<(AuditSink, AuditWriter)> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !parent.is_dir() {
+                anyhow::bail!(
+                    "audit trail {}: directory {} does not exist",
+                    path.display(),
+                    parent.display()
+                );
+            }
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open audit trail {} for appending", path.display()))?;
+        let (tx, rx) = mpsc::sync_channel(capacity);
+        let writer_metrics = Arc::clone(&metrics);
+        let path = path.to_path_buf();
+        let handle = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || run_writer(file, path, rx, flush_interval, writer_metrics))
+            .context("cannot start the audit writer thread")?;
+        Ok((AuditSink { tx, metrics }, AuditWriter { handle }))
+    }
+
+    /// Queues one record. Never drops: when the queue is full the caller
+    /// waits for the writer (and the wait is counted).
+    pub fn record(&self, record: &AuditRecord<'_>) {
+        let mut line = match serde_json::to_vec(record) {
+            Ok(l) => l,
+            Err(e) => {
+                // Only possible with a non-string map key, which the record
+                // type does not have; counted so that it cannot pass unseen.
+                self.metrics.audit_write_errors.inc();
+                tracing::error!("cannot serialise audit record: {e}");
+                return;
+            }
+        };
+        line.push(b'\n');
+        match self.tx.try_send(Msg::Line(line)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(msg)) => {
+                self.metrics.audit_queue_full.inc();
+                if self.tx.send(msg).is_err() {
+                    self.metrics.audit_write_errors.inc();
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.metrics.audit_write_errors.inc();
+                tracing::error!("audit writer is gone; record lost");
+            }
+        }
+    }
+
+    /// Waits until every record queued so far is written and fsynced.
+    pub fn sync(&self) -> std::io::Result<()> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Msg::Sync(tx))
+            .map_err(|_| std::io::Error::other("audit writer is gone"))?;
+        rx.recv()
+            .map_err(|_| std::io::Error::other("audit writer is gone"))?
+    }
+}
+
+impl AuditWriter {
+    /// Waits for the writer to drain the queue, write, fsync and stop.
+    /// Call after every [`AuditSink`] clone is dropped.
+    pub fn finish(self) {
+        if self.handle.join().is_err() {
+            tracing::error!("audit writer thread panicked");
+        }
+    }
+}
+
+fn run_writer(
+    mut file: File,
+    path: PathBuf,
+    rx: Receiver<Msg>,
+    flush_interval: Duration,
+    metrics: Arc<Metrics>,
+) {
+    let mut batch: Vec<u8> = Vec::with_capacity(1 << 16);
+    let mut pending: u64 = 0;
+    let write = |batch: &mut Vec<u8>, pending: &mut u64, file: &mut File| {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let r = file.write_all(batch);
+        match &r {
+            Ok(()) => metrics.audit_records.inc_by(*pending),
+            Err(e) => {
+                metrics.audit_write_errors.inc();
+                tracing::error!(path = %path.display(), "audit write failed: {e}");
+            }
+        }
+        batch.clear();
+        *pending = 0;
+        r
+    };
+    loop {
+        // Block only while idle; once work arrives, let a batch gather.
+        let first = match rx.recv() {
+            Ok(m) => m,
+            Err(_) => break,
+        };
+        if !flush_interval.is_zero() {
+            std::thread::sleep(flush_interval);
+        }
+        let mut next = Some(first);
+        while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
+            match msg {
+                Msg::Line(l) => {
+                    batch.extend_from_slice(&l);
+                    pending += 1;
+                }
+                Msg::Sync(ack) => {
+                    let r =
+                        write(&mut batch, &mut pending, &mut file).and_then(|_| file.sync_data());
+                    let _ = ack.send(r);
+                }
+            }
+        }
+        let _ = write(&mut batch, &mut pending, &mut file);
+    }
+    // Every sender is gone: the queue is drained; make it durable.
+    let _ = write(&mut batch, &mut pending, &mut file);
+    if let Err(e) = file.sync_all() {
+        metrics.audit_write_errors.inc();
+        tracing::error!(path = %path.display(), "audit fsync at shutdown failed: {e}");
+    }
+}

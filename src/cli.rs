@@ -1,0 +1,262 @@
+//! The command line: `rempart serve | check | policy eval | policy test`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, Mode, UpstreamUrl};
+use crate::policy::{self, PolicySource};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rempart",
+    version,
+    about = "Sovereignty gateway: decides, with your Rego policies, who may touch your CRM's data and where it may go",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the policy-checked reverse proxy in front of a CRM.
+    Serve(ServeArgs),
+    /// Validate a configuration file and the policies it names, then exit.
+    Check {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Policy directory (overrides the config file).
+        #[arg(long, value_name = "DIR")]
+        policies: Option<PathBuf>,
+    },
+    /// Work with policies without traffic.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// TOML configuration file; flags below override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Ingress address [default: 127.0.0.1:8080]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// The CRM's base URL, e.g. http://127.0.0.1:8000
+    #[arg(long, value_name = "URL", value_parser = parse_upstream)]
+    upstream: Option<UpstreamUrl>,
+    /// Admin address for /metrics, /healthz, /readyz [default: 127.0.0.1:9090]
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<std::net::SocketAddr>,
+    /// Policy directory [default: ./policies if present, else the built-in set]
+    #[arg(long, value_name = "DIR")]
+    policies: Option<PathBuf>,
+    /// Audit trail file [default: ./rempart-audit.jsonl]
+    #[arg(long, value_name = "PATH")]
+    audit: Option<PathBuf>,
+    /// enforce: deny blocks; monitor: nothing blocks, the trail says what would have [default: enforce]
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    /// Worker threads [default: one per core]
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Print the decision document for one input document.
+    Eval {
+        /// Policy directory [default: ./policies if present, else the built-in set]
+        #[arg(long, value_name = "DIR")]
+        policies: Option<PathBuf>,
+        /// Input JSON file, or - for standard input.
+        #[arg(long, value_name = "FILE.json")]
+        input: PathBuf,
+        /// Evaluate with the tree-walking interpreter instead of the VM.
+        #[arg(long)]
+        interpreter: bool,
+    },
+    /// Run every `test_*` rule; exit non-zero if any fails.
+    Test {
+        /// Policy directories [default: ./policies if present, else the built-in set]
+        dirs: Vec<PathBuf>,
+    },
+}
+
+fn parse_upstream(s: &str) -> Result<UpstreamUrl, String> {
+    UpstreamUrl::parse(s).map_err(|e| format!("{e:#}"))
+}
+
+/// Policy directory resolution shared by every command.
+pub fn policy_source(flag: Option<&Path>, config: Option<&Path>) -> PolicySource {
+    if let Some(d) = flag.or(config) {
+        return PolicySource::Dir(d.to_path_buf());
+    }
+    let local = Path::new("./policies");
+    if local.is_dir() {
+        PolicySource::Dir(local.to_path_buf())
+    } else {
+        PolicySource::Builtin
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => {
+            init_logging();
+            serve(args)
+        }
+        Command::Check { config, policies } => check(&config, policies.as_deref()),
+        Command::Policy(PolicyCommand::Eval {
+            policies,
+            input,
+            interpreter,
+        }) => eval(policies.as_deref(), &input, interpreter),
+        Command::Policy(PolicyCommand::Test { dirs }) => test(&dirs),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("rempart: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = match &a.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = a.listen {
+        cfg.server.listen = v;
+    }
+    if let Some(v) = a.upstream {
+        cfg.upstream.url = Some(v);
+    }
+    if let Some(v) = a.admin {
+        cfg.admin.listen = v;
+    }
+    if let Some(v) = a.audit {
+        cfg.audit.path = v;
+    }
+    if let Some(v) = a.mode {
+        cfg.server.mode = v;
+    }
+    if let Some(v) = a.workers {
+        cfg.server.workers = v;
+    }
+    let source = policy_source(a.policies.as_deref(), cfg.policy.dir.as_deref());
+    crate::serve::run(cfg, source)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(path: &Path, policies: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let cfg = Config::from_file(path)?;
+    cfg.validate()
+        .map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
+    if let Some(parent) = cfg
+        .audit
+        .path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        if !parent.is_dir() {
+            return Err(anyhow!(
+                "{}: [audit] path {}: directory {} does not exist",
+                path.display(),
+                cfg.audit.path.display(),
+                parent.display()
+            ));
+        }
+    }
+    let source = policy_source(policies, cfg.policy.dir.as_deref());
+    let set = policy::load(&source).with_context(|| format!("policies from {source}"))?;
+    println!(
+        "ok: {} (upstream {}, mode {}); policies {} from {} ({} files)",
+        path.display(),
+        cfg.upstream
+            .url
+            .as_ref()
+            .map(|u| u.to_string())
+            .unwrap_or_default(),
+        cfg.server.mode,
+        set.revision,
+        source,
+        set.files.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval(policies: Option<&Path>, input: &Path, interpreter: bool) -> anyhow::Result<ExitCode> {
+    let text = if input.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?
+    } else {
+        std::fs::read_to_string(input)
+            .with_context(|| format!("cannot read input file {}", input.display()))?
+    };
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{}: invalid JSON: {e}", input.display()))?;
+    let source = policy_source(policies, None);
+    let set = policy::load(&source).with_context(|| format!("policies from {source}"))?;
+    let value = regorus::Value::from(json);
+    let out = if interpreter {
+        set.evaluate_with_interpreter(value)?
+    } else {
+        set.evaluate_raw(value, &policy::EvalLimits::default())?
+    };
+    // Check the shape as serve would, so a DSI sees the same errors.
+    policy::Decision::from_value(&out)?;
+    let mut doc: serde_json::Value = serde_json::to_value(&out)?;
+    if let Some(obj) = doc.as_object_mut() {
+        obj.insert("policy_revision".into(), set.revision.clone().into());
+    }
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn test(dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let sources: Vec<PolicySource> = if dirs.is_empty() {
+        vec![policy_source(None, None)]
+    } else {
+        dirs.iter().map(|d| PolicySource::Dir(d.clone())).collect()
+    };
+    let (mut passed, mut failed) = (0usize, 0usize);
+    for source in &sources {
+        let results =
+            policy::testing::run(source).with_context(|| format!("policies from {source}"))?;
+        if results.is_empty() {
+            return Err(anyhow!("{source}: no test_* rules found"));
+        }
+        for r in results {
+            if r.passed {
+                passed += 1;
+                println!("PASS {}:{} {}", r.file, r.line, r.rule);
+            } else {
+                failed += 1;
+                println!("FAIL {}:{} {}: {}", r.file, r.line, r.rule, r.detail);
+            }
+        }
+    }
+    println!("policy: {passed} passed, {failed} failed");
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

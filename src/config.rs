@@ -1,0 +1,435 @@
+//! The configuration file (TOML) and the command-line overrides.
+//!
+//! Every key is documented in `docs/configuration.md`. Unknown keys are an
+//! error: a misspelt `enforce` must never silently become the default.
+//! Values that need parsing (addresses, URLs, durations, CIDRs) are parsed
+//! while the TOML is read, so that an error names the file, line and column.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Deserializer};
+
+/// The whole configuration, with every default filled in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub admin: AdminConfig,
+    pub policy: PolicyConfig,
+    pub audit: AuditConfig,
+    pub identity: IdentityConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            upstream: UpstreamConfig::default(),
+            admin: AdminConfig::default(),
+            policy: PolicyConfig::default(),
+            audit: AuditConfig::default(),
+            identity: IdentityConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A non-empty `deny` set blocks the request.
+    #[default]
+    Enforce,
+    /// Nothing is blocked; the audit record says what would have been.
+    Monitor,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Enforce => "enforce",
+            Mode::Monitor => "monitor",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub mode: Mode,
+    /// Worker threads, each with its own event loop and listening socket
+    /// (`SO_REUSEPORT`). 0 means one per CPU core.
+    pub workers: usize,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub drain_timeout: Seconds,
+    /// Timeout for reading a client's request head.
+    pub header_read_timeout: Seconds,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            mode: Mode::Enforce,
+            workers: 0,
+            drain_timeout: Seconds(Duration::from_secs(30)),
+            header_read_timeout: Seconds(Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URL of the CRM, e.g. `http://127.0.0.1:8000`. Required.
+    pub url: Option<UpstreamUrl>,
+    pub connect_timeout: Seconds,
+    /// Time allowed for the upstream to send its response head.
+    pub response_timeout: Seconds,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout: Seconds,
+    /// Pooled idle connections kept per worker.
+    pub pool_max_idle: usize,
+    /// Forward the client's `Host` header unchanged (CRMs check it for CSRF).
+    pub preserve_host: bool,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: None,
+            connect_timeout: Seconds(Duration::from_secs(5)),
+            response_timeout: Seconds(Duration::from_secs(60)),
+            pool_idle_timeout: Seconds(Duration::from_secs(90)),
+            pool_max_idle: 256,
+            preserve_host: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+/// What to do when a policy cannot be evaluated (error or timeout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Refuse the request with `503` (fail closed).
+    #[default]
+    Deny,
+    /// Let the request through and record the error (fail open).
+    Allow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Directory of `.rego` and `data.json` files. When absent, `./policies`
+    /// is used if it exists, else the set built into the binary.
+    pub dir: Option<PathBuf>,
+    pub on_error: OnError,
+    /// Wall-clock limit of one evaluation.
+    pub eval_timeout: Seconds,
+    /// How often the policy directory is checked for changes; 0 disables.
+    pub reload_interval: Seconds,
+    /// Request headers whose values policies never see (credentials).
+    pub redact_headers: Vec<String>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            dir: None,
+            on_error: OnError::Deny,
+            eval_timeout: Seconds(Duration::from_millis(100)),
+            reload_interval: Seconds(Duration::from_secs(2)),
+            redact_headers: [
+                "authorization",
+                "cookie",
+                "proxy-authorization",
+                "x-api-key",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        }
+    }
+}
+
+/// Which decisions get an audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditRecordScope {
+    /// Every decision.
+    #[default]
+    All,
+    /// Only decisions with a deny or warn reason, and errors.
+    DenyAndWarn,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    pub path: PathBuf,
+    pub record: AuditRecordScope,
+    /// How long the writer lets records gather before writing a batch.
+    pub flush_interval: Seconds,
+    /// Records queued in memory before request handling waits for the writer.
+    pub queue_capacity: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            path: PathBuf::from("./rempart-audit.jsonl"),
+            record: AuditRecordScope::All,
+            flush_interval: Seconds(Duration::from_millis(5)),
+            queue_capacity: 65_536,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// A header set by an authenticating proxy in front of rempart, e.g.
+    /// `x-remote-user`. Honoured only from `trusted_sources`; stripped from
+    /// every other request before it reaches the CRM.
+    pub trusted_header: Option<HeaderName>,
+    /// Optional header carrying comma-separated roles, same trust rules.
+    pub roles_header: Option<HeaderName>,
+    /// Source networks allowed to set the trusted headers.
+    pub trusted_sources: Vec<Cidr>,
+}
+
+/// A duration written as `"250ms"`, `"5s"`, `"2m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub Duration);
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Seconds).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?}: {e} (write e.g. \"250ms\", \"5s\", \"2m\")"
+            ))
+        })
+    }
+}
+
+/// The upstream base URL: `http://host[:port][/prefix]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    /// Path prefix without trailing slash ("" when none).
+    pub prefix: String,
+}
+
+impl UpstreamUrl {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        let uri: http::Uri = s
+            .parse()
+            .with_context(|| format!("invalid upstream URL {s:?}"))?;
+        let scheme = match uri.scheme() {
+            Some(s) if *s == http::uri::Scheme::HTTP => s.clone(),
+            Some(s) if *s == http::uri::Scheme::HTTPS => {
+                bail!("upstream URL {s:?}: https upstreams are not supported yet, use http://")
+            }
+            _ => bail!("upstream URL {s:?} must start with http://"),
+        };
+        let Some(authority) = uri.authority().cloned() else {
+            bail!("upstream URL {s:?} has no host");
+        };
+        if uri.query().is_some() {
+            bail!("upstream URL {s:?} must not have a query string");
+        }
+        let prefix = uri.path().trim_end_matches('/').to_string();
+        Ok(UpstreamUrl {
+            scheme,
+            authority,
+            prefix,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.authority.port_u16().unwrap_or(80)
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        UpstreamUrl::parse(&s).map_err(|e| serde::de::Error::custom(format!("{e:#}")))
+    }
+}
+
+/// A lower-cased HTTP header name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderName(pub http::HeaderName);
+
+impl<'de> Deserialize<'de> for HeaderName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        http::HeaderName::from_bytes(s.to_ascii_lowercase().as_bytes())
+            .map(HeaderName)
+            .map_err(|_| serde::de::Error::custom(format!("invalid header name {s:?}")))
+    }
+}
+
+/// A network such as `10.0.0.0/8` or `::1/128`; a bare address is a /32 or /128.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(pub ipnet::IpNet);
+
+impl Cidr {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        if let Ok(net) = s.parse::<ipnet::IpNet>() {
+            return Ok(Cidr(net.trunc()));
+        }
+        s.parse::<std::net::IpAddr>()
+            .map(|ip| Cidr(ipnet::IpNet::from(ip)))
+            .map_err(|_| anyhow::anyhow!("invalid network {s:?} (write e.g. \"10.0.0.0/8\")"))
+    }
+
+    pub fn contains(&self, ip: &std::net::IpAddr) -> bool {
+        let ip = crate::pipeline::locate::canonical_ip(*ip);
+        self.0.contains(&ip)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Cidr::parse(&s).map_err(|e| serde::de::Error::custom(format!("{e:#}")))
+    }
+}
+
+impl Config {
+    /// Reads and checks a configuration file. Errors name the file and,
+    /// for syntax and value errors, the line and column.
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str::<Config>(text).map_err(|e| {
+            // toml's message reads "TOML parse error at line L, column C" plus a
+            // snippet; keep it whole, it is the precise part.
+            e.to_string().trim_end().to_string()
+        })
+    }
+
+    /// Checks that need the whole configuration.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.upstream.url.is_none() {
+            bail!("no upstream: set [upstream] url in the config file or pass --upstream URL");
+        }
+        if self.identity.trusted_header.is_some() && self.identity.trusted_sources.is_empty() {
+            bail!(
+                "[identity] trusted_header is set but trusted_sources is empty: \
+                 name the networks of the authenticating proxy allowed to set it"
+            );
+        }
+        if self.audit.queue_capacity == 0 {
+            bail!("[audit] queue_capacity must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn worker_count(&self) -> usize {
+        if self.server.workers > 0 {
+            self.server.workers
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_an_error_with_its_line() {
+        let err = Config::from_toml("[server]\nlisten = \"127.0.0.1:1\"\nmdoe = \"monitor\"\n")
+            .unwrap_err();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("mdoe"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_line() {
+        let err = Config::from_toml("[upstream]\n\nurl = \"ftp://x\"\n").unwrap_err();
+        assert!(err.contains("line 3") && err.contains("http://"), "{err}");
+        let err = Config::from_toml("[policy]\neval_timeout = \"fast\"\n").unwrap_err();
+        assert!(
+            err.contains("line 2") && err.contains("invalid duration"),
+            "{err}"
+        );
+        let err = Config::from_toml("[server]\nmode = \"audit\"\n").unwrap_err();
+        assert!(err.contains("line 2") && err.contains("enforce"), "{err}");
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = Config::from_toml("[upstream]\nurl = \"http://127.0.0.1:8000/crm/\"\n").unwrap();
+        assert_eq!(c.server.mode, Mode::Enforce);
+        assert_eq!(c.policy.on_error, OnError::Deny);
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9090");
+        let url = c.upstream.url.unwrap();
+        assert_eq!(url.prefix, "/crm");
+        assert_eq!(url.port(), 8000);
+    }
+
+    #[test]
+    fn trusted_header_needs_trusted_sources() {
+        let mut c =
+            Config::from_toml("[upstream]\nurl = \"http://127.0.0.1:1\"\n[identity]\ntrusted_header = \"X-Remote-User\"\n")
+                .unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("trusted_sources"));
+        c.identity.trusted_sources = vec![Cidr::parse("10.0.0.0/8").unwrap()];
+        c.validate().unwrap();
+        assert_eq!(
+            c.identity.trusted_header.unwrap().0.as_str(),
+            "x-remote-user"
+        );
+    }
+
+    #[test]
+    fn cidr_matches_ipv4_mapped_addresses() {
+        let c = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(c.contains(&"::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!c.contains(&"11.0.0.1".parse().unwrap()));
+    }
+}

@@ -1,0 +1,312 @@
+//! The policy input document: what a DSI's Rego sees as `input`.
+//!
+//! It is assembled from the outputs of the pipeline stages, field for field,
+//! so that the code's view and the policy's view are the same thing. The
+//! contract is published as `docs/input.schema.json` and explained in
+//! `docs/policies.md`; a test checks the two stay in step.
+//!
+//! Two renderings exist: serde JSON (for `rempart policy eval`, tests and
+//! docs) and [`PolicyInput::to_value`], which builds the regorus value
+//! directly on the request path without a JSON round trip. A unit test
+//! proves they are identical.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use regorus::Value;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyInput {
+    pub direction: Direction,
+    pub request: RequestInfo,
+    pub source: Endpoint,
+    pub destination: Destination,
+    pub identity: Identity,
+    pub resource: Resource,
+    pub time: TimeInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestInfo {
+    /// The decision id, also sent back as `x-rempart-decision-id`.
+    pub id: String,
+    pub method: String,
+    pub scheme: String,
+    pub host: String,
+    pub port: u16,
+    /// Percent-decoded path.
+    pub path: String,
+    /// `path` split on `/`, empty segments dropped.
+    pub segments: Vec<String>,
+    /// Query parameters, decoded; a key given twice has two values.
+    pub query: BTreeMap<String, Vec<String>>,
+    /// Lower-case header names; repeated headers joined with ", ";
+    /// credential headers redacted (see `[policy] redact_headers`).
+    pub headers: BTreeMap<String, String>,
+    /// "HTTP/1.1", "HTTP/2".
+    pub protocol: String,
+}
+
+/// Where a request comes from (the peer of the accepted connection).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub ip: String,
+    pub port: u16,
+    /// See [`crate::pipeline::locate::Scope`].
+    pub scope: String,
+}
+
+/// Where a request goes (the upstream for ingress).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Destination {
+    pub host: String,
+    /// The address connected to, or null when the host is a name resolved
+    /// by the connection pool.
+    pub ip: Option<String>,
+    pub port: u16,
+    pub scope: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Identity {
+    pub authenticated: bool,
+    /// "header" | "none" (later: "jwt", "mtls").
+    pub method: String,
+    pub subject: Option<String>,
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resource {
+    pub crm: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub id: Option<String>,
+    /// read | list | create | update | delete | export | other
+    pub operation: String,
+    pub bulk: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimeInfo {
+    /// RFC 3339, UTC.
+    pub rfc3339: String,
+    pub unix_ns: i64,
+    /// 0 = Sunday … 6 = Saturday, UTC.
+    pub weekday: u8,
+    /// 0–23, UTC.
+    pub hour: u8,
+}
+
+fn s(v: &str) -> Value {
+    Value::from(v)
+}
+
+fn opt(v: &Option<String>) -> Value {
+    match v {
+        Some(v) => Value::from(v.as_str()),
+        None => Value::Null,
+    }
+}
+
+fn strings(v: &[String]) -> Value {
+    Value::from(v.iter().map(|x| s(x)).collect::<Vec<_>>())
+}
+
+fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
+    Value::from(
+        fields
+            .into_iter()
+            .map(|(k, v)| (s(k), v))
+            .collect::<BTreeMap<Value, Value>>(),
+    )
+}
+
+impl PolicyInput {
+    /// The regorus value of this document, built field by field.
+    pub fn to_value(&self) -> Value {
+        let r = &self.request;
+        let query = Value::from(
+            r.query
+                .iter()
+                .map(|(k, v)| (s(k), strings(v)))
+                .collect::<BTreeMap<_, _>>(),
+        );
+        let headers = Value::from(
+            r.headers
+                .iter()
+                .map(|(k, v)| (s(k), s(v)))
+                .collect::<BTreeMap<_, _>>(),
+        );
+        let request = object([
+            ("id", s(&r.id)),
+            ("method", s(&r.method)),
+            ("scheme", s(&r.scheme)),
+            ("host", s(&r.host)),
+            ("port", Value::from(r.port as u64)),
+            ("path", s(&r.path)),
+            ("segments", strings(&r.segments)),
+            ("query", query),
+            ("headers", headers),
+            ("protocol", s(&r.protocol)),
+        ]);
+        let source = object([
+            ("ip", s(&self.source.ip)),
+            ("port", Value::from(self.source.port as u64)),
+            ("scope", s(&self.source.scope)),
+        ]);
+        let d = &self.destination;
+        let destination = object([
+            ("host", s(&d.host)),
+            ("ip", opt(&d.ip)),
+            ("port", Value::from(d.port as u64)),
+            ("scope", opt(&d.scope)),
+        ]);
+        let i = &self.identity;
+        let identity = object([
+            ("authenticated", Value::from(i.authenticated)),
+            ("method", s(&i.method)),
+            ("subject", opt(&i.subject)),
+            ("roles", strings(&i.roles)),
+        ]);
+        let res = &self.resource;
+        let resource = object([
+            ("crm", s(&res.crm)),
+            ("type", s(&res.kind)),
+            ("id", opt(&res.id)),
+            ("operation", s(&res.operation)),
+            ("bulk", Value::from(res.bulk)),
+        ]);
+        let t = &self.time;
+        let time = object([
+            ("rfc3339", s(&t.rfc3339)),
+            ("unix_ns", Value::from(t.unix_ns)),
+            ("weekday", Value::from(t.weekday as u64)),
+            ("hour", Value::from(t.hour as u64)),
+        ]);
+        object([
+            ("direction", s(self.direction.as_str())),
+            ("request", request),
+            ("source", source),
+            ("destination", destination),
+            ("identity", identity),
+            ("resource", resource),
+            ("time", time),
+        ])
+    }
+}
+
+/// The time fields of the input, from a wall-clock instant.
+pub fn time_info(now: std::time::SystemTime) -> TimeInfo {
+    let since = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let days = secs / 86_400;
+    TimeInfo {
+        rfc3339: humantime::format_rfc3339_micros(now).to_string(),
+        unix_ns: i64::try_from(since.as_nanos()).unwrap_or(i64::MAX),
+        // 1970-01-01 was a Thursday (4).
+        weekday: ((days + 4) % 7) as u8,
+        hour: ((secs % 86_400) / 3600) as u8,
+    }
+}
+
+/// Renders an address the way policies compare it: IPv4-mapped IPv6
+/// addresses as plain IPv4.
+pub fn ip_string(ip: IpAddr) -> String {
+    crate::pipeline::locate::canonical_ip(ip).to_string()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn sample() -> PolicyInput {
+        PolicyInput {
+            direction: Direction::Ingress,
+            request: RequestInfo {
+                id: "0190-test".into(),
+                method: "GET".into(),
+                scheme: "http".into(),
+                host: "crm.example.eu".into(),
+                port: 8080,
+                path: "/api/contacts/42".into(),
+                segments: vec!["api".into(), "contacts".into(), "42".into()],
+                query: BTreeMap::from([("q".into(), vec!["a".into(), "b".into()])]),
+                headers: BTreeMap::from([("accept".into(), "*/*".into())]),
+                protocol: "HTTP/1.1".into(),
+            },
+            source: Endpoint {
+                ip: "127.0.0.1".into(),
+                port: 50000,
+                scope: "loopback".into(),
+            },
+            destination: Destination {
+                host: "127.0.0.1".into(),
+                ip: Some("127.0.0.1".into()),
+                port: 8000,
+                scope: Some("loopback".into()),
+            },
+            identity: Identity {
+                authenticated: true,
+                method: "header".into(),
+                subject: Some("alice".into()),
+                roles: vec!["sales".into()],
+            },
+            resource: Resource {
+                crm: "generic".into(),
+                kind: "contacts".into(),
+                id: Some("42".into()),
+                operation: "read".into(),
+                bulk: false,
+            },
+            time: time_info(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(86_400 * 3 + 7200),
+            ),
+        }
+    }
+
+    #[test]
+    fn direct_value_equals_json_rendering() {
+        let input = sample();
+        let via_json = Value::from_json_str(&serde_json::to_string(&input).unwrap()).unwrap();
+        assert_eq!(input.to_value(), via_json);
+        let mut none = sample();
+        none.identity = Identity {
+            method: "none".into(),
+            ..Identity::default()
+        };
+        none.destination.ip = None;
+        none.destination.scope = None;
+        let via_json = Value::from_json_str(&serde_json::to_string(&none).unwrap()).unwrap();
+        assert_eq!(none.to_value(), via_json);
+    }
+
+    #[test]
+    fn time_fields() {
+        let t =
+            time_info(std::time::UNIX_EPOCH + std::time::Duration::from_secs(86_400 * 3 + 7200));
+        // 1970-01-04 was a Sunday.
+        assert_eq!(t.weekday, 0);
+        assert_eq!(t.hour, 2);
+        assert_eq!(t.rfc3339, "1970-01-04T02:00:00.000000Z");
+    }
+}

@@ -1,0 +1,21 @@
+//! rempart: a sovereignty gateway. See README.md and docs/.
+//!
+//! Where things live:
+//! - [`pipeline`]: the road of a request, one module per stage;
+//! - [`input`]: the policy input document the stages assemble;
+//! - [`policy`]: loading, compiling, evaluating and reloading Rego;
+//! - [`audit`]: the audit trail writer;
+//! - [`metrics`], [`admin`]: Prometheus metrics and the admin listener;
+//! - [`config`]: the configuration file;
+//! - [`serve`]: process wiring, signals and shutdown;
+//! - [`cli`]: the command line.
+
+pub mod admin;
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod input;
+pub mod metrics;
+pub mod pipeline;
+pub mod policy;
+pub mod serve;

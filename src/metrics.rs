@@ -1,0 +1,251 @@
+//! Prometheus metrics, served on the admin listener at `/metrics`.
+//!
+//! Every label combination used on the request path is resolved once here,
+//! so that counting a request is an atomic add, not a map lookup.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::input::Direction;
+
+/// Outcome label of `rempart_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed,
+    Denied,
+    Monitored,
+    Error,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Denied => "denied",
+            Outcome::Monitored => "monitored",
+            Outcome::Error => "error",
+        }
+    }
+    const ALL: [Outcome; 4] = [
+        Outcome::Allowed,
+        Outcome::Denied,
+        Outcome::Monitored,
+        Outcome::Error,
+    ];
+}
+
+/// Kind label of `rempart_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamError {
+    Connect,
+    Timeout,
+    Protocol,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: [[IntCounter; 4]; 2],
+    pub policy_evaluation_seconds: Histogram,
+    pub policy_evaluation_errors: IntCounter,
+    pub upstream_duration_seconds: Histogram,
+    upstream_errors: [IntCounter; 3],
+    pub policy_reloads_success: IntCounter,
+    pub policy_reloads_failure: IntCounter,
+    policy_revision: IntGaugeVec,
+    pub audit_records: IntCounter,
+    pub audit_write_errors: IntCounter,
+    pub audit_queue_full: IntCounter,
+    pub connections_open: IntGauge,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    // Metric definitions are static: a failure is a programming error that
+    // the unit test below catches, never a run-time condition.
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("invalid metric definition: {e}"),
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| must(registry.register(c));
+
+        let requests_vec = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_requests_total",
+                "Requests decided, by direction and outcome (allowed, denied, monitored, error).",
+            ),
+            &["direction", "outcome"],
+        ));
+        reg(Box::new(requests_vec.clone()));
+        let per_dir = |d: Direction| {
+            Outcome::ALL.map(|o| requests_vec.with_label_values(&[d.as_str(), o.as_str()]))
+        };
+        let requests = [per_dir(Direction::Ingress), per_dir(Direction::Egress)];
+
+        let policy_evaluation_seconds = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "rempart_policy_evaluation_seconds",
+                "Time to evaluate the policy set for one request.",
+            )
+            .buckets(vec![
+                5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1,
+            ]),
+        ));
+        reg(Box::new(policy_evaluation_seconds.clone()));
+        let policy_evaluation_errors = must(IntCounter::new(
+            "rempart_policy_evaluation_errors_total",
+            "Evaluations that failed or timed out (handled per [policy] on_error).",
+        ));
+        reg(Box::new(policy_evaluation_errors.clone()));
+
+        let upstream_duration_seconds = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "rempart_upstream_duration_seconds",
+                "Time from sending a request upstream to receiving its response head.",
+            )
+            .buckets(vec![
+                1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                2.5, 5.0, 10.0, 30.0,
+            ]),
+        ));
+        reg(Box::new(upstream_duration_seconds.clone()));
+        let upstream_errors_vec = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_upstream_errors_total",
+                "Requests that got no response from the upstream, by kind (connect, timeout, protocol).",
+            ),
+            &["kind"],
+        ));
+        reg(Box::new(upstream_errors_vec.clone()));
+        let upstream_errors =
+            ["connect", "timeout", "protocol"].map(|k| upstream_errors_vec.with_label_values(&[k]));
+
+        let reloads = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_policy_reloads_total",
+                "Policy reloads by result (success, failure). A failure keeps the previous set.",
+            ),
+            &["result"],
+        ));
+        reg(Box::new(reloads.clone()));
+        let policy_reloads_success = reloads.with_label_values(&["success"]);
+        let policy_reloads_failure = reloads.with_label_values(&["failure"]);
+        let policy_revision = must(IntGaugeVec::new(
+            Opts::new(
+                "rempart_policy_revision_info",
+                "The revision of the serving policy set (value 1).",
+            ),
+            &["revision"],
+        ));
+        reg(Box::new(policy_revision.clone()));
+
+        let audit_records = must(IntCounter::new(
+            "rempart_audit_records_total",
+            "Audit records written to the trail.",
+        ));
+        reg(Box::new(audit_records.clone()));
+        let audit_write_errors = must(IntCounter::new(
+            "rempart_audit_write_errors_total",
+            "Failed writes to the audit trail.",
+        ));
+        reg(Box::new(audit_write_errors.clone()));
+        let audit_queue_full = must(IntCounter::new(
+            "rempart_audit_queue_full_total",
+            "Times a request waited because the audit queue was full.",
+        ));
+        reg(Box::new(audit_queue_full.clone()));
+
+        let connections_open = must(IntGauge::new(
+            "rempart_connections_open",
+            "Client connections currently open.",
+        ));
+        reg(Box::new(connections_open.clone()));
+
+        let build_info = must(IntGaugeVec::new(
+            Opts::new("rempart_build_info", "Build information (value 1)."),
+            &["version"],
+        ));
+        reg(Box::new(build_info.clone()));
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        Metrics {
+            registry,
+            requests,
+            policy_evaluation_seconds,
+            policy_evaluation_errors,
+            upstream_duration_seconds,
+            upstream_errors,
+            policy_reloads_success,
+            policy_reloads_failure,
+            policy_revision,
+            audit_records,
+            audit_write_errors,
+            audit_queue_full,
+            connections_open,
+        }
+    }
+
+    pub fn request(&self, direction: Direction, outcome: Outcome) -> &IntCounter {
+        let d = match direction {
+            Direction::Ingress => 0,
+            Direction::Egress => 1,
+        };
+        let o = Outcome::ALL.iter().position(|x| *x == outcome).unwrap_or(3);
+        &self.requests[d][o]
+    }
+
+    pub fn upstream_error(&self, kind: UpstreamError) -> &IntCounter {
+        &self.upstream_errors[kind as usize]
+    }
+
+    pub fn set_policy_revision(&self, revision: &str) {
+        self.policy_revision.reset();
+        self.policy_revision.with_label_values(&[revision]).set(1);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail on I/O; a failure would only come
+        // from an invalid metric family, which leaves a partial body.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_metrics_render() {
+        let m = Metrics::new();
+        m.request(Direction::Ingress, Outcome::Denied).inc();
+        m.set_policy_revision("sha256:abc");
+        let text = String::from_utf8(m.render()).unwrap();
+        for name in [
+            "rempart_requests_total{direction=\"ingress\",outcome=\"denied\"} 1",
+            "rempart_policy_evaluation_seconds_bucket",
+            "rempart_upstream_duration_seconds_bucket",
+            "rempart_policy_reloads_total{result=\"failure\"} 0",
+            "rempart_audit_records_total 0",
+            "rempart_build_info{version=",
+            "rempart_policy_revision_info{revision=\"sha256:abc\"} 1",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Stage 1, **accept**: take connections and requests, give each request an
+//! id, and describe it for the policy.
+//!
+//! Each worker thread runs its own single-threaded event loop with its own
+//! listening socket on the shared port (`SO_REUSEPORT`): the kernel spreads
+//! connections across workers and no request ever crosses threads. HTTP/1.1
+//! and HTTP/2 (prior knowledge) are served on the same port.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use percent_encoding::percent_decode_str;
+use tokio::sync::watch;
+
+use super::Gateway;
+use crate::input::RequestInfo;
+
+/// What the connection tells about every request on it.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// Binds `count` sockets to `addr` with `SO_REUSEPORT`. With port 0 the
+/// first socket picks the port and the others join it.
+pub fn bind_workers(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count.max(1) {
+        let l = bind_one(addr).with_context(|| format!("cannot listen on {addr}"))?;
+        addr = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Runs one worker's accept loop until `shutdown` turns true, then lets
+/// open connections finish their requests for at most `drain`.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    gateway: Arc<Gateway>,
+    mut shutdown: watch::Receiver<bool>,
+    header_read_timeout: Duration,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let local = listener.local_addr()?;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Connection { peer, local };
+        let gw = Arc::clone(&gateway);
+        let service = service_fn(move |req| {
+            let gw = Arc::clone(&gw);
+            async move { Ok::<_, Infallible>(gw.handle(req, conn).await) }
+        });
+        let served = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let watched = graceful.watch(served);
+        let metrics = Arc::clone(&gateway.metrics);
+        metrics.connections_open.inc();
+        tokio::spawn(async move {
+            if let Err(e) = watched.await {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+            metrics.connections_open.dec();
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout reached with connections still open");
+    }
+    Ok(())
+}
+
+/// Describes a request for the policy: decoded path and query, lower-case
+/// headers with credentials redacted.
+pub fn describe(
+    parts: &http::request::Parts,
+    id: &str,
+    conn: &Connection,
+    redact: &[http::HeaderName],
+) -> RequestInfo {
+    let (host, port) = host_and_port(parts, conn);
+    let raw_path = parts.uri.path();
+    let segments = raw_path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
+        .collect();
+    let path = percent_decode_str(raw_path)
+        .decode_utf8_lossy()
+        .into_owned();
+    let mut query: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    if let Some(q) = parts.uri.query() {
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            query
+                .entry(k.into_owned())
+                .or_default()
+                .push(v.into_owned());
+        }
+    }
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in &parts.headers {
+        let shown = if redact.contains(name) {
+            "[redacted]".to_string()
+        } else {
+            String::from_utf8_lossy(value.as_bytes()).into_owned()
+        };
+        headers
+            .entry(name.as_str().to_string())
+            .and_modify(|v| {
+                v.push_str(", ");
+                v.push_str(&shown);
+            })
+            .or_insert(shown);
+    }
+    RequestInfo {
+        id: id.to_string(),
+        method: parts.method.as_str().to_string(),
+        scheme: "http".to_string(),
+        host,
+        port,
+        path,
+        segments,
+        query,
+        headers,
+        protocol: protocol_name(parts.version).to_string(),
+    }
+}
+
+pub fn protocol_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// The host the client asked for (Host header, or the HTTP/2 authority),
+/// lower-cased and without port; the port defaults to the listener's.
+fn host_and_port(parts: &http::request::Parts, conn: &Connection) -> (String, u16) {
+    let authority = parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+        .or_else(|| parts.uri.authority().cloned());
+    match authority {
+        Some(a) => (
+            a.host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .trim_end_matches('.')
+                .to_ascii_lowercase(),
+            a.port_u16().unwrap_or(conn.local.port()),
+        ),
+        None => (String::new(), conn.local.port()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describes_path_query_and_headers() {
+        let req = http::Request::builder()
+            .method("GET")
+            .uri("/api/Contacts/a%20b?q=1&q=2&x=%C3%A9")
+            .header("Host", "CRM.example.eu:8443")
+            .header("Authorization", "Bearer secret")
+            .header("Accept", "a")
+            .header("Accept", "b")
+            .body(())
+            .unwrap();
+        let (parts, _) = req.into_parts();
+        let conn = Connection {
+            peer: "127.0.0.1:5000".parse().unwrap(),
+            local: "127.0.0.1:8080".parse().unwrap(),
+        };
+        let d = describe(&parts, "id1", &conn, &[http::header::AUTHORIZATION]);
+        assert_eq!(d.host, "crm.example.eu");
+        assert_eq!(d.port, 8443);
+        assert_eq!(d.path, "/api/Contacts/a b");
+        assert_eq!(d.segments, vec!["api", "Contacts", "a b"]);
+        assert_eq!(d.query["q"], vec!["1", "2"]);
+        assert_eq!(d.query["x"], vec!["é"]);
+        assert_eq!(d.headers["authorization"], "[redacted]");
+        assert_eq!(d.headers["accept"], "a, b");
+        assert_eq!(d.protocol, "HTTP/1.1");
+    }
+}

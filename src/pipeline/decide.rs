@@ -1,0 +1,196 @@
+//! Stage 5, **decide**: evaluate the policy set on the input document and
+//! turn its answer, or its failure, into one ruling with a reason.
+//!
+//! This is the single decision function: every outcome, including errors,
+//! leaves here with an action and the reasons behind it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::{Mode, OnError};
+use crate::input::PolicyInput;
+use crate::metrics::{Metrics, Outcome};
+use crate::policy::{Decision, EvalLimits, PolicySet};
+
+/// What the enforce stage must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Send the request to its destination.
+    Forward,
+    /// Answer 403 with the deny reasons.
+    Deny,
+    /// Answer 503: the policy could not be evaluated (fail closed).
+    Unavailable,
+}
+
+#[derive(Debug, Clone)]
+pub struct Ruling {
+    pub action: Action,
+    pub outcome: Outcome,
+    /// Whether the policy's answer was applied as given.
+    pub enforced: bool,
+    pub decision: Decision,
+    pub error: Option<String>,
+    pub revision: String,
+}
+
+/// How decisions are applied; fixed for the process's life.
+#[derive(Debug, Clone, Copy)]
+pub struct DecidePolicy {
+    pub mode: Mode,
+    pub on_error: OnError,
+    pub limits: EvalLimits,
+}
+
+pub fn decide(
+    set: &Arc<PolicySet>,
+    input: &PolicyInput,
+    how: &DecidePolicy,
+    metrics: &Metrics,
+) -> Ruling {
+    let started = Instant::now();
+    let result = set.evaluate(input.to_value(), &how.limits);
+    metrics
+        .policy_evaluation_seconds
+        .observe(started.elapsed().as_secs_f64());
+    rule(result, how, set.revision.clone(), metrics)
+}
+
+/// Turns an evaluation result into a ruling (kept apart from evaluation so
+/// that every branch is unit-tested).
+pub fn rule(
+    result: anyhow::Result<Decision>,
+    how: &DecidePolicy,
+    revision: String,
+    metrics: &Metrics,
+) -> Ruling {
+    match result {
+        Ok(decision) if decision.allow => Ruling {
+            action: Action::Forward,
+            outcome: Outcome::Allowed,
+            enforced: true,
+            decision,
+            error: None,
+            revision,
+        },
+        Ok(decision) => match how.mode {
+            Mode::Enforce => Ruling {
+                action: Action::Deny,
+                outcome: Outcome::Denied,
+                enforced: true,
+                decision,
+                error: None,
+                revision,
+            },
+            Mode::Monitor => Ruling {
+                action: Action::Forward,
+                outcome: Outcome::Monitored,
+                enforced: false,
+                decision,
+                error: None,
+                revision,
+            },
+        },
+        Err(e) => {
+            metrics.policy_evaluation_errors.inc();
+            let error = format!("{e:#}");
+            tracing::warn!(%revision, "policy evaluation error: {error}");
+            let fail_closed = how.mode == Mode::Enforce && how.on_error == OnError::Deny;
+            Ruling {
+                action: if fail_closed {
+                    Action::Unavailable
+                } else {
+                    Action::Forward
+                },
+                outcome: Outcome::Error,
+                enforced: fail_closed,
+                decision: Decision {
+                    allow: false,
+                    deny: vec![crate::policy::Reason {
+                        code: "policy_error".into(),
+                        message: "the policy could not be evaluated".into(),
+                    }],
+                    warn: Vec::new(),
+                },
+                error: Some(error),
+                revision,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Reason;
+
+    fn how(mode: Mode, on_error: OnError) -> DecidePolicy {
+        DecidePolicy {
+            mode,
+            on_error,
+            limits: EvalLimits::default(),
+        }
+    }
+
+    fn denied() -> Decision {
+        Decision {
+            allow: false,
+            deny: vec![Reason {
+                code: "x".into(),
+                message: String::new(),
+            }],
+            warn: vec![],
+        }
+    }
+
+    #[test]
+    fn every_branch_has_an_action_and_outcome() {
+        let m = Metrics::new();
+        let ok = Decision {
+            allow: true,
+            deny: vec![],
+            warn: vec![],
+        };
+        let r = rule(Ok(ok), &how(Mode::Enforce, OnError::Deny), "r".into(), &m);
+        assert_eq!((r.action, r.outcome), (Action::Forward, Outcome::Allowed));
+        let r = rule(
+            Ok(denied()),
+            &how(Mode::Enforce, OnError::Deny),
+            "r".into(),
+            &m,
+        );
+        assert_eq!(
+            (r.action, r.outcome, r.enforced),
+            (Action::Deny, Outcome::Denied, true)
+        );
+        let r = rule(
+            Ok(denied()),
+            &how(Mode::Monitor, OnError::Deny),
+            "r".into(),
+            &m,
+        );
+        assert_eq!(
+            (r.action, r.outcome, r.enforced),
+            (Action::Forward, Outcome::Monitored, false)
+        );
+        let r = rule(
+            Err(anyhow::anyhow!("boom")),
+            &how(Mode::Enforce, OnError::Deny),
+            "r".into(),
+            &m,
+        );
+        assert_eq!((r.action, r.outcome), (Action::Unavailable, Outcome::Error));
+        assert_eq!(r.decision.deny[0].code, "policy_error");
+        let r = rule(
+            Err(anyhow::anyhow!("boom")),
+            &how(Mode::Enforce, OnError::Allow),
+            "r".into(),
+            &m,
+        );
+        assert_eq!(
+            (r.action, r.outcome, r.enforced),
+            (Action::Forward, Outcome::Error, false)
+        );
+        assert_eq!(m.policy_evaluation_errors.get(), 2);
+    }
+}

@@ -1,0 +1,320 @@
+//! Stage 6, **enforce**: carry out the ruling. Either answer the client
+//! directly (403, 503) or forward the request to the upstream over a pooled
+//! keep-alive connection and stream the answer back (502/504 when the
+//! upstream fails). Bodies are streamed both ways, never buffered whole.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{UpstreamConfig, UpstreamUrl};
+use crate::metrics::{Metrics, UpstreamError};
+use crate::policy::Reason;
+
+pub const DECISION_ID: HeaderName = HeaderName::from_static("x-rempart-decision-id");
+
+/// The body of every response rempart sends: the upstream's, streamed, or
+/// one of rempart's own small JSON bodies.
+pub enum ProxyBody {
+    Upstream(Incoming),
+    Full(Option<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ProxyBody::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// A JSON answer from rempart itself.
+pub fn json_response(
+    status: StatusCode,
+    decision_id: &str,
+    body: serde_json::Value,
+) -> Response<ProxyBody> {
+    let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+    let mut resp = Response::new(ProxyBody::Full(Some(bytes)));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(decision_id) {
+        h.insert(DECISION_ID, v);
+    }
+    resp
+}
+
+pub fn forbidden(decision_id: &str, reasons: &[Reason]) -> Response<ProxyBody> {
+    json_response(
+        StatusCode::FORBIDDEN,
+        decision_id,
+        serde_json::json!({"error": "forbidden", "decision_id": decision_id, "reasons": reasons}),
+    )
+}
+
+pub fn policy_unavailable(decision_id: &str) -> Response<ProxyBody> {
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        decision_id,
+        serde_json::json!({
+            "error": "policy_unavailable",
+            "decision_id": decision_id,
+            "message": "the access policy could not be evaluated; the request was refused"
+        }),
+    )
+}
+
+/// The upstream connection pool of one worker.
+pub struct Upstream {
+    client: Client<HttpConnector, Incoming>,
+    url: UpstreamUrl,
+    response_timeout: Duration,
+    preserve_host: bool,
+}
+
+/// What came back from the upstream.
+pub enum Forwarded {
+    Response(Response<Incoming>),
+    Failed {
+        kind: UpstreamError,
+        message: String,
+    },
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig, url: UpstreamUrl) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(cfg.connect_timeout.0));
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout.0)
+            .pool_max_idle_per_host(cfg.pool_max_idle)
+            .build(connector);
+        Upstream {
+            client,
+            url,
+            response_timeout: cfg.response_timeout.0,
+            preserve_host: cfg.preserve_host,
+        }
+    }
+
+    /// Sends the request upstream and waits (bounded) for the response head.
+    pub async fn forward(
+        &self,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        peer: std::net::IpAddr,
+        metrics: &Metrics,
+    ) -> Forwarded {
+        // HTTP/2 clients send the authority in the URI, not in a Host header.
+        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = format!(
+            "{}://{}{}{}",
+            self.url.scheme, self.url.authority, self.url.prefix, path_and_query
+        );
+        parts.uri = match uri.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                return Forwarded::Failed {
+                    kind: UpstreamError::Protocol,
+                    message: format!("cannot build upstream URI: {e}"),
+                }
+            }
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        set_forwarded(&mut parts.headers, peer, original_host.as_ref());
+        let host = match (&original_host, self.preserve_host) {
+            (Some(h), true) => Some(h.clone()),
+            _ => HeaderValue::from_str(self.url.authority.as_str()).ok(),
+        };
+        if let Some(h) = host {
+            parts.headers.insert(header::HOST, h);
+        }
+        parts.version = http::Version::HTTP_11;
+        let req = http::Request::from_parts(parts, body);
+
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
+        metrics
+            .upstream_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(mut resp)) => {
+                strip_hop_by_hop(resp.headers_mut());
+                Forwarded::Response(resp)
+            }
+            Ok(Err(e)) => {
+                let kind = if e.is_connect() {
+                    UpstreamError::Connect
+                } else {
+                    UpstreamError::Protocol
+                };
+                let mut message = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    message.push_str(": ");
+                    message.push_str(&s.to_string());
+                    source = s.source();
+                }
+                Forwarded::Failed { kind, message }
+            }
+            Err(_) => Forwarded::Failed {
+                kind: UpstreamError::Timeout,
+                message: format!(
+                    "no response head within {}",
+                    humantime::format_duration(self.response_timeout)
+                ),
+            },
+        }
+    }
+}
+
+/// Sets `X-Forwarded-For` (appending the peer), `-Proto` and `-Host`.
+/// Earlier `X-Forwarded-For` entries come from the client and prove nothing;
+/// the last one is the address rempart saw.
+fn set_forwarded(headers: &mut HeaderMap, peer: std::net::IpAddr, host: Option<&HeaderValue>) {
+    let peer = crate::pipeline::locate::canonical_ip(peer).to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer}"),
+        _ => peer,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    match host {
+        Some(h) => {
+            headers.insert("x-forwarded-host", h.clone());
+        }
+        None => {
+            headers.remove("x-forwarded-host");
+        }
+    }
+}
+
+/// Removes connection-scoped headers (RFC 9110 §7.6.1), including those
+/// the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// The client-facing answer when the upstream gave none.
+pub fn upstream_failure(decision_id: &str, kind: UpstreamError) -> Response<ProxyBody> {
+    let (status, error, message) = match kind {
+        UpstreamError::Timeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "gateway_timeout",
+            "the upstream did not answer in time",
+        ),
+        UpstreamError::Connect => (
+            StatusCode::BAD_GATEWAY,
+            "bad_gateway",
+            "the upstream could not be reached",
+        ),
+        UpstreamError::Protocol => (
+            StatusCode::BAD_GATEWAY,
+            "bad_gateway",
+            "the upstream connection failed",
+        ),
+    };
+    json_response(
+        status,
+        decision_id,
+        serde_json::json!({"error": error, "decision_id": decision_id, "message": message}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret-hop".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_headers_append_the_peer() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "203.0.113.1".parse().unwrap());
+        h.insert("x-forwarded-host", "forged".parse().unwrap());
+        set_forwarded(&mut h, "::ffff:10.0.0.2".parse().unwrap(), None);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.1, 10.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(!h.contains_key("x-forwarded-host"));
+    }
+}

@@ -1,0 +1,247 @@
+//! Stage 4, **locate**: where the source and the destination are.
+//!
+//! For now this is the address scope (loopback, private, public, ...) of
+//! the peer and of the upstream. Geo and jurisdiction lookups deepen this
+//! stage later without changing its place on the road.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::input::{Destination, Endpoint};
+
+/// The special-purpose class of an address (IANA special-purpose registries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Public,
+    Private,
+    Loopback,
+    LinkLocal,
+    Cgnat,
+    Multicast,
+    Unspecified,
+    Broadcast,
+    Documentation,
+    Benchmarking,
+    Reserved,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Public => "public",
+            Scope::Private => "private",
+            Scope::Loopback => "loopback",
+            Scope::LinkLocal => "link_local",
+            Scope::Cgnat => "cgnat",
+            Scope::Multicast => "multicast",
+            Scope::Unspecified => "unspecified",
+            Scope::Broadcast => "broadcast",
+            Scope::Documentation => "documentation",
+            Scope::Benchmarking => "benchmarking",
+            Scope::Reserved => "reserved",
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) becomes the IPv4 address it carries,
+/// so that a policy comparing strings or a CIDR check sees one form.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// The IPv4 address an IPv6 address embeds, for the forms that route to it:
+/// mapped, deprecated compatible, NAT64 well-known prefix, 6to4.
+fn embedded_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let s = v6.segments();
+    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    // ::a.b.c.d (RFC 4291 "IPv4-compatible", deprecated); not :: or ::1.
+    if s[..6].iter().all(|&x| x == 0) && u32::from(tail) > 1 {
+        return Some(tail);
+    }
+    // 64:ff9b::/96 NAT64 well-known prefix (RFC 6052).
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2..6].iter().all(|&x| x == 0) {
+        return Some(tail);
+    }
+    // 2002::/16 6to4 (RFC 3056): the IPv4 address is bits 16..48.
+    if s[0] == 0x2002 {
+        return Some(Ipv4Addr::new(
+            (s[1] >> 8) as u8,
+            s[1] as u8,
+            (s[2] >> 8) as u8,
+            s[2] as u8,
+        ));
+    }
+    None
+}
+
+pub fn scope(ip: IpAddr) -> Scope {
+    match ip {
+        IpAddr::V4(v4) => scope_v4(v4),
+        IpAddr::V6(v6) => match embedded_ipv4(v6) {
+            Some(v4) => scope_v4(v4),
+            None => scope_v6(v6),
+        },
+    }
+}
+
+fn scope_v4(ip: Ipv4Addr) -> Scope {
+    let o = ip.octets();
+    let n = u32::from(ip);
+    let in_net = |net: u32, bits: u32| (n >> (32 - bits)) == (net >> (32 - bits));
+    if ip.is_unspecified() {
+        Scope::Unspecified
+    } else if ip.is_broadcast() {
+        Scope::Broadcast
+    } else if ip.is_loopback() {
+        Scope::Loopback
+    } else if ip.is_private() {
+        Scope::Private
+    } else if ip.is_link_local() {
+        Scope::LinkLocal
+    } else if in_net(0x6440_0000, 10) {
+        // 100.64.0.0/10 shared address space (RFC 6598)
+        Scope::Cgnat
+    } else if ip.is_multicast() {
+        Scope::Multicast
+    } else if ip.is_documentation() {
+        Scope::Documentation
+    } else if in_net(0xC612_0000, 15) {
+        // 198.18.0.0/15 (RFC 2544)
+        Scope::Benchmarking
+    } else if o[0] == 0 || o[0] >= 240 || in_net(0xC000_0000, 24) || in_net(0xC058_6300, 24) {
+        // 0/8 "this network", 240/4 reserved, 192.0.0.0/24 IETF protocol
+        // assignments, 192.88.99.0/24 deprecated 6to4 relay anycast.
+        Scope::Reserved
+    } else {
+        Scope::Public
+    }
+}
+
+fn scope_v6(ip: Ipv6Addr) -> Scope {
+    let s = ip.segments();
+    if ip.is_unspecified() {
+        Scope::Unspecified
+    } else if ip.is_loopback() {
+        Scope::Loopback
+    } else if ip.is_multicast() {
+        Scope::Multicast
+    } else if (s[0] & 0xffc0) == 0xfe80 {
+        Scope::LinkLocal
+    } else if (s[0] & 0xfe00) == 0xfc00 {
+        // fc00::/7 unique local addresses: the IPv6 private ranges.
+        Scope::Private
+    } else if s[0] == 0x2001 && s[1] == 0x0db8 || s[0] == 0x3fff && s[1] < 0x1000 {
+        // 2001:db8::/32 and 3fff::/20 documentation.
+        Scope::Documentation
+    } else if s[0] == 0x2001 && s[1] == 0x0002 && s[2] == 0 {
+        Scope::Benchmarking
+    } else if (s[0] & 0xe000) != 0x2000 || (s[0] == 0x2001 && s[1] < 0x0200) || s[0] == 0x0100 {
+        // Outside 2000::/3 global unicast, 2001::/23 IETF protocol
+        // assignments (Teredo, ORCHID...), 100::/64 discard-only.
+        Scope::Reserved
+    } else {
+        Scope::Public
+    }
+}
+
+/// The source of a request: the peer of the accepted connection.
+pub fn locate_source(peer: std::net::SocketAddr) -> Endpoint {
+    let ip = canonical_ip(peer.ip());
+    Endpoint {
+        ip: ip.to_string(),
+        port: peer.port(),
+        scope: scope(ip).as_str().to_string(),
+    }
+}
+
+/// The destination of an ingress request: the configured upstream. When
+/// the upstream is an IP literal its scope is known here; a host name is
+/// resolved by the connection pool and left null.
+pub fn locate_upstream(upstream: &crate::config::UpstreamUrl) -> Destination {
+    let host = upstream.authority.host();
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    let ip = literal.parse::<IpAddr>().ok().map(canonical_ip);
+    Destination {
+        host: host.to_string(),
+        ip: ip.map(|ip| ip.to_string()),
+        port: upstream.port(),
+        scope: ip.map(|ip| scope(ip).as_str().to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sc(s: &str) -> &'static str {
+        scope(s.parse().unwrap()).as_str()
+    }
+
+    #[test]
+    fn ipv4_special_ranges() {
+        for (ip, want) in [
+            ("127.0.0.1", "loopback"),
+            ("10.1.2.3", "private"),
+            ("172.31.255.255", "private"),
+            ("172.32.0.1", "public"),
+            ("192.168.0.1", "private"),
+            ("169.254.169.254", "link_local"),
+            ("100.64.0.1", "cgnat"),
+            ("100.128.0.1", "public"),
+            ("224.0.0.1", "multicast"),
+            ("0.0.0.0", "unspecified"),
+            ("255.255.255.255", "broadcast"),
+            ("192.0.2.1", "documentation"),
+            ("198.51.100.7", "documentation"),
+            ("203.0.113.9", "documentation"),
+            ("198.18.0.1", "benchmarking"),
+            ("240.0.0.1", "reserved"),
+            ("0.1.2.3", "reserved"),
+            ("192.0.0.8", "reserved"),
+            ("8.8.8.8", "public"),
+            ("52.28.0.1", "public"),
+        ] {
+            assert_eq!(sc(ip), want, "{ip}");
+        }
+    }
+
+    #[test]
+    fn ipv6_ranges_and_embedded_ipv4() {
+        for (ip, want) in [
+            ("::1", "loopback"),
+            ("::", "unspecified"),
+            ("fe80::1", "link_local"),
+            ("fd00:ec2::254", "private"),
+            ("ff02::1", "multicast"),
+            ("2001:db8::1", "documentation"),
+            ("2a01:4f8::1", "public"),
+            ("::ffff:127.0.0.1", "loopback"),
+            ("::ffff:10.0.0.1", "private"),
+            ("::ffff:8.8.8.8", "public"),
+            ("::169.254.169.254", "link_local"),
+            ("64:ff9b::a00:1", "private"),
+            ("2002:7f00:1::", "loopback"),
+            ("2001::1", "reserved"),
+            ("100::1", "reserved"),
+        ] {
+            assert_eq!(sc(ip), want, "{ip}");
+        }
+    }
+
+    #[test]
+    fn canonical_form_unwraps_mapped() {
+        assert_eq!(
+            canonical_ip("::ffff:1.2.3.4".parse().unwrap()).to_string(),
+            "1.2.3.4"
+        );
+        assert_eq!(canonical_ip("::1".parse().unwrap()).to_string(), "::1");
+    }
+}

@@ -1,0 +1,169 @@
+//! The road every request travels, ingress and egress alike:
+//!
+//! 1. [`accept`]   — take the connection and the request, give it an id;
+//! 2. [`identify`] — who is asking;
+//! 3. [`classify`] — what is being touched;
+//! 4. [`locate`]   — where the source and the destination are;
+//! 5. [`decide`]   — evaluate the policy set on the input document;
+//! 6. [`enforce`]  — answer 403/503, or forward and stream the response;
+//! 7. [`record`]   — write the audit record and count the metrics.
+//!
+//! [`Gateway::handle`] calls the stages in that order and nothing else; the
+//! policy input document ([`crate::input::PolicyInput`]) is made of the
+//! stages' outputs.
+
+pub mod accept;
+pub mod classify;
+pub mod decide;
+pub mod enforce;
+pub mod identify;
+pub mod locate;
+pub mod record;
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::audit::AuditSink;
+use crate::config::{AuditRecordScope, Config};
+use crate::input::{Destination, Direction, PolicyInput};
+use crate::metrics::{Metrics, Outcome};
+use crate::policy::{EvalLimits, PolicyStore};
+use accept::Connection;
+use decide::{Action, DecidePolicy};
+use enforce::{Forwarded, ProxyBody, Upstream, DECISION_ID};
+use identify::Identifier;
+use record::Evidence;
+
+/// One worker's view of the gateway: shared state plus its own upstream pool.
+pub struct Gateway {
+    identifier: Identifier,
+    policies: Arc<PolicyStore>,
+    how: DecidePolicy,
+    upstream: Upstream,
+    destination: Destination,
+    redact: Vec<http::HeaderName>,
+    audit: AuditSink,
+    audit_scope: AuditRecordScope,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl Gateway {
+    pub fn new(
+        cfg: &Config,
+        policies: Arc<PolicyStore>,
+        audit: AuditSink,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let Some(url) = cfg.upstream.url.clone() else {
+            anyhow::bail!("no upstream configured");
+        };
+        let redact = cfg
+            .policy
+            .redact_headers
+            .iter()
+            .filter_map(|h| http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
+            .collect();
+        Ok(Gateway {
+            identifier: Identifier::new(&cfg.identity),
+            policies,
+            how: DecidePolicy {
+                mode: cfg.server.mode,
+                on_error: cfg.policy.on_error,
+                limits: EvalLimits {
+                    timeout: cfg.policy.eval_timeout.0,
+                    ..EvalLimits::default()
+                },
+            },
+            destination: locate::locate_upstream(&url),
+            upstream: Upstream::new(&cfg.upstream, url),
+            redact,
+            audit,
+            audit_scope: cfg.audit.record,
+            metrics,
+        })
+    }
+
+    /// One request, down the road.
+    pub async fn handle(&self, req: Request<Incoming>, conn: Connection) -> Response<ProxyBody> {
+        // 1. accept
+        let accepted_at = Instant::now();
+        let now = SystemTime::now();
+        let id = uuid::Uuid::now_v7().to_string();
+        let (mut parts, body) = req.into_parts();
+        let client_version = parts.version;
+
+        // 2. identify (strips identity headers the peer may not set, so it
+        //    runs before the request is described to the policy)
+        let identity = self.identifier.identify(&mut parts.headers, conn.peer.ip());
+        let request = accept::describe(&parts, &id, &conn, &self.redact);
+
+        // 3. classify
+        let resource = classify::classify(&parts.method, &request.segments);
+
+        // 4. locate
+        let source = locate::locate_source(conn.peer);
+        let destination = self.destination.clone();
+
+        let input = PolicyInput {
+            direction: Direction::Ingress,
+            request,
+            source,
+            destination,
+            identity,
+            resource,
+            time: crate::input::time_info(now),
+        };
+
+        // 5. decide
+        let set = self.policies.current();
+        let ruling = decide::decide(&set, &input, &self.how, &self.metrics);
+
+        // 6. enforce
+        let mut upstream_error = None;
+        let mut outcome = ruling.outcome;
+        let mut response = match ruling.action {
+            Action::Deny => enforce::forbidden(&id, &ruling.decision.deny),
+            Action::Unavailable => enforce::policy_unavailable(&id),
+            Action::Forward => {
+                match self
+                    .upstream
+                    .forward(parts, body, conn.peer.ip(), &self.metrics)
+                    .await
+                {
+                    Forwarded::Response(resp) => resp.map(ProxyBody::Upstream),
+                    Forwarded::Failed { kind, message } => {
+                        self.metrics.upstream_error(kind).inc();
+                        tracing::warn!(decision_id = %id, "upstream failed: {message}");
+                        outcome = Outcome::Error;
+                        upstream_error = Some(message);
+                        enforce::upstream_failure(&id, kind)
+                    }
+                }
+            }
+        };
+        if let Ok(v) = http::HeaderValue::from_str(&id) {
+            response.headers_mut().insert(DECISION_ID, v);
+        }
+        // Answer in the client's protocol, whatever the upstream spoke.
+        *response.version_mut() = client_version;
+
+        // 7. record
+        record::record(
+            &Evidence {
+                input: &input,
+                ruling: &ruling,
+                outcome,
+                status: response.status().as_u16(),
+                accepted_at,
+                upstream_error: upstream_error.as_deref(),
+            },
+            self.audit_scope,
+            &self.audit,
+            &self.metrics,
+        );
+        response
+    }
+}

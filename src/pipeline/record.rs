@@ -1,0 +1,67 @@
+//! Stage 7, **record**: the evidence of each decision — one audit record
+//! and the request metrics.
+
+use std::time::Instant;
+
+use crate::audit::{AuditDecision, AuditIdentity, AuditRecord, AuditRequest, AuditSink};
+use crate::config::AuditRecordScope;
+use crate::input::PolicyInput;
+use crate::metrics::{Metrics, Outcome};
+
+use super::decide::Ruling;
+
+/// Everything known about a request once its response head is chosen.
+pub struct Evidence<'a> {
+    pub input: &'a PolicyInput,
+    pub ruling: &'a Ruling,
+    /// The final outcome: the ruling's, or `Error` when the upstream failed.
+    pub outcome: Outcome,
+    pub status: u16,
+    pub accepted_at: Instant,
+    /// An upstream error, which overrides the ruling's error text.
+    pub upstream_error: Option<&'a str>,
+}
+
+pub fn record(ev: &Evidence<'_>, scope: AuditRecordScope, audit: &AuditSink, metrics: &Metrics) {
+    let input = ev.input;
+    metrics.request(input.direction, ev.outcome).inc();
+    let d = &ev.ruling.decision;
+    let worth_recording = match scope {
+        AuditRecordScope::All => true,
+        AuditRecordScope::DenyAndWarn => {
+            !d.deny.is_empty() || !d.warn.is_empty() || ev.outcome == Outcome::Error
+        }
+    };
+    if !worth_recording {
+        return;
+    }
+    let error = ev.upstream_error.or(ev.ruling.error.as_deref());
+    audit.record(&AuditRecord {
+        decision_id: &input.request.id,
+        timestamp: &input.time.rfc3339,
+        direction: input.direction.as_str(),
+        request: AuditRequest {
+            method: &input.request.method,
+            host: &input.request.host,
+            path: &input.request.path,
+            protocol: &input.request.protocol,
+        },
+        source: &input.source,
+        destination: &input.destination,
+        identity: AuditIdentity {
+            method: &input.identity.method,
+            subject: input.identity.subject.as_deref(),
+        },
+        decision: AuditDecision {
+            outcome: ev.outcome.as_str(),
+            allow: d.allow,
+            enforced: ev.ruling.enforced,
+            deny: &d.deny,
+            warn: &d.warn,
+            error,
+        },
+        status: ev.status,
+        latency_ms: (ev.accepted_at.elapsed().as_secs_f64() * 1e6).round() / 1000.0,
+        policy_revision: &ev.ruling.revision,
+    });
+}

@@ -1,0 +1,229 @@
+//! Reading a policy set from a directory or from the copy built into the binary.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+use regorus::Value;
+use sha2::{Digest, Sha256};
+
+use super::PolicySet;
+
+/// Where a policy set comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// Every `*.rego` (except `*_test.rego`) and `data.json` below a directory.
+    Dir(PathBuf),
+    /// The shipped `policies/` directory, compiled into the binary.
+    Builtin,
+}
+
+impl std::fmt::Display for PolicySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicySource::Dir(d) => write!(f, "{}", d.display()),
+            PolicySource::Builtin => f.write_str("built-in policies"),
+        }
+    }
+}
+
+/// The shipped policies, as files relative to `policies/`.
+const BUILTIN: &[(&str, &str)] = &[
+    (
+        "decision.rego",
+        include_str!("../../policies/decision.rego"),
+    ),
+    ("library.rego", include_str!("../../policies/library.rego")),
+    ("data.json", include_str!("../../policies/data.json")),
+];
+
+/// Test files shipped beside the built-in set, for `policy test` of the
+/// built-in policies.
+pub const BUILTIN_TESTS: &[(&str, &str)] = &[(
+    "library_test.rego",
+    include_str!("../../policies/library_test.rego"),
+)];
+
+/// A file of a policy set: its path relative to the set's root, the path
+/// to show in messages, and its text.
+pub(crate) struct SourceFile {
+    pub rel: String,
+    pub shown: String,
+    pub text: String,
+}
+
+/// Lists a directory's policy files, sorted, so that a revision hash is
+/// stable. Hidden entries (`.git`, Kubernetes' `..data`) are skipped.
+pub(crate) fn read_dir_files(dir: &Path, with_tests: bool) -> anyhow::Result<Vec<SourceFile>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+        let entries = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read policy directory {}", dir.display()))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("cannot read {}", dir.display()))?;
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            // metadata() follows symlinks, as ConfigMap mounts need.
+            let meta = std::fs::metadata(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if meta.is_dir() {
+                walk(root, &path, out)?;
+            } else {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut paths = Vec::new();
+    walk(dir, dir, &mut paths)?;
+    let mut files = Vec::new();
+    for path in paths {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let is_test = name.ends_with("_test.rego");
+        let wanted = (name.ends_with(".rego") && (with_tests || !is_test)) || name == "data.json";
+        if !wanted {
+            continue;
+        }
+        let rel = path
+            .strip_prefix(dir)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .replace('\\', "/");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read policy file {}", path.display()))?;
+        files.push(SourceFile {
+            rel,
+            shown: path.display().to_string(),
+            text,
+        });
+    }
+    files.sort_by(|a, b| a.rel.cmp(&b.rel));
+    Ok(files)
+}
+
+pub(crate) fn builtin_files(with_tests: bool) -> Vec<SourceFile> {
+    let tests: &[(&str, &str)] = if with_tests { BUILTIN_TESTS } else { &[] };
+    let mut files: Vec<SourceFile> = BUILTIN
+        .iter()
+        .chain(tests)
+        .map(|(rel, text)| SourceFile {
+            rel: rel.to_string(),
+            shown: format!("<built-in>/policies/{rel}"),
+            text: text.to_string(),
+        })
+        .collect();
+    files.sort_by(|a, b| a.rel.cmp(&b.rel));
+    files
+}
+
+/// Merges `other` into `into`; objects merge key by key, anything else
+/// given twice is a conflict.
+fn merge(into: &mut serde_json::Value, other: serde_json::Value, at: &str) -> anyhow::Result<()> {
+    match (into, other) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, v) in b {
+                match a.get_mut(&k) {
+                    Some(existing) => merge(existing, v, &format!("{at}.{k}"))?,
+                    None => {
+                        a.insert(k, v);
+                    }
+                }
+            }
+            Ok(())
+        }
+        _ => bail!("{at} is defined by two data files"),
+    }
+}
+
+/// Builds the data document from the `data.json` files: a file in
+/// directory `a/b` lands at `data.a.b`, as in OPA bundles.
+fn data_document(files: &[SourceFile]) -> anyhow::Result<serde_json::Value> {
+    let mut data = serde_json::Value::Object(Default::default());
+    for f in files.iter().filter(|f| f.rel.ends_with("data.json")) {
+        let mut doc: serde_json::Value =
+            serde_json::from_str(&f.text).map_err(|e| anyhow!("{}: invalid JSON: {e}", f.shown))?;
+        if !doc.is_object() {
+            bail!("{}: a data file must hold a JSON object", f.shown);
+        }
+        let dirs: Vec<&str> = f.rel.split('/').collect();
+        for dir in dirs[..dirs.len() - 1].iter().rev() {
+            let mut wrap = serde_json::Map::new();
+            wrap.insert(dir.to_string(), doc);
+            doc = serde_json::Value::Object(wrap);
+        }
+        merge(&mut data, doc, "data").with_context(|| format!("in {}", f.shown))?;
+    }
+    Ok(data)
+}
+
+pub(crate) fn revision(files: &[SourceFile]) -> String {
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(f.rel.as_bytes());
+        h.update([0]);
+        h.update(f.text.as_bytes());
+        h.update([0]);
+    }
+    format!("sha256:{}", hex::encode(&h.finalize()[..8]))
+}
+
+pub(crate) fn compile_files(origin: String, files: Vec<SourceFile>) -> anyhow::Result<PolicySet> {
+    if !files.iter().any(|f| f.rel.ends_with(".rego")) {
+        bail!("{origin}: no .rego files found");
+    }
+    let revision = revision(&files);
+    let data = Value::from(data_document(&files)?);
+    let rego = files
+        .into_iter()
+        .filter(|f| f.rel.ends_with(".rego"))
+        .map(|f| (f.shown, f.text))
+        .collect();
+    PolicySet::compile(origin, rego, data, revision)
+}
+
+/// Loads and compiles a policy set. Errors say which file, line and column.
+pub fn load(source: &PolicySource) -> anyhow::Result<PolicySet> {
+    let files = match source {
+        PolicySource::Dir(dir) => read_dir_files(dir, false)?,
+        PolicySource::Builtin => builtin_files(false),
+    };
+    compile_files(source.to_string(), files)
+}
+
+/// Loads a set together with its `*_test.rego` files.
+pub fn load_with_tests(source: &PolicySource) -> anyhow::Result<PolicySet> {
+    let files = match source {
+        PolicySource::Dir(dir) => read_dir_files(dir, true)?,
+        PolicySource::Builtin => builtin_files(true),
+    };
+    compile_files(source.to_string(), files)
+}
+
+/// A cheap fingerprint of a directory (names, sizes, modification times),
+/// polled to notice changes without reading every file.
+pub(crate) fn fingerprint(dir: &Path) -> Option<Vec<(PathBuf, u64, std::time::SystemTime)>> {
+    fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64, std::time::SystemTime)>) -> Option<()> {
+        for entry in std::fs::read_dir(dir).ok()? {
+            let entry = entry.ok()?;
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            let meta = std::fs::metadata(&path).ok()?;
+            if meta.is_dir() {
+                walk(&path, out)?;
+            } else {
+                out.push((path, meta.len(), meta.modified().ok()?));
+            }
+        }
+        Some(())
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out)?;
+    out.sort();
+    Some(out)
+}

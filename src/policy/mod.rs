@@ -1,0 +1,262 @@
+//! Policy sets: loading, compiling and evaluating the Rego that decides.
+//!
+//! A policy set is every `.rego` file of a directory (tests excluded) plus
+//! its `data.json` files, compiled once into a regorus RVM program for the
+//! entry point `data.rempart.decision`. Evaluation runs that program on a
+//! per-thread virtual machine: no lock is taken on the request path, and a
+//! reload only swaps an `Arc` (see [`PolicyStore`]).
+
+mod load;
+mod store;
+pub mod testing;
+
+pub use load::{load, load_with_tests, PolicySource};
+pub use store::PolicyStore;
+
+use std::cell::RefCell;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use regorus::rvm::program::Program;
+use regorus::rvm::RegoVM;
+use regorus::Value;
+use serde::Serialize;
+
+/// The rule every policy set must define.
+pub const ENTRY_POINT: &str = "data.rempart.decision";
+
+/// One compiled, immutable policy set.
+pub struct PolicySet {
+    /// `sha256:` + hex of the first 8 bytes of the hash over every file's
+    /// path and content: the same files give the same revision.
+    pub revision: String,
+    /// Where it came from, for logs and `/readyz`.
+    pub origin: String,
+    /// Files that make it up, relative to the origin.
+    pub files: Vec<String>,
+    program: Arc<Program>,
+    data: Value,
+    /// Kept to evaluate through the interpreter (`policy eval --interpreter`,
+    /// and the test that proves the RVM gives the same answers).
+    engine: regorus::Engine,
+}
+
+impl std::fmt::Debug for PolicySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicySet")
+            .field("revision", &self.revision)
+            .field("origin", &self.origin)
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+/// A reason a policy gives: `{"code": "...", "message": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Reason {
+    pub code: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// What `data.rempart.decision` said, checked and typed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// True when nothing denies. A request is blocked only when this is
+    /// false and the mode is `enforce`.
+    pub allow: bool,
+    pub deny: Vec<Reason>,
+    pub warn: Vec<Reason>,
+}
+
+impl PolicySet {
+    /// Compiles sources into a set. `files` are `(relative path, text)`;
+    /// `data` is the merged data document.
+    pub(crate) fn compile(
+        origin: String,
+        files: Vec<(String, String)>,
+        data: Value,
+        revision: String,
+    ) -> anyhow::Result<PolicySet> {
+        let mut engine = regorus::Engine::new();
+        // Builtin errors (e.g. a bad regex) must fail the evaluation so that
+        // the decision fails closed, rather than quietly become undefined.
+        engine.set_strict_builtin_errors(true);
+        for (path, text) in &files {
+            engine
+                .add_policy(path.clone(), text.clone())
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+        engine
+            .add_data(data.clone())
+            .map_err(|e| anyhow!("policy data: {e}"))?;
+        let entry: regorus::Rc<str> = ENTRY_POINT.into();
+        let compiled = engine
+            .compile_with_entrypoint(&entry)
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("cannot compile entry point {ENTRY_POINT}"))?;
+        let program = regorus::languages::rego::compiler::Compiler::compile_from_policy(
+            &compiled,
+            &[ENTRY_POINT],
+        )
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("cannot compile {ENTRY_POINT} to the policy VM"))?;
+        let set = PolicySet {
+            revision,
+            origin,
+            files: files.into_iter().map(|(p, _)| p).collect(),
+            program,
+            data,
+            engine,
+        };
+        Ok(set)
+    }
+
+    /// Evaluates the entry point through the RVM program on this thread's
+    /// virtual machine.
+    pub fn evaluate(&self, input: Value, limits: &EvalLimits) -> anyhow::Result<Decision> {
+        let raw = self.evaluate_raw(input, limits)?;
+        Decision::from_value(&raw)
+    }
+
+    /// The untyped result document, for `rempart policy eval`.
+    pub fn evaluate_raw(&self, input: Value, limits: &EvalLimits) -> anyhow::Result<Value> {
+        THREAD_VM.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let id = Arc::as_ptr(&self.program) as usize;
+            let vm = match &mut *slot {
+                Some((loaded, vm)) if *loaded == id => vm,
+                other => {
+                    let mut vm = RegoVM::new();
+                    vm.load_program(self.program.clone());
+                    vm.set_data(self.data.clone())
+                        .map_err(|e| anyhow!("policy data conflicts with a rule: {e}"))?;
+                    vm.set_max_instructions(limits.max_instructions);
+                    vm.set_execution_timer_config(Some(
+                        regorus::utils::limits::ExecutionTimerConfig {
+                            limit: limits.timeout,
+                            check_interval: NonZeroU32::MIN.saturating_add(255),
+                        },
+                    ));
+                    &mut other.insert((id, vm)).1
+                }
+            };
+            vm.set_input(input);
+            let out = vm
+                .execute()
+                .map_err(|e| anyhow!("policy evaluation failed: {e}"));
+            // Do not keep the request's input alive in the thread's VM.
+            vm.set_input(Value::Null);
+            out
+        })
+    }
+
+    /// Evaluates the entry point through the tree-walking interpreter. Slower;
+    /// used to prove the RVM gives the same decisions.
+    pub fn evaluate_with_interpreter(&self, input: Value) -> anyhow::Result<Value> {
+        let mut engine = self.engine.clone();
+        engine.set_input(input);
+        engine
+            .eval_rule(ENTRY_POINT.to_string())
+            .map_err(|e| anyhow!("policy evaluation failed: {e}"))
+    }
+
+    /// Evaluates any rule by path through the interpreter (policy tests).
+    pub fn eval_rule(&self, rule: &str, input: Option<Value>) -> anyhow::Result<Value> {
+        let mut engine = self.engine.clone();
+        if let Some(input) = input {
+            engine.set_input(input);
+        }
+        engine
+            .eval_rule(rule.to_string())
+            .map_err(|e| anyhow!("{e}"))
+    }
+}
+
+/// Bounds on one evaluation, so that a runaway policy cannot stall a worker.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalLimits {
+    pub timeout: Duration,
+    pub max_instructions: usize,
+}
+
+impl Default for EvalLimits {
+    fn default() -> Self {
+        EvalLimits {
+            timeout: Duration::from_millis(100),
+            max_instructions: 10_000_000,
+        }
+    }
+}
+
+thread_local! {
+    /// One VM per thread, tagged with the program it has loaded. A reload
+    /// changes the program; the next evaluation on each thread notices
+    /// and loads the new one.
+    static THREAD_VM: RefCell<Option<(usize, RegoVM)>> = const { RefCell::new(None) };
+}
+
+fn reasons(v: &Value, field: &str) -> anyhow::Result<Vec<Reason>> {
+    let items: Vec<&Value> = match v {
+        Value::Undefined | Value::Null => return Ok(Vec::new()),
+        Value::Array(a) => a.iter().collect(),
+        Value::Set(s) => s.iter().collect(),
+        other => {
+            return Err(anyhow!(
+                "{ENTRY_POINT}.{field} must be an array of {{\"code\", \"message\"}} objects, got {other}"
+            ))
+        }
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let code = item["code"].as_string().map(|s| s.to_string());
+            let message = match &item["message"] {
+                Value::String(s) => s.to_string(),
+                Value::Undefined | Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            match code {
+                Ok(code) => Ok(Reason { code, message }),
+                Err(_) => Err(anyhow!(
+                    "every reason in {ENTRY_POINT}.{field} needs a string \"code\", got {item}"
+                )),
+            }
+        })
+        .collect()
+}
+
+impl Decision {
+    /// Checks the shape of the entry point's result. A malformed result is
+    /// an error, which the caller treats as an evaluation failure (fail closed).
+    pub fn from_value(v: &Value) -> anyhow::Result<Decision> {
+        if matches!(v, Value::Undefined) {
+            return Err(anyhow!(
+                "{ENTRY_POINT} is undefined for this input (does the policy set define it?)"
+            ));
+        }
+        let allow = match &v["allow"] {
+            Value::Bool(b) => *b,
+            other => {
+                return Err(anyhow!(
+                    "{ENTRY_POINT}.allow must be a boolean, got {other}"
+                ))
+            }
+        };
+        let mut deny = reasons(&v["deny"], "deny")?;
+        let warn = reasons(&v["warn"], "warn")?;
+        if !allow && deny.is_empty() {
+            deny.push(Reason {
+                code: "not_allowed".into(),
+                message: format!("{ENTRY_POINT}.allow is false"),
+            });
+        }
+        Ok(Decision {
+            allow: allow && deny.is_empty(),
+            deny,
+            warn,
+        })
+    }
+}

@@ -1,0 +1,141 @@
+//! `rempart serve`: wires the pieces together and runs until SIGTERM.
+//!
+//! Threads: one per ingress worker (each a single-threaded event loop with
+//! its own listening socket), one control thread (admin listener, signals),
+//! the policy watcher and the audit writer.
+//!
+//! Shutdown order on SIGTERM/SIGINT: `/readyz` turns 503, workers stop
+//! accepting, in-flight requests finish (bounded by `drain_timeout`), the
+//! audit writer writes and fsyncs everything queued, exit 0.
+
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::admin::{self, AdminState};
+use crate::audit::AuditSink;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pipeline::{accept, Gateway};
+use crate::policy::{PolicySource, PolicyStore};
+
+pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let metrics = Arc::new(Metrics::new());
+    let policies = PolicyStore::open(source.clone(), Arc::clone(&metrics))
+        .with_context(|| format!("cannot load policies from {source}"))?;
+    let (audit, audit_writer) = AuditSink::open(
+        &cfg.audit.path,
+        cfg.audit.flush_interval.0,
+        cfg.audit.queue_capacity,
+        Arc::clone(&metrics),
+    )?;
+
+    let workers = cfg.worker_count();
+    let listeners = accept::bind_workers(cfg.server.listen, workers)?;
+    let ingress_addr = listeners
+        .first()
+        .map(|l| l.local_addr())
+        .transpose()?
+        .context("no listener")?;
+    let admin_listener = std::net::TcpListener::bind(cfg.admin.listen)
+        .with_context(|| format!("cannot listen on admin address {}", cfg.admin.listen))?;
+    admin_listener.set_nonblocking(true)?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut threads = Vec::with_capacity(workers);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let gateway = Arc::new(Gateway::new(
+            &cfg,
+            Arc::clone(&policies),
+            audit.clone(),
+            Arc::clone(&metrics),
+        )?);
+        let rx = shutdown_rx.clone();
+        let header_timeout = cfg.server.header_read_timeout.0;
+        let drain = cfg.server.drain_timeout.0;
+        let handle = std::thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .spawn(move || -> anyhow::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("cannot start worker event loop")?;
+                rt.block_on(accept::serve(listener, gateway, rx, header_timeout, drain))
+            })
+            .context("cannot start worker thread")?;
+        threads.push(handle);
+    }
+    // The workers hold the only senders now: the writer stops when they end.
+    drop(audit);
+
+    let (reload_tx, reload_rx) = mpsc::channel();
+    policies.watch(reload_rx, cfg.policy.reload_interval.0);
+
+    let admin_state = Arc::new(AdminState {
+        metrics: Arc::clone(&metrics),
+        policies: Arc::clone(&policies),
+        upstream: cfg
+            .upstream
+            .url
+            .as_ref()
+            .map(|u| u.to_string())
+            .unwrap_or_default(),
+        ready: true.into(),
+    });
+
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start control event loop")?;
+    control.block_on(async {
+        let listener = tokio::net::TcpListener::from_std(admin_listener)?;
+        tokio::spawn(admin::serve(
+            listener,
+            Arc::clone(&admin_state),
+            shutdown_rx.clone(),
+        ));
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tracing::info!(
+            ingress = %ingress_addr,
+            admin = %admin_addr,
+            workers,
+            mode = %cfg.server.mode,
+            policy_revision = %policies.current().revision,
+            policy_source = %source,
+            upstream = %admin_state.upstream,
+            audit = %cfg.audit.path.display(),
+            "rempart ready"
+        );
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading policies");
+                    let _ = reload_tx.send(());
+                }
+                _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
+                _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }
+            }
+        }
+        admin_state.ready.store(false, Ordering::Relaxed);
+        let _ = shutdown_tx.send(true);
+        anyhow::Ok(())
+    })?;
+
+    for t in threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("worker failed: {e:#}"),
+            Err(_) => tracing::error!("worker panicked"),
+        }
+    }
+    audit_writer.finish();
+    tracing::info!("audit trail flushed; stopped");
+    Ok(())
+}
