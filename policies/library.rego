@@ -30,13 +30,15 @@ traversal_segment(s) if contains(s, "/")
 
 traversal_segment(s) if contains(s, "\\")
 
-# Paths that must never be served (repository metadata, secrets files).
+# Paths that must never be served: any path with a segment naming
+# repository metadata or a secrets file (compared per segment, so that
+# "//.git/config" cannot slip past and "/.github" is not caught).
 deny contains {
 	"code": "blocked_path",
-	"message": sprintf("path %s is blocked (prefix %s)", [input.request.path, prefix]),
+	"message": sprintf("path %s is blocked (segment %s)", [input.request.path, segment]),
 } if {
-	some prefix in data.settings.blocked_path_prefixes
-	startswith(lower(input.request.path), lower(prefix))
+	some segment in input.request.segments
+	lower(segment) in {lower(s) | some s in data.settings.blocked_segments}
 }
 
 # Bulk operations (exports, mass deletes) are allowed here but always

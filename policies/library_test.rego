@@ -58,8 +58,13 @@ test_blocked_prefix_is_denied_case_insensitively if {
 }
 
 test_similar_path_is_not_blocked if {
-	d := rempart.decision with input as with_request({"path": "/git/config", "segments": ["git", "config"]})
+	d := rempart.decision with input as with_request({"path": "/.github/config", "segments": [".github", "config"]})
 	d.allow
+}
+
+test_blocked_segment_anywhere_is_denied if {
+	d := rempart.decision with input as with_request({"path": "//static/.env", "segments": ["static", ".env"]})
+	codes(d.deny) == {"blocked_path"}
 }
 
 test_bulk_operation_warns_but_allows if {

@@ -11,7 +11,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::policy::PolicyStore;
@@ -70,21 +69,17 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: Arc<AdminState>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// Serves until its event loop is dropped, which happens only after the
+/// ingress workers have drained: `/readyz` answers 503 during the drain.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) {
     loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("admin accept failed: {e}");
-                    continue;
-                }
-            },
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("admin accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let state = Arc::clone(&state);
         tokio::spawn(async move {

@@ -220,9 +220,10 @@ fn eval(policies: Option<&Path>, input: &Path, interpreter: bool) -> anyhow::Res
     } else {
         set.evaluate_raw(value, &policy::EvalLimits::default())?
     };
-    // Check the shape as serve would, so a DSI sees the same errors.
-    policy::Decision::from_value(&out)?;
-    let mut doc: serde_json::Value = serde_json::to_value(&out)?;
+    // Read the result as serve does, so a DSI sees the decision that
+    // would be applied (and the same errors).
+    let decision = policy::Decision::from_value(&out)?;
+    let mut doc: serde_json::Value = serde_json::to_value(&decision)?;
     if let Some(obj) = doc.as_object_mut() {
         obj.insert("policy_revision".into(), set.revision.clone().into());
     }

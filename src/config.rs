@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Deserializer};
 
 /// The whole configuration, with every default filled in.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -23,19 +23,6 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub audit: AuditConfig,
     pub identity: IdentityConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            upstream: UpstreamConfig::default(),
-            admin: AdminConfig::default(),
-            policy: PolicyConfig::default(),
-            audit: AuditConfig::default(),
-            identity: IdentityConfig::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
@@ -148,8 +135,9 @@ pub struct PolicyConfig {
     pub eval_timeout: Seconds,
     /// How often the policy directory is checked for changes; 0 disables.
     pub reload_interval: Seconds,
-    /// Request headers whose values policies never see (credentials).
-    pub redact_headers: Vec<String>,
+    /// Request headers whose values policies never see, in addition to
+    /// the credentials always redacted (see [`ALWAYS_REDACTED`]).
+    pub redact_headers: Vec<HeaderName>,
 }
 
 impl Default for PolicyConfig {
@@ -159,18 +147,18 @@ impl Default for PolicyConfig {
             on_error: OnError::Deny,
             eval_timeout: Seconds(Duration::from_millis(100)),
             reload_interval: Seconds(Duration::from_secs(2)),
-            redact_headers: [
-                "authorization",
-                "cookie",
-                "proxy-authorization",
-                "x-api-key",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
+            redact_headers: Vec::new(),
         }
     }
 }
+
+/// Credential headers whose values never reach a policy.
+pub const ALWAYS_REDACTED: &[&str] = &[
+    "authorization",
+    "cookie",
+    "proxy-authorization",
+    "x-api-key",
+];
 
 /// Which decisions get an audit record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -346,12 +334,18 @@ impl Config {
     /// Checks that need the whole configuration.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.upstream.url.is_none() {
-            bail!("no upstream: set [upstream] url in the config file or pass --upstream URL");
+            bail!("no upstream: set [upstream] url in the config file (or pass --upstream URL to rempart serve)");
         }
         if self.identity.trusted_header.is_some() && self.identity.trusted_sources.is_empty() {
             bail!(
                 "[identity] trusted_header is set but trusted_sources is empty: \
                  name the networks of the authenticating proxy allowed to set it"
+            );
+        }
+        if self.identity.roles_header.is_some() && self.identity.trusted_header.is_none() {
+            bail!(
+                "[identity] roles_header is set without trusted_header: roles are only \
+                 believed together with a trusted user header"
             );
         }
         if self.audit.queue_capacity == 0 {

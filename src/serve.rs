@@ -94,11 +94,7 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         .context("cannot start control event loop")?;
     control.block_on(async {
         let listener = tokio::net::TcpListener::from_std(admin_listener)?;
-        tokio::spawn(admin::serve(
-            listener,
-            Arc::clone(&admin_state),
-            shutdown_rx.clone(),
-        ));
+        tokio::spawn(admin::serve(listener, Arc::clone(&admin_state)));
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -125,16 +121,23 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         }
         admin_state.ready.store(false, Ordering::Relaxed);
         let _ = shutdown_tx.send(true);
+        // Join the workers off this loop so that the admin listener keeps
+        // answering (/readyz 503, /metrics) while they drain.
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                match t.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!("worker failed: {e:#}"),
+                    Err(_) => tracing::error!("worker panicked"),
+                }
+            }
+        });
+        if joined.await.is_err() {
+            tracing::error!("joining the workers failed");
+        }
         anyhow::Ok(())
     })?;
 
-    for t in threads {
-        match t.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!("worker failed: {e:#}"),
-            Err(_) => tracing::error!("worker panicked"),
-        }
-    }
     audit_writer.finish();
     tracing::info!("audit trail flushed; stopped");
     Ok(())

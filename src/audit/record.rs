@@ -45,8 +45,8 @@ pub struct AuditDecision<'a> {
     pub outcome: &'static str,
     /// What the policy said (false when a deny reason exists).
     pub allow: bool,
-    /// True when the decision was applied (enforce mode), false in monitor
-    /// mode or when an error was let through by `on_error = "allow"`.
+    /// False when a deny was not applied (monitor mode) or a policy error
+    /// was let through (`on_error = "allow"`, or monitor mode); true otherwise.
     pub enforced: bool,
     pub deny: &'a [Reason],
     pub warn: &'a [Reason],

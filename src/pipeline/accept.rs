@@ -94,7 +94,20 @@ pub async fn serve(
         let gw = Arc::clone(&gateway);
         let service = service_fn(move |req| {
             let gw = Arc::clone(&gw);
-            async move { Ok::<_, Infallible>(gw.handle(req, conn).await) }
+            async move {
+                // Each request runs in its own task: if the client hangs up
+                // while the upstream works, hyper drops this future but the
+                // task goes on, so the request the CRM received still gets
+                // its audit record and metrics.
+                let handled = tokio::spawn(async move { gw.handle(req, conn).await });
+                Ok::<_, Infallible>(match handled.await {
+                    Ok(resp) => resp,
+                    Err(e) => {
+                        tracing::error!("request task failed: {e}");
+                        super::enforce::internal_error()
+                    }
+                })
+            }
         });
         let served = builder
             .serve_connection(TokioIo::new(stream), service)

@@ -79,6 +79,15 @@ pub fn json_response(
     resp
 }
 
+/// A request task failed unexpectedly (a bug): answer without details.
+pub fn internal_error() -> Response<ProxyBody> {
+    json_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "",
+        serde_json::json!({"error": "internal_error"}),
+    )
+}
+
 pub fn forbidden(decision_id: &str, reasons: &[Reason]) -> Response<ProxyBody> {
     json_response(
         StatusCode::FORBIDDEN,
@@ -216,15 +225,21 @@ impl Upstream {
 /// Earlier `X-Forwarded-For` entries come from the client and prove nothing;
 /// the last one is the address rempart saw.
 fn set_forwarded(headers: &mut HeaderMap, peer: std::net::IpAddr, host: Option<&HeaderValue>) {
-    let peer = crate::pipeline::locate::canonical_ip(peer).to_string();
+    let peer_ip = crate::pipeline::locate::canonical_ip(peer).to_string();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer}"),
-        _ => peer,
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_ip}"),
+        _ => peer_ip.clone(),
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert("x-forwarded-for", v);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    // Other client-supplied address headers would be believed by the CRM:
+    // replace X-Real-IP with the peer, drop Forwarded.
+    if let Ok(v) = HeaderValue::from_str(&peer_ip) {
+        headers.insert("x-real-ip", v);
+    }
+    headers.remove(header::FORWARDED);
     match host {
         Some(h) => {
             headers.insert("x-forwarded-host", h.clone());
@@ -312,9 +327,13 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "203.0.113.1".parse().unwrap());
         h.insert("x-forwarded-host", "forged".parse().unwrap());
+        h.insert("x-real-ip", "203.0.113.1".parse().unwrap());
+        h.insert("forwarded", "for=203.0.113.1".parse().unwrap());
         set_forwarded(&mut h, "::ffff:10.0.0.2".parse().unwrap(), None);
         assert_eq!(h["x-forwarded-for"], "203.0.113.1, 10.0.0.2");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert!(!h.contains_key("x-forwarded-host"));
+        assert_eq!(h["x-real-ip"], "10.0.0.2");
+        assert!(!h.contains_key("forwarded"));
     }
 }

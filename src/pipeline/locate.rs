@@ -170,7 +170,7 @@ pub fn locate_upstream(upstream: &crate::config::UpstreamUrl) -> Destination {
     let literal = host.trim_start_matches('[').trim_end_matches(']');
     let ip = literal.parse::<IpAddr>().ok().map(canonical_ip);
     Destination {
-        host: host.to_string(),
+        host: literal.to_ascii_lowercase(),
         ip: ip.map(|ip| ip.to_string()),
         port: upstream.port(),
         scope: ip.map(|ip| scope(ip).as_str().to_string()),

@@ -60,11 +60,10 @@ impl Gateway {
         let Some(url) = cfg.upstream.url.clone() else {
             anyhow::bail!("no upstream configured");
         };
-        let redact = cfg
-            .policy
-            .redact_headers
+        let redact = crate::config::ALWAYS_REDACTED
             .iter()
-            .filter_map(|h| http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
+            .map(|h| http::HeaderName::from_static(h))
+            .chain(cfg.policy.redact_headers.iter().map(|h| h.0.clone()))
             .collect();
         Ok(Gateway {
             identifier: Identifier::new(&cfg.identity),

@@ -54,7 +54,7 @@ pub(crate) struct SourceFile {
 /// Lists a directory's policy files, sorted, so that a revision hash is
 /// stable. Hidden entries (`.git`, Kubernetes' `..data`) are skipped.
 pub(crate) fn read_dir_files(dir: &Path, with_tests: bool) -> anyhow::Result<Vec<SourceFile>> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
         let entries = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read policy directory {}", dir.display()))?;
         for entry in entries {
@@ -68,7 +68,7 @@ pub(crate) fn read_dir_files(dir: &Path, with_tests: bool) -> anyhow::Result<Vec
             let meta = std::fs::metadata(&path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
             if meta.is_dir() {
-                walk(root, &path, out)?;
+                walk(&path, out)?;
             } else {
                 out.push(path);
             }
@@ -76,7 +76,7 @@ pub(crate) fn read_dir_files(dir: &Path, with_tests: bool) -> anyhow::Result<Vec
         Ok(())
     }
     let mut paths = Vec::new();
-    walk(dir, dir, &mut paths)?;
+    walk(dir, &mut paths)?;
     let mut files = Vec::new();
     for path in paths {
         let name = path
@@ -177,12 +177,15 @@ pub(crate) fn compile_files(origin: String, files: Vec<SourceFile>) -> anyhow::R
     }
     let revision = revision(&files);
     let data = Value::from(data_document(&files)?);
+    let names = files.iter().map(|f| f.rel.clone()).collect();
     let rego = files
         .into_iter()
         .filter(|f| f.rel.ends_with(".rego"))
         .map(|f| (f.shown, f.text))
         .collect();
-    PolicySet::compile(origin, rego, data, revision)
+    let mut set = PolicySet::compile(origin, rego, data, revision)?;
+    set.files = names;
+    Ok(set)
 }
 
 /// Loads and compiles a policy set. Errors say which file, line and column.

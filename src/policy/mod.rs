@@ -103,6 +103,13 @@ impl PolicySet {
         )
         .map_err(|e| anyhow!("{e}"))
         .with_context(|| format!("cannot compile {ENTRY_POINT} to the policy VM"))?;
+        // A data file that defines a path a rule also defines would make
+        // every evaluation fail: reject the set now, not on first request.
+        let mut probe = RegoVM::new();
+        probe.load_program(program.clone());
+        probe
+            .set_data(data.clone())
+            .map_err(|e| anyhow!("policy data conflicts with a rule: {e}"))?;
         let set = PolicySet {
             revision,
             origin,
@@ -134,6 +141,9 @@ impl PolicySet {
                     vm.set_data(self.data.clone())
                         .map_err(|e| anyhow!("policy data conflicts with a rule: {e}"))?;
                     vm.set_max_instructions(limits.max_instructions);
+                    // As in the interpreter: a failing builtin fails the evaluation
+                    // (and so the request, fail closed) instead of going undefined.
+                    vm.set_strict_builtin_errors(true);
                     vm.set_execution_timer_config(Some(
                         regorus::utils::limits::ExecutionTimerConfig {
                             limit: limits.timeout,

@@ -18,7 +18,7 @@ fn test_rules(file: &SourceFile) -> Vec<(String, usize, String)> {
     let mut out = Vec::new();
     for (n, line) in file.text.lines().enumerate() {
         if let Some(p) = line.strip_prefix("package ") {
-            package = Some(p.trim().to_string());
+            package = p.split('#').next().map(|p| p.trim().to_string());
             continue;
         }
         if line.starts_with("test_") {
