@@ -1,1 +1,80 @@
-fn main() {}
+//! Policy evaluation cost of the shipped policy set, per request.
+//!
+//! `cargo bench --bench policy_eval`; results are recorded in
+//! docs/performance.md. Set `REMPART_BENCH_POLICIES=DIR` to measure another
+//! policy set (a DSI's own) against the same inputs.
+
+use std::hint::black_box;
+use std::path::Path;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use rempart::input::{Destination, Direction, Endpoint, Identity, PolicyInput, RequestInfo};
+use rempart::policy::{self, Decision, EvalLimits, PolicySource};
+
+fn input() -> PolicyInput {
+    let segments: Vec<String> = ["api", "contacts", "42"].iter().map(|s| s.to_string()).collect();
+    let resource = rempart::pipeline::classify::classify(&http::Method::GET, &segments);
+    PolicyInput {
+        direction: Direction::Ingress,
+        request: RequestInfo {
+            id: "01a21d22-2a1b-73bf-95e5-821c7bfbe3cc".into(),
+            method: "GET".into(),
+            scheme: "http".into(),
+            host: "crm.example.eu".into(),
+            port: 8080,
+            path: "/api/contacts/42".into(),
+            segments,
+            query: [("fields".to_string(), vec!["name".to_string()])].into(),
+            headers: [
+                ("accept", "application/json"),
+                ("user-agent", "wrk"),
+                ("host", "crm.example.eu"),
+                ("cookie", "[redacted]"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            protocol: "HTTP/1.1".into(),
+        },
+        source: Endpoint { ip: "10.1.2.3".into(), port: 50123, scope: "private".into() },
+        destination: Destination {
+            host: "127.0.0.1".into(),
+            ip: Some("127.0.0.1".into()),
+            port: 8000,
+            scope: Some("loopback".into()),
+        },
+        identity: Identity { authenticated: false, method: "none".into(), subject: None, roles: vec![] },
+        resource,
+        time: rempart::input::time_info(std::time::SystemTime::now()),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = std::env::var_os("REMPART_BENCH_POLICIES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"));
+    let set = policy::load(&PolicySource::Dir(dir)).expect("shipped policies compile");
+    let limits = EvalLimits::default();
+    let input = input();
+    let value = input.to_value();
+    let mut denied = input.clone();
+    denied.request.method = "TRACE".into();
+    let denied_value = denied.to_value();
+
+    c.bench_function("input/to_value", |b| b.iter(|| black_box(&input).to_value()));
+    c.bench_function("eval/rvm/allowed", |b| {
+        b.iter(|| set.evaluate(black_box(value.clone()), &limits).map(|d: Decision| d.allow))
+    });
+    c.bench_function("eval/rvm/denied", |b| {
+        b.iter(|| set.evaluate(black_box(denied_value.clone()), &limits).map(|d| d.allow))
+    });
+    c.bench_function("eval/interpreter/allowed", |b| {
+        b.iter(|| set.evaluate_with_interpreter(black_box(value.clone())))
+    });
+    c.bench_function("decide/input+rvm", |b| {
+        b.iter(|| set.evaluate(black_box(&input).to_value(), &limits).map(|d| d.allow))
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -38,8 +38,10 @@ deny contains {
 	"message": sprintf("path %s is blocked (segment %s)", [input.request.path, segment]),
 } if {
 	some segment in input.request.segments
-	lower(segment) in {lower(s) | some s in data.settings.blocked_segments}
+	lower(segment) in blocked_segments
 }
+
+blocked_segments := {lower(s) | some s in data.settings.blocked_segments}
 
 # Bulk operations (exports, mass deletes) are allowed here but always
 # flagged, so that a DPO can find them in the trail.

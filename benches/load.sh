@@ -1,0 +1,497 @@
+#!/usr/bin/env bash
+# Load test: rempart vs nginx as reverse proxies in front of the same static
+# upstream, on loopback only.
+#
+#   bash benches/load.sh
+#
+# What it does:
+#   1. installs nginx, wrk (and procps) with apt-get if they are missing;
+#   2. builds rempart (`cargo build --release`, a no-op when fresh);
+#   3. starts a static upstream (nginx, 1 worker) answering
+#      GET /api/contacts/42 with a fixed ~220-byte JSON body;
+#   4. starts nginx as a reverse proxy in front of it (the comparison point);
+#   5. starts rempart in front of it, shipped policies, audit trail on;
+#   6. runs wrk against direct upstream / nginx / rempart in alternating
+#      rounds (-t2 -cCONNECTIONS), then one moderate-load round (-t1 -c8);
+#   7. prints a summary: median req/s, p50/p90/p99, rempart/nginx ratio,
+#      rempart's peak RSS and the audit trail's line count vs requests sent.
+# Every process it starts is stopped on exit (rempart with SIGTERM).
+#
+# Environment knobs (defaults in brackets):
+#   DURATION [10s]       length of each measured wrk run
+#   CONNECTIONS [64]     connections of the full-load rounds (2 wrk threads)
+#   ROUNDS [3]           full-load rounds (each round runs all three targets)
+#   WARMUP [2s]          warm-up run per target before the rounds ("0" = none)
+#   MODERATE_CONNECTIONS [8]  connections of the moderate round (1 wrk thread)
+#   SKIP_BUILD [0]       1 = use target/release/rempart as it is
+#   KEEP_TMP [0]         1 = keep the temp dir (configs, logs, audit trail)
+#   BUILD_WAIT_MAX [1800] seconds to wait for other rustc/cargo jobs to end
+#
+# Default total: about 2.5 minutes of measurement (3 warm-ups + 9 full-load
+# runs + 3 moderate runs) plus start-up.
+#
+# Only 127.0.0.1 is ever contacted.
+set -euo pipefail
+
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-64}
+ROUNDS=${ROUNDS:-3}
+WARMUP=${WARMUP:-2s}
+MODERATE_CONNECTIONS=${MODERATE_CONNECTIONS:-8}
+SKIP_BUILD=${SKIP_BUILD:-0}
+KEEP_TMP=${KEEP_TMP:-0}
+BUILD_WAIT_MAX=${BUILD_WAIT_MAX:-1800}
+URL_PATH=/api/contacts/42
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=$ROOT/target/release/rempart
+POLICIES=$ROOT/policies
+
+log() { printf '[load.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ---------------------------------------------------------------- install
+need_install=()
+command -v wrk >/dev/null 2>&1 || need_install+=(wrk)
+command -v pgrep >/dev/null 2>&1 || need_install+=(procps)
+NGINX=$(command -v nginx 2>/dev/null || true)
+[[ -z $NGINX && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
+[[ -z $NGINX ]] && need_install+=(nginx)
+if ((${#need_install[@]})); then
+    [[ $(id -u) -eq 0 ]] || die "missing ${need_install[*]} and not root: install them first"
+    log "installing: ${need_install[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    pkgs=()
+    for p in "${need_install[@]}"; do
+        if [[ $p == nginx ]]; then
+            # Debian 12 ships `nginx` (the server) and `nginx-light` (a
+            # transitional package pulling nginx + an extra module); older
+            # releases only have the nginx-light/-core flavours.
+            if apt-cache show nginx >/dev/null 2>&1; then pkgs+=(nginx); else pkgs+=(nginx-light); fi
+        else
+            pkgs+=("$p")
+        fi
+    done
+    sys_nginx_before=$(cat /run/nginx.pid 2>/dev/null || true)
+    apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+    # Without a policy-rc.d, the package may start the system nginx (port
+    # 80). We started it, so we stop it again.
+    sys_nginx_after=$(cat /run/nginx.pid 2>/dev/null || true)
+    if [[ -n $sys_nginx_after && $sys_nginx_after != "$sys_nginx_before" ]]; then
+        log "stopping the system nginx that the package install started (pid $sys_nginx_after)"
+        kill -QUIT "$sys_nginx_after" 2>/dev/null || true
+    fi
+    NGINX=$(command -v nginx 2>/dev/null || echo /usr/sbin/nginx)
+fi
+[[ -x $NGINX ]] || die "nginx not found after install"
+command -v wrk >/dev/null || die "wrk not found after install"
+
+# ------------------------------------------------------------------ build
+# shellcheck disable=SC1091
+[[ -f $HOME/.cargo/env ]] && . "$HOME/.cargo/env"
+if [[ $SKIP_BUILD != 1 ]]; then
+    command -v cargo >/dev/null || { [[ -x $BIN ]] || die "no cargo and no $BIN"; log "no cargo: using $BIN as it is"; }
+    if command -v cargo >/dev/null; then
+        log "cargo build --release (no-op when fresh; waits for the build lock if someone else builds)"
+        (cd "$ROOT" && cargo build --release --quiet --bin rempart)
+    fi
+fi
+[[ -x $BIN ]] || die "$BIN missing"
+
+# -------------------------------------------------- quiet-machine guard
+# This machine is shared with people who compile: a rustc running during a
+# measurement steals one of the 2 cores and skews every number. Wait until
+# no rustc/cargo process is left, before the first run and before each run.
+wait_quiet() {
+    local waited=0
+    while pgrep -x rustc >/dev/null || pgrep -x cargo >/dev/null; do
+        ((waited == 0)) && log "waiting for running rustc/cargo jobs to end (they would skew the numbers)"
+        sleep 5
+        waited=$((waited + 5))
+        ((waited < BUILD_WAIT_MAX)) || die "rustc/cargo still running after ${BUILD_WAIT_MAX}s; not measuring"
+    done
+    if ((waited > 0)); then log "build jobs ended after ~${waited}s"; sleep 2; fi
+}
+
+# ---------------------------------------------------------------- helpers
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/rempart-load.XXXXXX")
+PIDS_NGINX=()
+REMPART_PID=
+WRK_PID=
+
+cleanup() {
+    local rc=$?
+    set +e
+    [[ -n $WRK_PID ]] && kill "$WRK_PID" 2>/dev/null
+    if [[ -n $REMPART_PID ]] && kill -0 "$REMPART_PID" 2>/dev/null; then
+        kill -TERM "$REMPART_PID"
+        for _ in $(seq 1 100); do kill -0 "$REMPART_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$REMPART_PID" 2>/dev/null && { log "rempart did not stop on SIGTERM in 10s: SIGKILL"; kill -KILL "$REMPART_PID"; }
+        wait "$REMPART_PID" 2>/dev/null
+    fi
+    for p in "${PIDS_NGINX[@]}"; do
+        kill -TERM "$p" 2>/dev/null # nginx master: fast shutdown, stops its workers
+    done
+    for p in "${PIDS_NGINX[@]}"; do wait "$p" 2>/dev/null; done
+    if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
+        log "temp dir kept: $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A port below the ephemeral range that nobody listens on.
+free_port() {
+    local p
+    for _ in $(seq 1 100); do
+        p=$((20000 + RANDOM % 12000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return 0
+        fi
+    done
+    return 1
+}
+
+wait_port() { # port pid name
+    for _ in $(seq 1 100); do
+        kill -0 "$2" 2>/dev/null || die "$3 exited during start-up (see $TMP)"
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    die "$3 not listening on 127.0.0.1:$1 after 10s"
+}
+
+# One plain HTTP/1.1 GET over bash's /dev/tcp (no curl on a fresh Debian).
+http_get() { # port path -> prints the raw response
+    local fd
+    exec {fd}<>"/dev/tcp/127.0.0.1/$1"
+    printf 'GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' "$2" >&"$fd"
+    timeout 5 cat <&"$fd" || true
+    exec {fd}>&-
+}
+
+# CPU time (user+system, seconds) of a process and its direct children.
+cpu_seconds() { # pid
+    local tck total=0 p
+    tck=$(getconf CLK_TCK)
+    for p in "$1" $(pgrep -P "$1" || true); do
+        [[ -r /proc/$p/stat ]] || continue
+        # fields after the ")" of comm: utime is 12th, stime 13th
+        total=$((total + $(sed 's/^.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+    done
+    awk -v t="$total" -v h="$tck" 'BEGIN { printf "%.3f", t / h }'
+}
+
+# ------------------------------------------------------------- upstream
+BODY='{"id":42,"type":"contact","first_name":"Camille","last_name":"Durand","email":"camille.durand@example.eu","phone":"+33 1 23 45 67 89","company":"Exemple SARL","country":"FR","owner":"bob","updated_at":"2026-11-27T13:13:34Z"}'
+
+nginx_common() { # name
+    cat <<EOF
+pid $TMP/$1/nginx.pid;
+error_log $TMP/$1/error.log warn;
+events { worker_connections 4096; }
+EOF
+}
+nginx_http_common() { # name
+    cat <<EOF
+    access_log off;
+    # Long-lived keep-alive everywhere, so that no side closes connections
+    # every 1000 requests (nginx's default) while the other does not.
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    client_body_temp_path $TMP/$1/client_body;
+    proxy_temp_path $TMP/$1/proxy;
+    fastcgi_temp_path $TMP/$1/fastcgi;
+    uwsgi_temp_path $TMP/$1/uwsgi;
+    scgi_temp_path $TMP/$1/scgi;
+EOF
+}
+
+start_nginx() { # name port
+    mkdir -p "$TMP/$1"
+    "$NGINX" -t -q -p "$TMP/$1" -e "$TMP/$1/error.log" -c "$TMP/$1/nginx.conf" ||
+        die "nginx config $1 invalid"
+    "$NGINX" -p "$TMP/$1" -e "$TMP/$1/error.log" -c "$TMP/$1/nginx.conf" -g 'daemon off;' &
+    local pid=$!
+    PIDS_NGINX+=("$pid")
+    wait_port "$2" "$pid" "nginx $1"
+    echo "$pid" >"$TMP/$1/master.pid"
+}
+
+UP_PORT=$(free_port) || die "no free port"
+mkdir -p "$TMP/upstream"
+cat >"$TMP/upstream/nginx.conf" <<EOF
+worker_processes 1;
+$(nginx_common upstream)
+http {
+$(nginx_http_common upstream)
+    server {
+        listen 127.0.0.1:$UP_PORT;
+        location = $URL_PATH {
+            default_type application/json;
+            return 200 '$BODY';
+        }
+        location / { return 404; }
+    }
+}
+EOF
+start_nginx upstream "$UP_PORT"
+UP_PID=$(cat "$TMP/upstream/master.pid")
+log "upstream nginx (1 worker) on 127.0.0.1:$UP_PORT"
+
+# ---------------------------------------------------------- nginx proxy
+PX_PORT=$(free_port) || die "no free port"
+while [[ $PX_PORT == "$UP_PORT" ]]; do PX_PORT=$(free_port); done
+mkdir -p "$TMP/proxy"
+cat >"$TMP/proxy/nginx.conf" <<EOF
+worker_processes auto;
+$(nginx_common proxy)
+http {
+$(nginx_http_common proxy)
+    upstream backend {
+        server 127.0.0.1:$UP_PORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$PX_PORT;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+start_nginx proxy "$PX_PORT"
+PX_PID=$(cat "$TMP/proxy/master.pid")
+log "nginx proxy (worker_processes auto = $(nproc)) on 127.0.0.1:$PX_PORT"
+
+# -------------------------------------------------------------- rempart
+AUDIT=$TMP/audit.jsonl
+NO_COLOR=1 "$BIN" serve \
+    --upstream "http://127.0.0.1:$UP_PORT" \
+    --listen 127.0.0.1:0 --admin 127.0.0.1:0 \
+    --audit "$AUDIT" --policies "$POLICIES" --mode enforce \
+    2>"$TMP/rempart.log" &
+REMPART_PID=$!
+RP_PORT= ADMIN=
+for _ in $(seq 1 200); do
+    kill -0 "$REMPART_PID" 2>/dev/null || { cat "$TMP/rempart.log" >&2; die "rempart exited during start-up"; }
+    line=$(sed 's/\x1b\[[0-9;]*m//g' "$TMP/rempart.log" | grep -m1 'rempart ready' || true)
+    if [[ -n $line ]]; then
+        RP_PORT=$(sed -n 's/.*ingress=[^ ]*:\([0-9]*\).*/\1/p' <<<"$line")
+        ADMIN=$(sed -n 's/.*admin=\([^ ]*\).*/\1/p' <<<"$line")
+        WORKERS=$(sed -n 's/.* workers=\([0-9]*\).*/\1/p' <<<"$line")
+        break
+    fi
+    sleep 0.1
+done
+[[ -n $RP_PORT && -n $ADMIN ]] || { cat "$TMP/rempart.log" >&2; die "no 'rempart ready' line in 20s"; }
+log "rempart (workers=${WORKERS:-?}, enforce, audit on) on 127.0.0.1:$RP_PORT, admin $ADMIN"
+
+# ------------------------------------------------------- sanity checks
+# Each target must answer 200 with the upstream's body. The one rempart
+# request is counted in the audit comparison below.
+EXTRA_REMPART_REQUESTS=0
+for t in "direct:$UP_PORT" "nginx:$PX_PORT" "rempart:$RP_PORT"; do
+    name=${t%%:*} port=${t##*:}
+    resp=$(http_get "$port" "$URL_PATH" | tr -d '\r')
+    [[ $name == rempart ]] && EXTRA_REMPART_REQUESTS=$((EXTRA_REMPART_REQUESTS + 1))
+    status=$(head -1 <<<"$resp")
+    [[ $status == "HTTP/1.1 200"* ]] || { printf '%s\n' "$resp" >&2; die "$name answered '$status' on $URL_PATH"; }
+    [[ $(tail -1 <<<"$resp") == "$BODY" ]] || { printf '%s\n' "$resp" >&2; die "$name: body differs from the upstream's"; }
+done
+log "all three targets answer 200 with the ${#BODY}-byte body"
+
+# ------------------------------------------------------------------ runs
+RESULTS=$TMP/results.tsv # phase target round rps requests p50 p75 p90 p99 non2xx sockerr cpu_s
+: >"$RESULTS"
+mkdir -p "$TMP/wrk"
+
+port_of() { case $1 in direct) echo "$UP_PORT" ;; nginx) echo "$PX_PORT" ;; rempart) echo "$RP_PORT" ;; esac; }
+# The process whose CPU time is charged to the target (with its children).
+pid_of() { case $1 in direct) echo "$UP_PID" ;; nginx) echo "$PX_PID" ;; rempart) echo "$REMPART_PID" ;; esac; }
+
+parse_wrk() { # file -> rps requests p50 p75 p90 p99 non2xx sockerr (latencies in ms)
+    awk '
+    function ms(v,   n, u) {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "us") return n / 1000
+        if (u == "ms") return n
+        if (u == "s")  return n * 1000
+        if (u == "m")  return n * 60000
+        return n
+    }
+    /^ +50% / { p50 = ms($2) }
+    /^ +75% / { p75 = ms($2) }
+    /^ +90% / { p90 = ms($2) }
+    /^ +99% / { p99 = ms($2) }
+    / requests in / { reqs = $1 }
+    /^Requests\/sec:/ { rps = $2 }
+    /Non-2xx or 3xx responses:/ { non2xx = $NF }
+    /Socket errors:/ { gsub(",", ""); errs = $4 + $6 + $8 + $10 }
+    END {
+        if (rps == "" || reqs == "") exit 1
+        printf "%s\t%s\t%.3f\t%.3f\t%.3f\t%.3f\t%d\t%d\n", rps, reqs, p50, p75, p90, p99, non2xx, errs
+    }' "$1"
+}
+
+REMPART_WRK_REQUESTS=0
+run_wrk() { # phase target round threads connections duration
+    local phase=$1 target=$2 round=$3 threads=$4 conns=$5 dur=$6
+    local out=$TMP/wrk/$phase-$target-$round.txt pid cpu0 cpu1 parsed
+    wait_quiet
+    pid=$(pid_of "$target")
+    cpu0=$(cpu_seconds "$pid")
+    wrk -t"$threads" -c"$conns" -d"$dur" --latency "http://127.0.0.1:$(port_of "$target")$URL_PATH" >"$out" 2>&1 &
+    WRK_PID=$!
+    wait "$WRK_PID" || { cat "$out" >&2; die "wrk failed against $target"; }
+    WRK_PID=
+    cpu1=$(cpu_seconds "$pid")
+    parsed=$(parse_wrk "$out") || { cat "$out" >&2; die "cannot parse wrk output ($out)"; }
+    [[ $target == rempart ]] && REMPART_WRK_REQUESTS=$((REMPART_WRK_REQUESTS + $(cut -f2 <<<"$parsed")))
+    printf '%s\t%s\t%s\t%s\t%s\n' "$phase" "$target" "$round" "$parsed" \
+        "$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.3f", b - a }')" >>"$RESULTS"
+    log "$(printf '%-8s %-7s r%-2s %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  non2xx %s  sockerr %s' \
+        "$phase" "$target" "$round" $(cut -f1,3,6,7,8 <<<"$parsed"))"
+}
+
+TARGETS=(direct nginx rempart)
+wait_quiet
+if [[ $WARMUP != 0 ]]; then
+    log "warm-up: $WARMUP per target"
+    for t in "${TARGETS[@]}"; do run_wrk warmup "$t" 0 2 "$CONNECTIONS" "$WARMUP"; done
+fi
+
+log "full load: $ROUNDS rounds x 3 targets, wrk -t2 -c$CONNECTIONS -d$DURATION --latency"
+for ((r = 1; r <= ROUNDS; r++)); do
+    # Rotate the order each round so that no target always runs first.
+    for ((i = 0; i < 3; i++)); do
+        t=${TARGETS[$(((i + r - 1) % 3))]}
+        run_wrk load "$t" "$r" 2 "$CONNECTIONS" "$DURATION"
+    done
+done
+
+log "moderate load: wrk -t1 -c$MODERATE_CONNECTIONS -d$DURATION --latency"
+for t in "${TARGETS[@]}"; do run_wrk moderate "$t" 1 1 "$MODERATE_CONNECTIONS" "$DURATION"; done
+
+# --------------------------------------------------- rempart end state
+STATUS=/proc/$REMPART_PID/status
+kill -0 "$REMPART_PID" 2>/dev/null || die "rempart died during the runs (see $TMP/rempart.log)"
+VMHWM_KB=$(awk '/^VmHWM:/ { print $2 }' "$STATUS")
+VMRSS_KB=$(awk '/^VmRSS:/ { print $2 }' "$STATUS")
+THREADS=$(awk '/^Threads:/ { print $2 }' "$STATUS")
+METRICS=$(exec 3<>"/dev/tcp/${ADMIN%:*}/${ADMIN##*:}" &&
+    printf 'GET /metrics HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$ADMIN" >&3 &&
+    timeout 5 cat <&3 | tr -d '\r' | grep '^rempart_' || true)
+printf '%s\n' "$METRICS" >"$TMP/metrics.txt"
+metric_sum() { awk -v n="$1" '$1 == n || index($1, n "{") == 1 { s += $NF } END { printf "%d", s }' "$TMP/metrics.txt"; }
+M_REQUESTS=$(metric_sum rempart_requests_total)
+M_ALLOWED=$(awk '/^rempart_requests_total\{.*outcome="allowed"/ { s += $NF } END { printf "%d", s }' "$TMP/metrics.txt")
+M_AUDIT=$(metric_sum rempart_audit_records_total)
+M_AUDIT_ERR=$(metric_sum rempart_audit_write_errors_total)
+M_QFULL=$(metric_sum rempart_audit_queue_full_total)
+M_UPERR=$(metric_sum rempart_upstream_errors_total)
+EVAL_SUM=$(awk '$1 == "rempart_policy_evaluation_seconds_sum" { print $2 }' "$TMP/metrics.txt")
+EVAL_CNT=$(awk '$1 == "rempart_policy_evaluation_seconds_count" { print $2 }' "$TMP/metrics.txt")
+
+# Stop rempart now (SIGTERM: it drains and flushes the audit trail), then
+# count the trail.
+kill -TERM "$REMPART_PID"
+for _ in $(seq 1 150); do kill -0 "$REMPART_PID" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$REMPART_PID" 2>/dev/null; then
+    log "WARNING: rempart still running 15s after SIGTERM"
+    STOP_NOTE="did NOT stop within 15 s of SIGTERM"
+else
+    wait "$REMPART_PID" && STOP_NOTE="stopped cleanly on SIGTERM (exit 0)" || STOP_NOTE="exited with status $? after SIGTERM"
+    REMPART_PID=
+fi
+AUDIT_LINES=$(wc -l <"$AUDIT")
+AUDIT_ALLOWED=$(grep -c '"outcome":"allowed"' "$AUDIT" || true)
+AUDIT_200=$(grep -c '"status":200,' "$AUDIT" || true)
+
+# ---------------------------------------------------------------- summary
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) { print "nan"; exit } if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+col() { # phase target column -> values, one a line
+    awk -F'\t' -v p="$1" -v t="$2" -v c="$3" '$1 == p && $2 == t { print $c }' "$RESULTS"
+}
+# columns: 1 phase 2 target 3 round 4 rps 5 requests 6 p50 7 p75 8 p90 9 p99 10 non2xx 11 sockerr 12 cpu_s
+summary_row() { # phase target
+    local rps mn mx p50 p90 p99 non2xx errs reqs cpu cpu_us
+    rps=$(col "$1" "$2" 4 | median)
+    mn=$(col "$1" "$2" 4 | sort -g | head -1)
+    mx=$(col "$1" "$2" 4 | sort -g | tail -1)
+    p50=$(col "$1" "$2" 6 | median)
+    p90=$(col "$1" "$2" 8 | median)
+    p99=$(col "$1" "$2" 9 | median)
+    non2xx=$(col "$1" "$2" 10 | awk '{ s += $1 } END { print s + 0 }')
+    errs=$(col "$1" "$2" 11 | awk '{ s += $1 } END { print s + 0 }')
+    reqs=$(col "$1" "$2" 5 | awk '{ s += $1 } END { print s + 0 }')
+    cpu=$(col "$1" "$2" 12 | awk '{ s += $1 } END { print s + 0 }')
+    cpu_us=$(awk -v c="$cpu" -v n="$reqs" 'BEGIN { printf "%.1f", n ? c * 1e6 / n : 0 }')
+    printf '| %-7s | %-17s | %9.0f | %9.0f–%-9.0f | %6.3f | %6.3f | %6.3f | %6s | %7s | %10s |\n' \
+        "$2" "$3" "$rps" "$mn" "$mx" "$p50" "$p90" "$p99" "$non2xx" "$errs" "$cpu_us"
+}
+header() {
+    echo '| target  | wrk               | req/s med | req/s min–max       | p50 ms | p90 ms | p99 ms | non2xx | sockerr | CPU µs/req |'
+    echo '|---------|-------------------|----------:|---------------------|-------:|-------:|-------:|-------:|--------:|-----------:|'
+}
+
+RPS_NGINX=$(col load nginx 4 | median)
+RPS_REMPART=$(col load rempart 4 | median)
+RPS_DIRECT=$(col load direct 4 | median)
+MOD_P99_NGINX=$(col moderate nginx 9 | median)
+MOD_P99_REMPART=$(col moderate rempart 9 | median)
+MOD_P50_NGINX=$(col moderate nginx 6 | median)
+MOD_P50_REMPART=$(col moderate rempart 6 | median)
+EXPECTED=$((REMPART_WRK_REQUESTS + EXTRA_REMPART_REQUESTS))
+
+{
+    echo
+    echo "## rempart load test — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo
+    echo "machine: $(nproc) cores, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM"
+    echo "versions: $("$BIN" --version 2>/dev/null || echo rempart ?), $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | awk '{ print $1, $2 }')"
+    echo "path: GET $URL_PATH (${#BODY}-byte JSON body, 200); rempart: shipped policies, enforce, audit on, workers=${WORKERS:-default}"
+    echo "wrk, load generator and upstream share the same $(nproc) cores as the proxy under test"
+    echo
+    echo "### Full load: wrk -t2 -c$CONNECTIONS -d$DURATION --latency, $ROUNDS rounds (median over rounds)"
+    echo
+    header
+    summary_row load direct "-t2 -c$CONNECTIONS"
+    summary_row load nginx "-t2 -c$CONNECTIONS"
+    summary_row load rempart "-t2 -c$CONNECTIONS"
+    echo
+    echo "### Moderate load: wrk -t1 -c$MODERATE_CONNECTIONS -d$DURATION --latency, 1 round"
+    echo
+    header
+    summary_row moderate direct "-t1 -c$MODERATE_CONNECTIONS"
+    summary_row moderate nginx "-t1 -c$MODERATE_CONNECTIONS"
+    summary_row moderate rempart "-t1 -c$MODERATE_CONNECTIONS"
+    echo
+    echo "CPU µs/req: CPU time (user+sys) of the target's processes (nginx master+workers, rempart) per request; for 'direct' it is the upstream nginx itself."
+    echo
+    echo "### Verdict inputs"
+    echo
+    awk -v r="$RPS_REMPART" -v n="$RPS_NGINX" -v d="$RPS_DIRECT" 'BEGIN {
+        printf "- rempart/nginx req/s (full load, medians): %.0f / %.0f = %.2fx  (target >= 0.80x)\n", r, n, r / n
+        printf "- nginx/direct: %.2fx, rempart/direct: %.2fx\n", n / d, r / d }'
+    awk -v a="$MOD_P99_REMPART" -v b="$MOD_P99_NGINX" -v c="$MOD_P50_REMPART" -v e="$MOD_P50_NGINX" 'BEGIN {
+        printf "- added latency vs nginx at moderate load: p99 %+.3f ms (%.3f vs %.3f; target <= 1 ms), p50 %+.3f ms\n", a - b, a, b, c - e }'
+    awk -v h="$VMHWM_KB" -v s="$VMRSS_KB" -v t="$THREADS" 'BEGIN {
+        printf "- rempart peak RSS (VmHWM): %.1f MiB (target <= 64 MB); RSS at end %.1f MiB; %d threads\n", h / 1024, s / 1024, t }'
+    if [[ -n $EVAL_CNT && $EVAL_CNT != 0 ]]; then
+        awk -v s="$EVAL_SUM" -v c="$EVAL_CNT" 'BEGIN { printf "- policy evaluation (rempart_policy_evaluation_seconds): mean %.1f µs over %d evaluations\n", s / c * 1e6, c }'
+    fi
+    echo "- audit trail: $AUDIT_LINES lines ($AUDIT_ALLOWED allowed, $AUDIT_200 with status 200) vs $EXPECTED requests completed per wrk (+ sanity GET); difference $((AUDIT_LINES - EXPECTED))"
+    echo "  (wrk counts only responses it received before its deadline; requests in flight when a run ends — up to the connection count per run — are audited but not counted)"
+    echo "- rempart metrics: requests_total=$M_REQUESTS (allowed=$M_ALLOWED), audit_records_total=$M_AUDIT, audit_write_errors_total=$M_AUDIT_ERR, audit_queue_full_total=$M_QFULL, upstream_errors_total=$M_UPERR"
+    echo "- rempart $STOP_NOTE"
+    echo
+} | tee "$TMP/summary.md"
