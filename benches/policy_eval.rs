@@ -8,11 +8,16 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use rempart::geo::Geo;
 use rempart::input::{Destination, Direction, Endpoint, Identity, PolicyInput, RequestInfo};
+use rempart::pipeline::locate::Scope;
 use rempart::policy::{self, Decision, EvalLimits, PolicySource};
 
 fn input() -> PolicyInput {
-    let segments: Vec<String> = ["api", "contacts", "42"].iter().map(|s| s.to_string()).collect();
+    let segments: Vec<String> = ["api", "contacts", "42"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let resource = rempart::pipeline::classify::classify(&http::Method::GET, &segments);
     PolicyInput {
         direction: Direction::Ingress,
@@ -36,14 +41,25 @@ fn input() -> PolicyInput {
             .collect(),
             protocol: "HTTP/1.1".into(),
         },
-        source: Endpoint { ip: "10.1.2.3".into(), port: 50123, scope: "private".into() },
+        source: Endpoint {
+            ip: "10.1.2.3".into(),
+            port: 50123,
+            scope: "private".into(),
+            geo: Geo::local(Scope::Private),
+        },
         destination: Destination {
             host: "127.0.0.1".into(),
             ip: Some("127.0.0.1".into()),
             port: 8000,
             scope: Some("loopback".into()),
+            geo: Some(Geo::local(Scope::Loopback)),
         },
-        identity: Identity { authenticated: false, method: "none".into(), subject: None, roles: vec![] },
+        identity: Identity {
+            authenticated: false,
+            method: "none".into(),
+            subject: None,
+            roles: vec![],
+        },
         resource,
         time: rempart::input::time_info(std::time::SystemTime::now()),
     }
@@ -61,18 +77,29 @@ fn bench(c: &mut Criterion) {
     denied.request.method = "TRACE".into();
     let denied_value = denied.to_value();
 
-    c.bench_function("input/to_value", |b| b.iter(|| black_box(&input).to_value()));
+    c.bench_function("input/to_value", |b| {
+        b.iter(|| black_box(&input).to_value())
+    });
     c.bench_function("eval/rvm/allowed", |b| {
-        b.iter(|| set.evaluate(black_box(value.clone()), &limits).map(|d: Decision| d.allow))
+        b.iter(|| {
+            set.evaluate(black_box(value.clone()), &limits)
+                .map(|d: Decision| d.allow)
+        })
     });
     c.bench_function("eval/rvm/denied", |b| {
-        b.iter(|| set.evaluate(black_box(denied_value.clone()), &limits).map(|d| d.allow))
+        b.iter(|| {
+            set.evaluate(black_box(denied_value.clone()), &limits)
+                .map(|d| d.allow)
+        })
     });
     c.bench_function("eval/interpreter/allowed", |b| {
         b.iter(|| set.evaluate_with_interpreter(black_box(value.clone())))
     });
     c.bench_function("decide/input+rvm", |b| {
-        b.iter(|| set.evaluate(black_box(&input).to_value(), &limits).map(|d| d.allow))
+        b.iter(|| {
+            set.evaluate(black_box(&input).to_value(), &limits)
+                .map(|d| d.allow)
+        })
     });
 }
 

@@ -36,6 +36,57 @@ enum Command {
     /// Work with policies without traffic.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Inspect the geo and jurisdiction data a policy sees.
+    #[command(subcommand)]
+    Geoip(GeoipCommand),
+}
+
+/// Where the geo data comes from: the config file's [geo] table, with
+/// flags overriding it.
+#[derive(Args, Debug, Default)]
+struct GeoArgs {
+    /// Read [geo] from this configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Country database (GeoIP2/GeoLite2 Country or City, or ip-location-db).
+    #[arg(long, value_name = "MMDB")]
+    country_db: Option<PathBuf>,
+    /// ASN database (GeoLite2-ASN shape).
+    #[arg(long, value_name = "MMDB")]
+    asn_db: Option<PathBuf>,
+    /// AS registration country database (ip-location-db shape).
+    #[arg(long, value_name = "MMDB")]
+    as_country_db: Option<PathBuf>,
+    /// Operator registry [default: built in]
+    #[arg(long, value_name = "JSON")]
+    operators: Option<PathBuf>,
+    /// EU/EEA/adequacy lists [default: built in]
+    #[arg(long, value_name = "JSON")]
+    countries: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum GeoipCommand {
+    /// Print, one JSON object per line, the `geo` object a policy sees for each address.
+    Lookup {
+        #[command(flatten)]
+        geo: GeoArgs,
+        #[arg(required = true, value_name = "IP")]
+        ips: Vec<String>,
+    },
+    /// Print each loaded database's type, build date and record count, and the registry's version.
+    Info {
+        #[command(flatten)]
+        geo: GeoArgs,
+    },
+    /// Build a GeoLite2-ASN-shaped MMDB from ip-location-db ASN CSV files
+    /// (ip_range_start,ip_range_end,asn,as_organisation); used by geoip/fetch.sh.
+    BuildAsn {
+        #[arg(long = "csv", required = true, value_name = "CSV")]
+        csv: Vec<PathBuf>,
+        #[arg(long, value_name = "MMDB")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -128,6 +179,14 @@ pub fn main() -> ExitCode {
             interpreter,
         }) => eval(policies.as_deref(), &input, interpreter),
         Command::Policy(PolicyCommand::Test { dirs }) => test(&dirs),
+        Command::Geoip(GeoipCommand::Lookup { geo, ips }) => geoip_lookup(&geo, &ips),
+        Command::Geoip(GeoipCommand::Info { geo }) => geoip_info(&geo),
+        Command::Geoip(GeoipCommand::BuildAsn { csv, out }) => {
+            crate::geo::build::asn_from_csv(&csv, &out).map(|n| {
+                println!("wrote {} ({n} ranges)", out.display());
+                ExitCode::SUCCESS
+            })
+        }
     };
     match result {
         Ok(code) => code,
@@ -260,4 +319,62 @@ fn test(dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn geo_files(a: &GeoArgs) -> anyhow::Result<crate::geo::GeoFiles> {
+    let mut files = match &a.config {
+        Some(path) => Config::from_file(path)?.geo.files(),
+        None => crate::geo::GeoFiles::default(),
+    };
+    let over = |slot: &mut Option<PathBuf>, v: &Option<PathBuf>| {
+        if let Some(v) = v {
+            *slot = Some(v.clone());
+        }
+    };
+    over(&mut files.country_db, &a.country_db);
+    over(&mut files.asn_db, &a.asn_db);
+    over(&mut files.as_country_db, &a.as_country_db);
+    over(&mut files.operators, &a.operators);
+    over(&mut files.countries, &a.countries);
+    Ok(files)
+}
+
+fn geoip_lookup(a: &GeoArgs, ips: &[String]) -> anyhow::Result<ExitCode> {
+    let db = crate::geo::GeoDb::open(&geo_files(a)?)?;
+    for raw in ips {
+        let ip: std::net::IpAddr = raw
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| anyhow!("{raw:?} is not an IP address"))?;
+        println!("{}", serde_json::to_string(&db.lookup(ip))?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn geoip_info(a: &GeoArgs) -> anyhow::Result<ExitCode> {
+    let db = crate::geo::GeoDb::open(&geo_files(a)?)?;
+    for (role, d) in [
+        ("country", &db.country),
+        ("asn", &db.asn),
+        ("as_country", &db.as_country),
+    ] {
+        match d {
+            Some(d) => println!("{}", serde_json::to_string(&d.info(role, true))?),
+            None => println!(
+                "{}",
+                serde_json::json!({"role": role, "path": null, "loaded": false})
+            ),
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "role": "registry",
+            "operators_version": db.registry.version,
+            "operators": db.registry.operator_count(),
+            "countries_version": db.registry.countries_version,
+        })
+    );
+    Ok(ExitCode::SUCCESS)
 }

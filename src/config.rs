@@ -23,6 +23,55 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub audit: AuditConfig,
     pub identity: IdentityConfig,
+    pub geo: GeoConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeoConfig {
+    /// Country database: MaxMind GeoIP2/GeoLite2 Country or City, or an
+    /// ip-location-db / DB-IP file (`{"country_code"}` records).
+    pub country_db: Option<PathBuf>,
+    /// ASN database (GeoLite2-ASN shape).
+    pub asn_db: Option<PathBuf>,
+    /// Country where each AS is registered (`{"country_code"}` records).
+    pub as_country_db: Option<PathBuf>,
+    /// Operator registry; the copy built into the binary when absent.
+    pub operators: Option<PathBuf>,
+    /// EU, EEA and adequacy lists; the built-in copy when absent.
+    pub countries: Option<PathBuf>,
+    /// Start even when a configured database is missing or unreadable
+    /// (its fields are then null, which the shipped policies treat as
+    /// not sovereign).
+    pub optional: bool,
+    /// How often the files are checked for changes; 0 disables.
+    pub reload_interval: Seconds,
+}
+
+impl Default for GeoConfig {
+    fn default() -> Self {
+        GeoConfig {
+            country_db: None,
+            asn_db: None,
+            as_country_db: None,
+            operators: None,
+            countries: None,
+            optional: false,
+            reload_interval: Seconds(Duration::from_secs(60)),
+        }
+    }
+}
+
+impl GeoConfig {
+    pub fn files(&self) -> crate::geo::GeoFiles {
+        crate::geo::GeoFiles {
+            country_db: self.country_db.clone(),
+            asn_db: self.asn_db.clone(),
+            as_country_db: self.as_country_db.clone(),
+            operators: self.operators.clone(),
+            countries: self.countries.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]

@@ -16,6 +16,8 @@ use std::net::IpAddr;
 use regorus::Value;
 use serde::{Deserialize, Serialize};
 
+use crate::geo::Geo;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
@@ -71,6 +73,8 @@ pub struct Endpoint {
     pub port: u16,
     /// See [`crate::pipeline::locate::Scope`].
     pub scope: String,
+    /// Location and jurisdiction of `ip`.
+    pub geo: Geo,
 }
 
 /// Where a request goes (the upstream for ingress).
@@ -82,6 +86,8 @@ pub struct Destination {
     pub ip: Option<String>,
     pub port: u16,
     pub scope: Option<String>,
+    /// Location and jurisdiction of `ip`, or null when `ip` is null.
+    pub geo: Option<Geo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -115,29 +121,38 @@ pub struct TimeInfo {
     pub hour: u8,
 }
 
-fn s(v: &str) -> Value {
-    Value::from(v)
-}
+/// Small builders of regorus values, shared with [`crate::geo`].
+pub mod value {
+    use std::collections::BTreeMap;
 
-fn opt(v: &Option<String>) -> Value {
-    match v {
-        Some(v) => Value::from(v.as_str()),
-        None => Value::Null,
+    use regorus::Value;
+
+    pub fn s(v: &str) -> Value {
+        Value::from(v)
+    }
+
+    pub fn opt(v: &Option<String>) -> Value {
+        match v {
+            Some(v) => Value::from(v.as_str()),
+            None => Value::Null,
+        }
+    }
+
+    pub fn strings(v: &[String]) -> Value {
+        Value::from(v.iter().map(|x| s(x)).collect::<Vec<_>>())
+    }
+
+    pub fn obj<const N: usize>(fields: [(&str, Value); N]) -> Value {
+        Value::from(
+            fields
+                .into_iter()
+                .map(|(k, v)| (s(k), v))
+                .collect::<BTreeMap<Value, Value>>(),
+        )
     }
 }
 
-fn strings(v: &[String]) -> Value {
-    Value::from(v.iter().map(|x| s(x)).collect::<Vec<_>>())
-}
-
-fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
-    Value::from(
-        fields
-            .into_iter()
-            .map(|(k, v)| (s(k), v))
-            .collect::<BTreeMap<Value, Value>>(),
-    )
-}
+use value::{obj as object, opt, s, strings};
 
 impl PolicyInput {
     /// The regorus value of this document, built field by field.
@@ -171,6 +186,7 @@ impl PolicyInput {
             ("ip", s(&self.source.ip)),
             ("port", Value::from(self.source.port as u64)),
             ("scope", s(&self.source.scope)),
+            ("geo", self.source.geo.to_value()),
         ]);
         let d = &self.destination;
         let destination = object([
@@ -178,6 +194,7 @@ impl PolicyInput {
             ("ip", opt(&d.ip)),
             ("port", Value::from(d.port as u64)),
             ("scope", opt(&d.scope)),
+            ("geo", d.geo.as_ref().map_or(Value::Null, Geo::to_value)),
         ]);
         let i = &self.identity;
         let identity = object([
@@ -258,12 +275,34 @@ pub(crate) mod tests {
                 ip: "127.0.0.1".into(),
                 port: 50000,
                 scope: "loopback".into(),
+                geo: Geo::local(crate::pipeline::locate::Scope::Loopback),
             },
             destination: Destination {
-                host: "127.0.0.1".into(),
-                ip: Some("127.0.0.1".into()),
-                port: 8000,
-                scope: Some("loopback".into()),
+                host: "52.28.0.1".into(),
+                ip: Some("52.28.0.1".into()),
+                port: 443,
+                scope: Some("public".into()),
+                geo: Some(Geo {
+                    scope: "public".into(),
+                    country: Some("DE".into()),
+                    in_eu: true,
+                    in_eea: true,
+                    adequacy: None,
+                    asn: Some(16509),
+                    as_org: Some("AMAZON-02".into()),
+                    as_country: Some("US".into()),
+                    operator: Some(crate::geo::Operator {
+                        id: "amazon".into(),
+                        name: "Amazon Web Services".into(),
+                        parent: "Amazon.com, Inc.".into(),
+                        jurisdiction: "US".into(),
+                        jurisdiction_in_eea: false,
+                        cloud_act: true,
+                        other_laws: vec![],
+                        sources: vec!["https://www.peeringdb.com/asn/16509".into()],
+                    }),
+                    sovereign: "non_eu_operator_in_eu".into(),
+                }),
             },
             identity: Identity {
                 authenticated: true,
@@ -296,6 +335,7 @@ pub(crate) mod tests {
         };
         none.destination.ip = None;
         none.destination.scope = None;
+        none.destination.geo = None;
         let via_json = Value::from_json_str(&serde_json::to_string(&none).unwrap()).unwrap();
         assert_eq!(none.to_value(), via_json);
     }

@@ -6,6 +6,8 @@
 //! - [`policy`]: loading, compiling, evaluating and reloading Rego;
 //! - [`audit`]: the audit trail writer;
 //! - [`metrics`], [`admin`]: Prometheus metrics and the admin listener;
+//! - [`geo`]: location and jurisdiction of addresses (GeoIP, ASN, operator registry);
+//! - [`reload`]: the hot-reload watcher shared by policies and geo data;
 //! - [`config`]: the configuration file;
 //! - [`serve`]: process wiring, signals and shutdown;
 //! - [`cli`]: the command line.
@@ -14,8 +16,10 @@ pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod geo;
 pub mod input;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod reload;
 pub mod serve;

@@ -58,6 +58,9 @@ pub struct Metrics {
     pub audit_write_errors: IntCounter,
     pub audit_queue_full: IntCounter,
     pub connections_open: IntGauge,
+    pub geo_reloads_success: IntCounter,
+    pub geo_reloads_failure: IntCounter,
+    geo_build_time: IntGaugeVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -166,6 +169,25 @@ impl Metrics {
         ));
         reg(Box::new(connections_open.clone()));
 
+        let geo_reloads = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_geo_reloads_total",
+                "Reloads of the GeoIP databases and operator registry, by result (success, failure).",
+            ),
+            &["result"],
+        ));
+        reg(Box::new(geo_reloads.clone()));
+        let geo_reloads_success = geo_reloads.with_label_values(&["success"]);
+        let geo_reloads_failure = geo_reloads.with_label_values(&["failure"]);
+        let geo_build_time = must(IntGaugeVec::new(
+            Opts::new(
+                "rempart_geo_database_build_timestamp_seconds",
+                "Build time (Unix seconds) of each loaded GeoIP database, by role (country, asn, as_country).",
+            ),
+            &["role"],
+        ));
+        reg(Box::new(geo_build_time.clone()));
+
         let build_info = must(IntGaugeVec::new(
             Opts::new("rempart_build_info", "Build information (value 1)."),
             &["version"],
@@ -189,6 +211,9 @@ impl Metrics {
             audit_write_errors,
             audit_queue_full,
             connections_open,
+            geo_reloads_success,
+            geo_reloads_failure,
+            geo_build_time,
         }
     }
 
@@ -208,6 +233,22 @@ impl Metrics {
     pub fn set_policy_revision(&self, revision: &str) {
         self.policy_revision.reset();
         self.policy_revision.with_label_values(&[revision]).set(1);
+    }
+
+    pub fn set_geo_build_times(&self, db: &crate::geo::GeoDb) {
+        self.geo_build_time.reset();
+        for (role, d) in [
+            ("country", &db.country),
+            ("asn", &db.asn),
+            ("as_country", &db.as_country),
+        ] {
+            if let Some(d) = d {
+                let epoch = d.info(role, false).build_epoch;
+                self.geo_build_time
+                    .with_label_values(&[role])
+                    .set(i64::try_from(epoch).unwrap_or(i64::MAX));
+            }
+        }
     }
 
     /// The text exposition format.

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::admin::{self, AdminState};
 use crate::audit::AuditSink;
 use crate::config::Config;
+use crate::geo::GeoStore;
 use crate::metrics::Metrics;
 use crate::pipeline::{accept, Gateway};
 use crate::policy::{PolicySource, PolicyStore};
@@ -27,6 +28,7 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let policies = PolicyStore::open(source.clone(), Arc::clone(&metrics))
         .with_context(|| format!("cannot load policies from {source}"))?;
+    let geo = GeoStore::open(cfg.geo.files(), cfg.geo.optional, Arc::clone(&metrics))?;
     let (audit, audit_writer) = AuditSink::open(
         &cfg.audit.path,
         cfg.audit.flush_interval.0,
@@ -52,6 +54,7 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         let gateway = Arc::new(Gateway::new(
             &cfg,
             Arc::clone(&policies),
+            Arc::clone(&geo),
             audit.clone(),
             Arc::clone(&metrics),
         )?);
@@ -75,6 +78,8 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
 
     let (reload_tx, reload_rx) = mpsc::channel();
     policies.watch(reload_rx, cfg.policy.reload_interval.0);
+    let (geo_reload_tx, geo_reload_rx) = mpsc::channel();
+    geo.watch(geo_reload_rx, cfg.geo.reload_interval.0);
 
     let admin_state = Arc::new(AdminState {
         metrics: Arc::clone(&metrics),
@@ -112,8 +117,9 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = hup.recv() => {
-                    tracing::info!("SIGHUP: reloading policies");
+                    tracing::info!("SIGHUP: reloading policies and geo data");
                     let _ = reload_tx.send(());
+                    let _ = geo_reload_tx.send(());
                 }
                 _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
                 _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }

@@ -6,11 +6,18 @@
 
 mod common;
 
-use rempart::input::{Destination, Direction, Endpoint, Identity, PolicyInput, RequestInfo, Resource};
+use rempart::geo::{Geo, GeoDb, GeoFiles};
+use rempart::input::{
+    Destination, Direction, Endpoint, Identity, PolicyInput, RequestInfo, Resource,
+};
+use rempart::pipeline::locate::Scope;
 use rempart::policy::{self, EvalLimits, PolicySource};
+use std::path::Path;
 
 fn corpus() -> Vec<PolicyInput> {
-    let methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "TRACK", "CONNECT"];
+    let methods = [
+        "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "TRACK", "CONNECT",
+    ];
     let paths = [
         "/",
         "/api/contacts/42",
@@ -35,11 +42,16 @@ fn corpus() -> Vec<PolicyInput> {
                 let segments: Vec<String> = p
                     .split('/')
                     .filter(|s| !s.is_empty())
-                    .map(|s| percent_decode(s))
+                    .map(percent_decode)
                     .collect();
-                let resource = rempart::pipeline::classify::classify(&m.parse().unwrap(), &segments);
+                let resource =
+                    rempart::pipeline::classify::classify(&m.parse().unwrap(), &segments);
                 out.push(PolicyInput {
-                    direction: if n % 7 == 0 { Direction::Egress } else { Direction::Ingress },
+                    direction: if n % 7 == 0 {
+                        Direction::Egress
+                    } else {
+                        Direction::Ingress
+                    },
                     request: RequestInfo {
                         id: format!("id-{n}"),
                         method: m.into(),
@@ -52,17 +64,33 @@ fn corpus() -> Vec<PolicyInput> {
                         headers: [("accept".to_string(), "*/*".to_string())].into(),
                         protocol: "HTTP/1.1".into(),
                     },
-                    source: Endpoint { ip: "192.0.2.1".into(), port: 1000, scope: scope.to_string() },
+                    source: Endpoint {
+                        ip: "192.0.2.1".into(),
+                        port: 1000,
+                        scope: scope.to_string(),
+                        geo: destination_geo(n + 1).unwrap_or_else(|| Geo::local(Scope::Private)),
+                    },
                     destination: Destination {
-                        host: "127.0.0.1".into(),
-                        ip: Some("127.0.0.1".into()),
-                        port: 8000,
-                        scope: Some("loopback".into()),
+                        host: "dest.example".into(),
+                        ip: Some("203.0.113.7".into()),
+                        port: 443,
+                        scope: Some(destination_geo(n).map_or("public".into(), |g| g.scope)),
+                        geo: destination_geo(n),
                     },
                     identity: if n % 3 == 0 {
-                        Identity { authenticated: true, method: "header".into(), subject: Some("alice".into()), roles: vec!["dpo".into()] }
+                        Identity {
+                            authenticated: true,
+                            method: "header".into(),
+                            subject: Some("alice".into()),
+                            roles: vec!["dpo".into()],
+                        }
                     } else {
-                        Identity { authenticated: false, method: "none".into(), subject: None, roles: vec![] }
+                        Identity {
+                            authenticated: false,
+                            method: "none".into(),
+                            subject: None,
+                            roles: vec![],
+                        }
                     },
                     resource: Resource { ..resource },
                     time: rempart::input::time_info(std::time::SystemTime::now()),
@@ -73,8 +101,41 @@ fn corpus() -> Vec<PolicyInput> {
     out
 }
 
+/// Destinations of every sovereignty verdict, from real lookups of the
+/// MaxMind test databases (GB, SE, US, Google's AS) plus local and unlocated.
+fn destination_geo(n: u64) -> Option<Geo> {
+    let db = GeoDb::open(&GeoFiles {
+        country_db: Some(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data/maxmind/GeoIP2-Country-Test.mmdb"),
+        ),
+        asn_db: Some(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/maxmind/GeoLite2-ASN-Test.mmdb"),
+        ),
+        ..GeoFiles::default()
+    })
+    .unwrap();
+    let pick = [
+        "10.0.0.1",
+        "2.125.160.216",
+        "127.0.0.1",
+        "89.160.20.112",
+        "192.168.1.1",
+        "none",
+        "1.0.0.1",
+        "::1",
+        "216.160.83.56",
+    ];
+    match pick[(n % pick.len() as u64) as usize] {
+        "none" => None,
+        ip => Some(db.lookup(ip.parse().unwrap())),
+    }
+}
+
 fn percent_decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[test]
@@ -84,22 +145,35 @@ fn rvm_and_interpreter_agree_on_the_shipped_policies() {
     let (mut denied, mut warned) = (0, 0);
     for input in &inputs {
         let value = input.to_value();
-        let fast = set.evaluate_raw(value.clone(), &EvalLimits::default()).unwrap();
+        let fast = set
+            .evaluate_raw(value.clone(), &EvalLimits::default())
+            .unwrap();
         let reference = set.evaluate_with_interpreter(value).unwrap();
-        assert_eq!(fast, reference, "RVM and interpreter differ for {}", serde_json::to_string(input).unwrap());
+        assert_eq!(
+            fast,
+            reference,
+            "RVM and interpreter differ for {}",
+            serde_json::to_string(input).unwrap()
+        );
         let d = policy::Decision::from_value(&fast).unwrap();
         denied += usize::from(!d.allow);
         warned += usize::from(!d.warn.is_empty());
     }
     // The corpus must exercise both outcomes, or the comparison proves little.
-    assert!(denied > 50 && denied < inputs.len() - 50, "denied {denied} of {}", inputs.len());
+    assert!(
+        denied > 50 && denied < inputs.len() - 50,
+        "denied {denied} of {}",
+        inputs.len()
+    );
     assert!(warned > 20, "warned {warned}");
 }
 
 #[test]
 fn inputs_built_by_the_code_match_the_published_schema() {
-    let schema_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/input.schema.json");
-    let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(schema_path).unwrap()).unwrap();
+    let schema_path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/input.schema.json");
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(schema_path).unwrap()).unwrap();
     let validator = jsonschema::validator_for(&schema).unwrap();
     for input in corpus() {
         let doc = serde_json::to_value(&input).unwrap();
@@ -110,5 +184,8 @@ fn inputs_built_by_the_code_match_the_published_schema() {
     // And the schema is strict enough to catch a renamed field.
     let mut doc = serde_json::to_value(&corpus()[0]).unwrap();
     doc["request"]["verb"] = "GET".into();
-    assert!(validator.validate(&doc).is_err(), "unknown field must be rejected");
+    assert!(
+        validator.validate(&doc).is_err(),
+        "unknown field must be rejected"
+    );
 }

@@ -1,11 +1,12 @@
 //! Stage 4, **locate**: where the source and the destination are.
 //!
-//! For now this is the address scope (loopback, private, public, ...) of
-//! the peer and of the upstream. Geo and jurisdiction lookups deepen this
-//! stage later without changing its place on the road.
+//! The address scope (loopback, private, public, ...) of the peer and of
+//! the upstream, and for public addresses their location and the
+//! jurisdiction of their operator ([`crate::geo`]).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::geo::GeoDb;
 use crate::input::{Destination, Endpoint};
 
 /// The special-purpose class of an address (IANA special-purpose registries).
@@ -153,19 +154,20 @@ fn scope_v6(ip: Ipv6Addr) -> Scope {
 }
 
 /// The source of a request: the peer of the accepted connection.
-pub fn locate_source(peer: std::net::SocketAddr) -> Endpoint {
+pub fn locate_source(peer: std::net::SocketAddr, geo: &GeoDb) -> Endpoint {
     let ip = canonical_ip(peer.ip());
     Endpoint {
         ip: ip.to_string(),
         port: peer.port(),
         scope: scope(ip).as_str().to_string(),
+        geo: geo.lookup(ip),
     }
 }
 
 /// The destination of an ingress request: the configured upstream. When
 /// the upstream is an IP literal its scope is known here; a host name is
 /// resolved by the connection pool and left null.
-pub fn locate_upstream(upstream: &crate::config::UpstreamUrl) -> Destination {
+pub fn locate_upstream(upstream: &crate::config::UpstreamUrl, geo: &GeoDb) -> Destination {
     let host = upstream.authority.host();
     let literal = host.trim_start_matches('[').trim_end_matches(']');
     let ip = literal.parse::<IpAddr>().ok().map(canonical_ip);
@@ -174,6 +176,7 @@ pub fn locate_upstream(upstream: &crate::config::UpstreamUrl) -> Destination {
         ip: ip.map(|ip| ip.to_string()),
         port: upstream.port(),
         scope: ip.map(|ip| scope(ip).as_str().to_string()),
+        geo: ip.map(|ip| geo.lookup(ip)),
     }
 }
 

@@ -28,7 +28,8 @@ use hyper::body::Incoming;
 
 use crate::audit::AuditSink;
 use crate::config::{AuditRecordScope, Config};
-use crate::input::{Destination, Direction, PolicyInput};
+use crate::geo::GeoStore;
+use crate::input::{Direction, PolicyInput};
 use crate::metrics::{Metrics, Outcome};
 use crate::policy::{EvalLimits, PolicyStore};
 use accept::Connection;
@@ -43,7 +44,8 @@ pub struct Gateway {
     policies: Arc<PolicyStore>,
     how: DecidePolicy,
     upstream: Upstream,
-    destination: Destination,
+    upstream_url: crate::config::UpstreamUrl,
+    geo: Arc<GeoStore>,
     redact: Vec<http::HeaderName>,
     audit: AuditSink,
     audit_scope: AuditRecordScope,
@@ -54,6 +56,7 @@ impl Gateway {
     pub fn new(
         cfg: &Config,
         policies: Arc<PolicyStore>,
+        geo: Arc<GeoStore>,
         audit: AuditSink,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
@@ -76,8 +79,9 @@ impl Gateway {
                     ..EvalLimits::default()
                 },
             },
-            destination: locate::locate_upstream(&url),
-            upstream: Upstream::new(&cfg.upstream, url),
+            upstream: Upstream::new(&cfg.upstream, url.clone()),
+            upstream_url: url,
+            geo,
             redact,
             audit,
             audit_scope: cfg.audit.record,
@@ -103,8 +107,9 @@ impl Gateway {
         let resource = classify::classify(&parts.method, &request.segments);
 
         // 4. locate
-        let source = locate::locate_source(conn.peer);
-        let destination = self.destination.clone();
+        let geo = self.geo.current();
+        let source = locate::locate_source(conn.peer, &geo);
+        let destination = locate::locate_upstream(&self.upstream_url, &geo);
 
         let input = PolicyInput {
             direction: Direction::Ingress,

@@ -33,15 +33,25 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../policies/decision.rego"),
     ),
     ("library.rego", include_str!("../../policies/library.rego")),
+    (
+        "sovereignty.rego",
+        include_str!("../../policies/sovereignty.rego"),
+    ),
     ("data.json", include_str!("../../policies/data.json")),
 ];
 
 /// Test files shipped beside the built-in set, for `policy test` of the
 /// built-in policies.
-pub const BUILTIN_TESTS: &[(&str, &str)] = &[(
-    "library_test.rego",
-    include_str!("../../policies/library_test.rego"),
-)];
+pub const BUILTIN_TESTS: &[(&str, &str)] = &[
+    (
+        "library_test.rego",
+        include_str!("../../policies/library_test.rego"),
+    ),
+    (
+        "sovereignty_test.rego",
+        include_str!("../../policies/sovereignty_test.rego"),
+    ),
+];
 
 /// A file of a policy set: its path relative to the set's root, the path
 /// to show in messages, and its text.
@@ -204,29 +214,4 @@ pub fn load_with_tests(source: &PolicySource) -> anyhow::Result<PolicySet> {
         PolicySource::Builtin => builtin_files(true),
     };
     compile_files(source.to_string(), files)
-}
-
-/// A cheap fingerprint of a directory (names, sizes, modification times),
-/// polled to notice changes without reading every file.
-pub(crate) fn fingerprint(dir: &Path) -> Option<Vec<(PathBuf, u64, std::time::SystemTime)>> {
-    fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64, std::time::SystemTime)>) -> Option<()> {
-        for entry in std::fs::read_dir(dir).ok()? {
-            let entry = entry.ok()?;
-            if entry.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            let path = entry.path();
-            let meta = std::fs::metadata(&path).ok()?;
-            if meta.is_dir() {
-                walk(&path, out)?;
-            } else {
-                out.push((path, meta.len(), meta.modified().ok()?));
-            }
-        }
-        Some(())
-    }
-    let mut out = Vec::new();
-    walk(dir, &mut out)?;
-    out.sort();
-    Some(out)
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use super::load::{fingerprint, load, PolicySource};
+use super::load::{load, PolicySource};
 use super::PolicySet;
 use crate::metrics::Metrics;
 
@@ -76,41 +76,18 @@ impl PolicyStore {
         }
     }
 
-    /// Starts the watcher thread: it reloads when `trigger` receives (SIGHUP)
-    /// and, for a directory source, when the directory's files change
-    /// (checked every `interval`; zero disables polling).
+    /// Starts the watcher: reloads when `trigger` receives (SIGHUP) and,
+    /// for a directory source, when its files change (checked every
+    /// `interval`; zero disables polling).
     pub fn watch(self: &Arc<Self>, trigger: mpsc::Receiver<()>, interval: Duration) {
         let store = Arc::clone(self);
-        let spawned = std::thread::Builder::new()
-            .name("policy-watch".into())
-            .spawn(move || {
-                let dir = match &store.source {
-                    PolicySource::Dir(d) => Some(d.clone()),
-                    PolicySource::Builtin => None,
-                };
-                let poll = !interval.is_zero() && dir.is_some();
-                let mut seen = dir.as_deref().and_then(fingerprint);
-                let wait = if poll {
-                    interval
-                } else {
-                    Duration::from_secs(3600)
-                };
-                loop {
-                    let forced = match trigger.recv_timeout(wait) {
-                        Ok(()) => true,
-                        Err(mpsc::RecvTimeoutError::Timeout) => false,
-                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                    };
-                    let now = dir.as_deref().and_then(fingerprint);
-                    if forced || (poll && now != seen) {
-                        seen = now;
-                        // Errors are logged and counted inside reload().
-                        let _ = store.reload();
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!("cannot start the policy watcher, hot reload is off: {e}");
-        }
+        let paths = match &self.source {
+            PolicySource::Dir(d) => vec![d.clone()],
+            PolicySource::Builtin => Vec::new(),
+        };
+        crate::reload::spawn_watcher("policy", interval, trigger, paths, move || {
+            // Errors are logged and counted inside reload().
+            let _ = store.reload();
+        });
     }
 }

@@ -1,0 +1,75 @@
+//! The live geo data and its hot reload (same rules as policies: a file
+//! that fails to load is rejected and the previous data keeps serving).
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use super::{GeoDb, GeoFiles};
+use crate::metrics::Metrics;
+
+pub struct GeoStore {
+    current: ArcSwap<GeoDb>,
+    files: GeoFiles,
+    optional: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl GeoStore {
+    /// Loads the configured files. With `optional`, a database that cannot
+    /// be opened is left out (logged) instead of stopping the start.
+    pub fn open(
+        files: GeoFiles,
+        optional: bool,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let db = match GeoDb::open(&files) {
+            Ok(db) => db,
+            Err(e) if optional => {
+                tracing::warn!("geo data incomplete, starting without the databases ([geo] optional = true): {e:#}");
+                GeoDb::registry_only(&files)?
+            }
+            Err(e) => return Err(e),
+        };
+        metrics.set_geo_build_times(&db);
+        Ok(Arc::new(GeoStore {
+            current: ArcSwap::from_pointee(db),
+            files,
+            optional,
+            metrics,
+        }))
+    }
+
+    pub fn current(&self) -> Arc<GeoDb> {
+        self.current.load_full()
+    }
+
+    pub fn reload(&self) -> anyhow::Result<()> {
+        match GeoDb::open(&self.files) {
+            Ok(db) => {
+                self.metrics.set_geo_build_times(&db);
+                self.current.store(Arc::new(db));
+                self.metrics.geo_reloads_success.inc();
+                tracing::info!("geo data reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.geo_reloads_failure.inc();
+                tracing::error!(
+                    optional = self.optional,
+                    "geo reload rejected, previous data keeps serving: {e:#}"
+                );
+                Err(e)
+            }
+        }
+    }
+
+    pub fn watch(self: &Arc<Self>, trigger: mpsc::Receiver<()>, interval: Duration) {
+        let store = Arc::clone(self);
+        crate::reload::spawn_watcher("geo", interval, trigger, self.files.paths(), move || {
+            let _ = store.reload();
+        });
+    }
+}
