@@ -47,13 +47,13 @@ fn input() -> PolicyInput {
             scope: "private".into(),
             geo: Geo::local(Scope::Private),
         },
-        destination: Destination {
+        destination: std::sync::Arc::new(Destination {
             host: "127.0.0.1".into(),
             ip: Some("127.0.0.1".into()),
             port: 8000,
             scope: Some("loopback".into()),
             geo: Some(Geo::local(Scope::Loopback)),
-        },
+        }),
         identity: Identity {
             authenticated: false,
             method: "none".into(),
@@ -103,5 +103,45 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+/// Geo lookups: MaxMind's test databases (committed), and the real DB-IP /
+/// ip-location-db files when REMPART_GEOIP_DATA names the folder
+/// geoip/fetch.sh filled.
+fn bench_geo(c: &mut Criterion) {
+    use rempart::geo::{GeoDb, GeoFiles};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut sets = vec![(
+        "maxmind-test",
+        GeoFiles {
+            country_db: Some(root.join("tests/data/maxmind/GeoIP2-Country-Test.mmdb")),
+            asn_db: Some(root.join("tests/data/maxmind/GeoLite2-ASN-Test.mmdb")),
+            ..GeoFiles::default()
+        },
+        "89.160.20.112",
+    )];
+    if let Some(dir) = std::env::var_os("REMPART_GEOIP_DATA").map(std::path::PathBuf::from) {
+        sets.push((
+            "real",
+            GeoFiles {
+                country_db: Some(dir.join("dbip-country.mmdb")),
+                asn_db: Some(dir.join("asn.mmdb")),
+                as_country_db: Some(dir.join("iptoasn-country.mmdb")),
+                ..GeoFiles::default()
+            },
+            "3.120.0.1",
+        ));
+    }
+    for (name, files, ip) in sets {
+        let db = GeoDb::open(&files).expect("geo databases open");
+        let ip: std::net::IpAddr = ip.parse().expect("ip");
+        c.bench_function(&format!("geo/lookup/{name}"), |b| {
+            b.iter(|| db.lookup(black_box(ip)))
+        });
+        let g = db.lookup(ip);
+        c.bench_function(&format!("geo/to_value/{name}"), |b| {
+            b.iter(|| black_box(&g).to_value())
+        });
+    }
+}
+
+criterion_group!(benches, bench, bench_geo);
 criterion_main!(benches);

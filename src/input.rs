@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use regorus::Value;
 use serde::{Deserialize, Serialize};
@@ -39,7 +40,9 @@ pub struct PolicyInput {
     pub direction: Direction,
     pub request: RequestInfo,
     pub source: Endpoint,
-    pub destination: Destination,
+    /// Shared: for ingress the destination is the upstream, located once
+    /// per geo reload, not once per request.
+    pub destination: Arc<Destination>,
     pub identity: Identity,
     pub resource: Resource,
     pub time: TimeInfo,
@@ -154,9 +157,27 @@ pub mod value {
 
 use value::{obj as object, opt, s, strings};
 
+impl Destination {
+    pub fn to_value(&self) -> Value {
+        object([
+            ("host", s(&self.host)),
+            ("ip", opt(&self.ip)),
+            ("port", Value::from(self.port as u64)),
+            ("scope", opt(&self.scope)),
+            ("geo", self.geo.as_ref().map_or(Value::Null, Geo::to_value)),
+        ])
+    }
+}
+
 impl PolicyInput {
     /// The regorus value of this document, built field by field.
     pub fn to_value(&self) -> Value {
+        self.to_value_with_destination(self.destination.to_value())
+    }
+
+    /// As [`Self::to_value`], with the destination's value already built
+    /// (cached by the caller for a destination that does not change).
+    pub fn to_value_with_destination(&self, destination: Value) -> Value {
         let r = &self.request;
         let query = Value::from(
             r.query
@@ -187,14 +208,6 @@ impl PolicyInput {
             ("port", Value::from(self.source.port as u64)),
             ("scope", s(&self.source.scope)),
             ("geo", self.source.geo.to_value()),
-        ]);
-        let d = &self.destination;
-        let destination = object([
-            ("host", s(&d.host)),
-            ("ip", opt(&d.ip)),
-            ("port", Value::from(d.port as u64)),
-            ("scope", opt(&d.scope)),
-            ("geo", d.geo.as_ref().map_or(Value::Null, Geo::to_value)),
         ]);
         let i = &self.identity;
         let identity = object([
@@ -277,7 +290,7 @@ pub(crate) mod tests {
                 scope: "loopback".into(),
                 geo: Geo::local(crate::pipeline::locate::Scope::Loopback),
             },
-            destination: Destination {
+            destination: Arc::new(Destination {
                 host: "52.28.0.1".into(),
                 ip: Some("52.28.0.1".into()),
                 port: 443,
@@ -303,7 +316,7 @@ pub(crate) mod tests {
                     }),
                     sovereign: "non_eu_operator_in_eu".into(),
                 }),
-            },
+            }),
             identity: Identity {
                 authenticated: true,
                 method: "header".into(),
@@ -333,9 +346,10 @@ pub(crate) mod tests {
             method: "none".into(),
             ..Identity::default()
         };
-        none.destination.ip = None;
-        none.destination.scope = None;
-        none.destination.geo = None;
+        let d = Arc::make_mut(&mut none.destination);
+        d.ip = None;
+        d.scope = None;
+        d.geo = None;
         let via_json = Value::from_json_str(&serde_json::to_string(&none).unwrap()).unwrap();
         assert_eq!(none.to_value(), via_json);
     }

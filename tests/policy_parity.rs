@@ -70,13 +70,13 @@ fn corpus() -> Vec<PolicyInput> {
                         scope: scope.to_string(),
                         geo: destination_geo(n + 1).unwrap_or_else(|| Geo::local(Scope::Private)),
                     },
-                    destination: Destination {
+                    destination: std::sync::Arc::new(Destination {
                         host: "dest.example".into(),
                         ip: Some("203.0.113.7".into()),
                         port: 443,
                         scope: Some(destination_geo(n).map_or("public".into(), |g| g.scope)),
                         geo: destination_geo(n),
-                    },
+                    }),
                     identity: if n % 3 == 0 {
                         Identity {
                             authenticated: true,

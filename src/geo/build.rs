@@ -14,6 +14,7 @@ use mmdb_writer::{Value, Writer};
 pub fn asn_from_csv(csvs: &[PathBuf], out: &Path) -> anyhow::Result<usize> {
     let mut writer = Writer::new("rempart-ASN");
     let mut ranges = 0usize;
+    let mut skipped = 0usize;
     for csv in csvs {
         let text = std::fs::read_to_string(csv)
             .with_context(|| format!("cannot read {}", csv.display()))?;
@@ -50,6 +51,12 @@ pub fn asn_from_csv(csvs: &[PathBuf], out: &Path) -> anyhow::Result<usize> {
                 .trim()
                 .parse()
                 .map_err(|_| anyhow!("{}: bad AS number {asn:?}", at()))?;
+            if in_ipv4_alias(start) || in_ipv4_alias(end) {
+                // These IPv6 ranges (IPv4-mapped, Teredo, 6to4) are answered
+                // from the IPv4 tree, as MaxMind databases do.
+                skipped += 1;
+                continue;
+            }
             let mut fields = vec![("autonomous_system_number", Value::U32(asn))];
             if !org.is_empty() {
                 fields.push(("autonomous_system_organization", Value::String(org)));
@@ -68,5 +75,18 @@ pub fn asn_from_csv(csvs: &[PathBuf], out: &Path) -> anyhow::Result<usize> {
         .map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, out)
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), out.display()))?;
+    if skipped > 0 {
+        eprintln!(
+            "skipped {skipped} IPv6 ranges inside IPv4-aliased networks \
+             (::ffff:0:0/96, 2001::/32, 2002::/16)"
+        );
+    }
     Ok(ranges)
+}
+
+/// IPv6 networks that an MMDB answers from its IPv4 tree.
+fn in_ipv4_alias(ip: IpAddr) -> bool {
+    let IpAddr::V6(v6) = ip else { return false };
+    let s = v6.segments();
+    v6.to_ipv4_mapped().is_some() || (s[0] == 0x2001 && s[1] == 0) || s[0] == 0x2002
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{Mode, OnError};
-use crate::input::PolicyInput;
 use crate::metrics::{Metrics, Outcome};
 use crate::policy::{Decision, EvalLimits, PolicySet};
 
@@ -42,14 +41,16 @@ pub struct DecidePolicy {
     pub limits: EvalLimits,
 }
 
+/// Evaluates `input`, the regorus value of a [`crate::input::PolicyInput`] (see
+/// [`crate::input::PolicyInput::to_value`]).
 pub fn decide(
     set: &Arc<PolicySet>,
-    input: &PolicyInput,
+    input: regorus::Value,
     how: &DecidePolicy,
     metrics: &Metrics,
 ) -> Ruling {
     let started = Instant::now();
-    let result = set.evaluate(input.to_value(), &how.limits);
+    let result = set.evaluate(input, &how.limits);
     metrics
         .policy_evaluation_seconds
         .observe(started.elapsed().as_secs_f64());

@@ -28,8 +28,10 @@ use hyper::body::Incoming;
 
 use crate::audit::AuditSink;
 use crate::config::{AuditRecordScope, Config};
-use crate::geo::GeoStore;
-use crate::input::{Direction, PolicyInput};
+use arc_swap::ArcSwap;
+
+use crate::geo::{GeoDb, GeoStore};
+use crate::input::{Destination, Direction, PolicyInput};
 use crate::metrics::{Metrics, Outcome};
 use crate::policy::{EvalLimits, PolicyStore};
 use accept::Connection;
@@ -37,6 +39,14 @@ use decide::{Action, DecidePolicy};
 use enforce::{Forwarded, ProxyBody, Upstream, DECISION_ID};
 use identify::Identifier;
 use record::Evidence;
+
+/// The upstream located with one generation of geo data (kept alive
+/// here, so that the pointer comparison cannot be fooled by reuse).
+struct LocatedUpstream {
+    geo: Arc<GeoDb>,
+    destination: Arc<Destination>,
+    value: regorus::Value,
+}
 
 /// One worker's view of the gateway: shared state plus its own upstream pool.
 pub struct Gateway {
@@ -46,6 +56,7 @@ pub struct Gateway {
     upstream: Upstream,
     upstream_url: crate::config::UpstreamUrl,
     geo: Arc<GeoStore>,
+    upstream_located: ArcSwap<LocatedUpstream>,
     redact: Vec<http::HeaderName>,
     audit: AuditSink,
     audit_scope: AuditRecordScope,
@@ -80,6 +91,15 @@ impl Gateway {
                 },
             },
             upstream: Upstream::new(&cfg.upstream, url.clone()),
+            upstream_located: ArcSwap::from_pointee({
+                let g = geo.current();
+                let destination = Arc::new(locate::locate_upstream(&url, &g));
+                LocatedUpstream {
+                    geo: g,
+                    value: destination.to_value(),
+                    destination,
+                }
+            }),
             upstream_url: url,
             geo,
             redact,
@@ -87,6 +107,22 @@ impl Gateway {
             audit_scope: cfg.audit.record,
             metrics,
         })
+    }
+
+    /// The upstream's location, computed once per geo data generation.
+    fn located_upstream(&self, geo: &Arc<GeoDb>) -> Arc<LocatedUpstream> {
+        let cached = self.upstream_located.load_full();
+        if Arc::ptr_eq(&cached.geo, geo) {
+            return cached;
+        }
+        let destination = Arc::new(locate::locate_upstream(&self.upstream_url, geo));
+        let fresh = Arc::new(LocatedUpstream {
+            geo: Arc::clone(geo),
+            value: destination.to_value(),
+            destination,
+        });
+        self.upstream_located.store(Arc::clone(&fresh));
+        fresh
     }
 
     /// One request, down the road.
@@ -109,13 +145,13 @@ impl Gateway {
         // 4. locate
         let geo = self.geo.current();
         let source = locate::locate_source(conn.peer, &geo);
-        let destination = locate::locate_upstream(&self.upstream_url, &geo);
+        let upstream = self.located_upstream(&geo);
 
         let input = PolicyInput {
             direction: Direction::Ingress,
             request,
             source,
-            destination,
+            destination: Arc::clone(&upstream.destination),
             identity,
             resource,
             time: crate::input::time_info(now),
@@ -123,7 +159,8 @@ impl Gateway {
 
         // 5. decide
         let set = self.policies.current();
-        let ruling = decide::decide(&set, &input, &self.how, &self.metrics);
+        let value = input.to_value_with_destination(upstream.value.clone());
+        let ruling = decide::decide(&set, value, &self.how, &self.metrics);
 
         // 6. enforce
         let mut upstream_error = None;
