@@ -155,6 +155,14 @@ pub fn policy_source(flag: Option<&Path>, config: Option<&Path>) -> PolicySource
     }
 }
 
+/// Writes one line to standard output. A closed pipe (`| head`) ends the
+/// command quietly instead of panicking.
+fn emit(line: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").map_err(anyhow::Error::from)
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -182,14 +190,20 @@ pub fn main() -> ExitCode {
         Command::Geoip(GeoipCommand::Lookup { geo, ips }) => geoip_lookup(&geo, &ips),
         Command::Geoip(GeoipCommand::Info { geo }) => geoip_info(&geo),
         Command::Geoip(GeoipCommand::BuildAsn { csv, out }) => {
-            crate::geo::build::asn_from_csv(&csv, &out).map(|n| {
-                println!("wrote {} ({n} ranges)", out.display());
-                ExitCode::SUCCESS
+            crate::geo::build::asn_from_csv(&csv, &out).and_then(|n| {
+                emit(&format!("wrote {} ({n} ranges)", out.display()))?;
+                Ok(ExitCode::SUCCESS)
             })
         }
     };
     match result {
         Ok(code) => code,
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("rempart: error: {e:#}");
             ExitCode::FAILURE
@@ -246,7 +260,21 @@ fn check(path: &Path, policies: Option<&Path>) -> anyhow::Result<ExitCode> {
     }
     let source = policy_source(policies, cfg.policy.dir.as_deref());
     let set = policy::load(&source).with_context(|| format!("policies from {source}"))?;
-    println!(
+    // The geo files are opened as serve opens them (a missing database is
+    // an error unless [geo] optional = true).
+    let geo = if cfg.geo.optional {
+        crate::geo::GeoDb::open_lenient(&cfg.geo.files())
+    } else {
+        crate::geo::GeoDb::open(&cfg.geo.files())
+    }
+    .map_err(|e| anyhow!("{}: [geo] {e:#}", path.display()))?;
+    if geo.country.is_none() {
+        eprintln!(
+            "warning: no country database ([geo] country_db): every public address is \
+             located as unknown, which the shipped sovereignty rules deny; see docs/geo.md"
+        );
+    }
+    emit(&format!(
         "ok: {} (upstream {}, mode {}); policies {} from {} ({} files)",
         path.display(),
         cfg.upstream
@@ -258,7 +286,7 @@ fn check(path: &Path, policies: Option<&Path>) -> anyhow::Result<ExitCode> {
         set.revision,
         source,
         set.files.len()
-    );
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -286,7 +314,7 @@ fn eval(policies: Option<&Path>, input: &Path, interpreter: bool) -> anyhow::Res
     if let Some(obj) = doc.as_object_mut() {
         obj.insert("policy_revision".into(), set.revision.clone().into());
     }
-    println!("{}", serde_json::to_string_pretty(&doc)?);
+    emit(&serde_json::to_string_pretty(&doc)?)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -306,14 +334,17 @@ fn test(dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
         for r in results {
             if r.passed {
                 passed += 1;
-                println!("PASS {}:{} {}", r.file, r.line, r.rule);
+                emit(&format!("PASS {}:{} {}", r.file, r.line, r.rule))?;
             } else {
                 failed += 1;
-                println!("FAIL {}:{} {}: {}", r.file, r.line, r.rule, r.detail);
+                emit(&format!(
+                    "FAIL {}:{} {}: {}",
+                    r.file, r.line, r.rule, r.detail
+                ))?;
             }
         }
     }
-    println!("policy: {passed} passed, {failed} failed");
+    emit(&format!("policy: {passed} passed, {failed} failed"))?;
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
@@ -347,7 +378,7 @@ fn geoip_lookup(a: &GeoArgs, ips: &[String]) -> anyhow::Result<ExitCode> {
             .trim_end_matches(']')
             .parse()
             .map_err(|_| anyhow!("{raw:?} is not an IP address"))?;
-        println!("{}", serde_json::to_string(&db.lookup(ip))?);
+        emit(&serde_json::to_string(&db.lookup(ip))?)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -360,14 +391,14 @@ fn geoip_info(a: &GeoArgs) -> anyhow::Result<ExitCode> {
         ("as_country", &db.as_country),
     ] {
         match d {
-            Some(d) => println!("{}", serde_json::to_string(&d.info(role, true))?),
-            None => println!(
+            Some(d) => emit(&serde_json::to_string(&d.info(role, true))?)?,
+            None => emit(&format!(
                 "{}",
                 serde_json::json!({"role": role, "path": null, "loaded": false})
-            ),
+            ))?,
         }
     }
-    println!(
+    emit(&format!(
         "{}",
         serde_json::json!({
             "role": "registry",
@@ -375,6 +406,6 @@ fn geoip_info(a: &GeoArgs) -> anyhow::Result<ExitCode> {
             "operators": db.registry.operator_count(),
             "countries_version": db.registry.countries_version,
         })
-    );
+    ))?;
     Ok(ExitCode::SUCCESS)
 }

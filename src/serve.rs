@@ -36,6 +36,10 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         Arc::clone(&metrics),
     )?;
 
+    let upstream_ip = match &cfg.upstream.url {
+        Some(url) => crate::pipeline::locate::resolve_upstream(url)?,
+        None => anyhow::bail!("no upstream configured"),
+    };
     let workers = cfg.worker_count();
     let listeners = accept::bind_workers(cfg.server.listen, workers)?;
     let ingress_addr = listeners
@@ -57,6 +61,7 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
             Arc::clone(&geo),
             audit.clone(),
             Arc::clone(&metrics),
+            upstream_ip,
         )?);
         let rx = shutdown_rx.clone();
         let header_timeout = cfg.server.header_read_timeout.0;

@@ -179,3 +179,32 @@ fn check_rejects_data_that_collides_with_a_rule() {
     assert_ne!(code, 0, "{out}");
     assert!(err.contains("conflicts"), "{err}");
 }
+
+#[test]
+fn check_opens_the_geo_databases_as_serve_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let base = format!(
+        "[upstream]\nurl = \"http://127.0.0.1:8000\"\n[policy]\ndir = \"{}\"\n",
+        repo_policies().display()
+    );
+    std::fs::write(
+        &cfg,
+        format!(
+            "{base}[geo]\ncountry_db = \"{}/missing.mmdb\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = run(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("[geo]") && err.contains("missing.mmdb") && err.contains("fetch.sh"),
+        "{err}"
+    );
+    // No country database at all: accepted, with a warning that says what it means.
+    std::fs::write(&cfg, &base).unwrap();
+    let (code, _, err) = run(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("warning: no country database"), "{err}");
+}

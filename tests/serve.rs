@@ -47,6 +47,9 @@ async fn allowed_request_reaches_upstream_with_forwarding_headers() {
     assert_eq!(rec["request"]["method"], "GET");
     assert_eq!(rec["request"]["path"], "/api/contacts/42");
     assert_eq!(rec["source"]["scope"], "loopback");
+    assert_eq!(rec["source"]["geo"]["sovereign"], "local");
+    assert_eq!(rec["destination"]["ip"], "127.0.0.1");
+    assert_eq!(rec["destination"]["geo"]["sovereign"], "local");
     assert!(rec["policy_revision"]
         .as_str()
         .unwrap()

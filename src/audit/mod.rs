@@ -14,7 +14,9 @@
 
 mod record;
 
-pub use record::{AuditDecision, AuditIdentity, AuditRecord, AuditRequest};
+pub use record::{
+    AuditDecision, AuditEndpoint, AuditGeo, AuditIdentity, AuditRecord, AuditRequest,
+};
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;

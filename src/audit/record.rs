@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 
+use crate::geo::Geo;
 use crate::input::{Destination, Endpoint};
 use crate::policy::Reason;
 
@@ -13,8 +14,8 @@ pub struct AuditRecord<'a> {
     pub timestamp: &'a str,
     pub direction: &'static str,
     pub request: AuditRequest<'a>,
-    pub source: &'a Endpoint,
-    pub destination: &'a Destination,
+    pub source: AuditEndpoint<'a>,
+    pub destination: AuditEndpoint<'a>,
     pub identity: AuditIdentity<'a>,
     pub decision: AuditDecision<'a>,
     /// Status sent to the client.
@@ -53,4 +54,64 @@ pub struct AuditDecision<'a> {
     /// Evaluation or upstream error, when there was one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
+}
+
+/// An address as the trail keeps it: enough to answer "where did it go,
+/// under which law" without the operator registry's sources on every line.
+#[derive(Debug, Serialize)]
+pub struct AuditEndpoint<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<&'a str>,
+    pub ip: Option<&'a str>,
+    pub port: u16,
+    pub scope: Option<&'a str>,
+    pub geo: Option<AuditGeo<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AuditGeo<'a> {
+    pub country: Option<&'a str>,
+    pub asn: Option<u32>,
+    /// Operator id in the registry.
+    pub operator: Option<&'a str>,
+    pub jurisdiction: Option<&'a str>,
+    pub cloud_act: Option<bool>,
+    pub sovereign: &'a str,
+}
+
+impl<'a> AuditGeo<'a> {
+    pub fn of(g: &'a Geo) -> Self {
+        AuditGeo {
+            country: g.country.as_deref(),
+            asn: g.asn,
+            operator: g.operator.as_ref().map(|o| o.id.as_str()),
+            jurisdiction: g.operator.as_ref().map(|o| o.jurisdiction.as_str()),
+            cloud_act: g.operator.as_ref().map(|o| o.cloud_act),
+            sovereign: &g.sovereign,
+        }
+    }
+}
+
+impl<'a> From<&'a Endpoint> for AuditEndpoint<'a> {
+    fn from(e: &'a Endpoint) -> Self {
+        AuditEndpoint {
+            host: None,
+            ip: Some(&e.ip),
+            port: e.port,
+            scope: Some(&e.scope),
+            geo: Some(AuditGeo::of(&e.geo)),
+        }
+    }
+}
+
+impl<'a> From<&'a Destination> for AuditEndpoint<'a> {
+    fn from(d: &'a Destination) -> Self {
+        AuditEndpoint {
+            host: Some(&d.host),
+            ip: d.ip.as_deref(),
+            port: d.port,
+            scope: d.scope.as_deref(),
+            geo: d.geo.as_ref().map(AuditGeo::of),
+        }
+    }
 }

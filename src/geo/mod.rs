@@ -111,34 +111,42 @@ impl GeoDb {
     /// Opens every configured file. A configured file that is missing or
     /// unreadable is an error naming it and saying how to get it.
     pub fn open(files: &GeoFiles) -> anyhow::Result<GeoDb> {
+        Self::open_with(files, false)
+    }
+
+    /// As [`Self::open`], but a database that cannot be opened is left out
+    /// (logged) and only its fields become null (`[geo] optional = true`).
+    /// The registry and lists must still load.
+    pub fn open_lenient(files: &GeoFiles) -> anyhow::Result<GeoDb> {
+        Self::open_with(files, true)
+    }
+
+    fn open_with(files: &GeoFiles, lenient: bool) -> anyhow::Result<GeoDb> {
         let open = |p: &Option<PathBuf>, role: &str| -> anyhow::Result<Option<Database>> {
             let Some(p) = p else { return Ok(None) };
-            if !p.exists() {
-                anyhow::bail!(
+            let opened = if !p.exists() {
+                Err(anyhow::anyhow!(
                     "GeoIP {role} database {} does not exist: fetch the free databases with \
                      geoip/fetch.sh (see docs/geo.md), point [geo] at your MaxMind files, \
                      or set [geo] optional = true to start without it",
                     p.display()
-                );
+                ))
+            } else {
+                Database::open(p).and_then(|db| db.expect_role(role).map(|()| db))
+            };
+            match opened {
+                Ok(db) => Ok(Some(db)),
+                Err(e) if lenient => {
+                    tracing::warn!("geo: {e:#}; its fields stay null ([geo] optional = true)");
+                    Ok(None)
+                }
+                Err(e) => Err(e),
             }
-            let db = Database::open(p)?;
-            db.expect_role(role)?;
-            Ok(Some(db))
         };
         Ok(GeoDb {
             country: open(&files.country_db, "country")?,
             asn: open(&files.asn_db, "asn")?,
             as_country: open(&files.as_country_db, "as_country")?,
-            registry: Registry::load(files.operators.as_deref(), files.countries.as_deref())?,
-        })
-    }
-
-    /// Only the registry and lists: no database configured.
-    pub fn registry_only(files: &GeoFiles) -> anyhow::Result<GeoDb> {
-        Ok(GeoDb {
-            country: None,
-            asn: None,
-            as_country: None,
             registry: Registry::load(files.operators.as_deref(), files.countries.as_deref())?,
         })
     }

@@ -101,7 +101,11 @@ impl Registry {
         let ops: RegistryFile = serde_json::from_str(operators)
             .map_err(|e| anyhow::anyhow!("{operators_name}: {e}"))?;
         let mut by_asn = HashMap::new();
+        let mut ids = std::collections::HashSet::new();
         for (i, op) in ops.operators.iter().enumerate() {
+            if !ids.insert(op.id.as_str()) {
+                bail!("{operators_name}: operator id {} is listed twice", op.id);
+            }
             check_country(
                 &op.jurisdiction,
                 &format!("{operators_name}: operator {}", op.id),
@@ -125,8 +129,13 @@ impl Registry {
             if list.sources.is_empty() || list.as_of.is_empty() {
                 bail!("{countries_name}: list {name} needs as_of and sources");
             }
-            for code in list.countries.keys() {
+            for (code, entry) in &list.countries {
                 check_country(code, &format!("{countries_name}: list {name}"))?;
+                if let Some(scope) = &entry.scope {
+                    if scope != "full" && scope != "partial" {
+                        bail!("{countries_name}: list {name}: {code} has scope {scope:?}, expected \"full\" or \"partial\"");
+                    }
+                }
             }
         }
         Ok(Registry {
@@ -243,6 +252,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("ISO 3166-1"), "{err}");
+        let twice = file(&[op("a", 1, "FR"), op("a", 2, "FR")]);
+        let err = Registry::parse(&twice, "ops", BUILTIN_COUNTRIES, "c").unwrap_err();
+        assert!(err.to_string().contains("id a is listed twice"), "{err}");
         let err = Registry::parse(
             r#"{"version":"1","operators":[],"extra":1}"#,
             "ops.json",

@@ -25,13 +25,10 @@ impl GeoStore {
         optional: bool,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
-        let db = match GeoDb::open(&files) {
-            Ok(db) => db,
-            Err(e) if optional => {
-                tracing::warn!("geo data incomplete, starting without the databases ([geo] optional = true): {e:#}");
-                GeoDb::registry_only(&files)?
-            }
-            Err(e) => return Err(e),
+        let db = if optional {
+            GeoDb::open_lenient(&files)?
+        } else {
+            GeoDb::open(&files)?
         };
         metrics.set_geo_build_times(&db);
         Ok(Arc::new(GeoStore {
@@ -47,7 +44,12 @@ impl GeoStore {
     }
 
     pub fn reload(&self) -> anyhow::Result<()> {
-        match GeoDb::open(&self.files) {
+        let opened = if self.optional {
+            GeoDb::open_lenient(&self.files)
+        } else {
+            GeoDb::open(&self.files)
+        };
+        match opened {
             Ok(db) => {
                 self.metrics.set_geo_build_times(&db);
                 self.current.store(Arc::new(db));

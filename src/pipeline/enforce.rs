@@ -112,6 +112,8 @@ pub fn policy_unavailable(decision_id: &str) -> Response<ProxyBody> {
 pub struct Upstream {
     client: Client<HttpConnector, Incoming>,
     url: UpstreamUrl,
+    /// `ip:port` to connect to (resolved once at start).
+    connect_authority: String,
     response_timeout: Duration,
     preserve_host: bool,
 }
@@ -126,7 +128,7 @@ pub enum Forwarded {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig, url: UpstreamUrl) -> Self {
+    pub fn new(cfg: &UpstreamConfig, url: UpstreamUrl, ip: std::net::IpAddr) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(cfg.connect_timeout.0));
@@ -138,6 +140,7 @@ impl Upstream {
             .build(connector);
         Upstream {
             client,
+            connect_authority: std::net::SocketAddr::new(ip, url.port()).to_string(),
             url,
             response_timeout: cfg.response_timeout.0,
             preserve_host: cfg.preserve_host,
@@ -162,7 +165,7 @@ impl Upstream {
         let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = format!(
             "{}://{}{}{}",
-            self.url.scheme, self.url.authority, self.url.prefix, path_and_query
+            self.url.scheme, self.connect_authority, self.url.prefix, path_and_query
         );
         parts.uri = match uri.parse() {
             Ok(u) => u,

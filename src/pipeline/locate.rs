@@ -164,19 +164,40 @@ pub fn locate_source(peer: std::net::SocketAddr, geo: &GeoDb) -> Endpoint {
     }
 }
 
-/// The destination of an ingress request: the configured upstream. When
-/// the upstream is an IP literal its scope is known here; a host name is
-/// resolved by the connection pool and left null.
-pub fn locate_upstream(upstream: &crate::config::UpstreamUrl, geo: &GeoDb) -> Destination {
+/// Resolves the upstream's host once, at start: rempart connects to this
+/// address and no other, so the address the policy judged is the address
+/// the data goes to (a later DNS change cannot redirect it).
+pub fn resolve_upstream(upstream: &crate::config::UpstreamUrl) -> anyhow::Result<IpAddr> {
+    use std::net::ToSocketAddrs;
     let host = upstream.authority.host();
     let literal = host.trim_start_matches('[').trim_end_matches(']');
-    let ip = literal.parse::<IpAddr>().ok().map(canonical_ip);
+    if let Ok(ip) = literal.parse::<IpAddr>() {
+        return Ok(canonical_ip(ip));
+    }
+    let mut addrs = (literal, upstream.port())
+        .to_socket_addrs()
+        .map_err(|e| anyhow::anyhow!("cannot resolve upstream host {literal:?}: {e}"))?;
+    addrs
+        .next()
+        .map(|a| canonical_ip(a.ip()))
+        .ok_or_else(|| anyhow::anyhow!("upstream host {literal:?} resolves to no address"))
+}
+
+/// The destination of an ingress request: the configured upstream, at the
+/// address it was resolved to.
+pub fn locate_upstream(
+    upstream: &crate::config::UpstreamUrl,
+    ip: IpAddr,
+    geo: &GeoDb,
+) -> Destination {
+    let host = upstream.authority.host();
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
     Destination {
         host: literal.to_ascii_lowercase(),
-        ip: ip.map(|ip| ip.to_string()),
+        ip: Some(ip.to_string()),
         port: upstream.port(),
-        scope: ip.map(|ip| scope(ip).as_str().to_string()),
-        geo: ip.map(|ip| geo.lookup(ip)),
+        scope: Some(scope(ip).as_str().to_string()),
+        geo: Some(geo.lookup(ip)),
     }
 }
 
@@ -237,6 +258,20 @@ mod tests {
         ] {
             assert_eq!(sc(ip), want, "{ip}");
         }
+    }
+
+    #[test]
+    fn upstream_names_are_resolved_once_to_an_address() {
+        let url = crate::config::UpstreamUrl::parse("http://localhost:8000").unwrap();
+        let ip = resolve_upstream(&url).unwrap();
+        assert!(ip.is_loopback(), "{ip}");
+        let url = crate::config::UpstreamUrl::parse("http://[::ffff:10.0.0.1]:8000").unwrap();
+        assert_eq!(resolve_upstream(&url).unwrap().to_string(), "10.0.0.1");
+        let url = crate::config::UpstreamUrl::parse("http://no-such-host.invalid:8000").unwrap();
+        assert!(resolve_upstream(&url)
+            .unwrap_err()
+            .to_string()
+            .contains("no-such-host.invalid"));
     }
 
     #[test]

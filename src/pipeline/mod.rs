@@ -15,6 +15,7 @@
 pub mod accept;
 pub mod classify;
 pub mod decide;
+pub mod decision_id;
 pub mod enforce;
 pub mod identify;
 pub mod locate;
@@ -55,6 +56,7 @@ pub struct Gateway {
     how: DecidePolicy,
     upstream: Upstream,
     upstream_url: crate::config::UpstreamUrl,
+    upstream_ip: std::net::IpAddr,
     geo: Arc<GeoStore>,
     upstream_located: ArcSwap<LocatedUpstream>,
     redact: Vec<http::HeaderName>,
@@ -70,6 +72,7 @@ impl Gateway {
         geo: Arc<GeoStore>,
         audit: AuditSink,
         metrics: Arc<Metrics>,
+        upstream_ip: std::net::IpAddr,
     ) -> anyhow::Result<Self> {
         let Some(url) = cfg.upstream.url.clone() else {
             anyhow::bail!("no upstream configured");
@@ -90,10 +93,11 @@ impl Gateway {
                     ..EvalLimits::default()
                 },
             },
-            upstream: Upstream::new(&cfg.upstream, url.clone()),
+            upstream: Upstream::new(&cfg.upstream, url.clone(), upstream_ip),
+            upstream_ip,
             upstream_located: ArcSwap::from_pointee({
                 let g = geo.current();
-                let destination = Arc::new(locate::locate_upstream(&url, &g));
+                let destination = Arc::new(locate::locate_upstream(&url, upstream_ip, &g));
                 LocatedUpstream {
                     geo: g,
                     value: destination.to_value(),
@@ -115,7 +119,11 @@ impl Gateway {
         if Arc::ptr_eq(&cached.geo, geo) {
             return cached;
         }
-        let destination = Arc::new(locate::locate_upstream(&self.upstream_url, geo));
+        let destination = Arc::new(locate::locate_upstream(
+            &self.upstream_url,
+            self.upstream_ip,
+            geo,
+        ));
         let fresh = Arc::new(LocatedUpstream {
             geo: Arc::clone(geo),
             value: destination.to_value(),
@@ -130,7 +138,7 @@ impl Gateway {
         // 1. accept
         let accepted_at = Instant::now();
         let now = SystemTime::now();
-        let id = uuid::Uuid::now_v7().to_string();
+        let id = decision_id::next(now);
         let (mut parts, body) = req.into_parts();
         let client_version = parts.version;
 

@@ -46,8 +46,8 @@ pub fn record(ev: &Evidence<'_>, scope: AuditRecordScope, audit: &AuditSink, met
             path: &input.request.path,
             protocol: &input.request.protocol,
         },
-        source: &input.source,
-        destination: &input.destination,
+        source: (&input.source).into(),
+        destination: input.destination.as_ref().into(),
         identity: AuditIdentity {
             method: &input.identity.method,
             subject: input.identity.subject.as_deref(),
