@@ -12,7 +12,8 @@
 #   4. starts nginx as a reverse proxy in front of it (the comparison point);
 #   5. starts rempart in front of it, shipped policies, audit trail on;
 #   6. runs wrk against direct upstream / nginx / rempart in alternating
-#      rounds (-t2 -cCONNECTIONS), then one moderate-load round (-t1 -c8);
+#      rounds (-t2 -cCONNECTIONS), then moderate-load rounds (-t1 -c8), also
+#      alternating, for the added latency at moderate load;
 #   7. prints a summary: median req/s, p50/p90/p99, rempart/nginx ratio,
 #      rempart's peak RSS and the audit trail's line count vs requests sent.
 # Every process it starts is stopped on exit (rempart with SIGTERM).
@@ -22,13 +23,31 @@
 #   CONNECTIONS [64]     connections of the full-load rounds (2 wrk threads)
 #   ROUNDS [3]           full-load rounds (each round runs all three targets)
 #   WARMUP [2s]          warm-up run per target before the rounds ("0" = none)
-#   MODERATE_CONNECTIONS [8]  connections of the moderate round (1 wrk thread)
+#   MODERATE_CONNECTIONS [8]  connections of the moderate rounds (1 wrk thread)
+#   MODERATE_ROUNDS [3]  moderate-load rounds; one round's p99 is too noisy on
+#                        a shared 2-core machine, so the median of 3 is used
+#   PACE_MS [0]          > 0: in the moderate rounds each connection waits this
+#                        many ms between requests (wrk's Lua delay()), so both
+#                        proxies get about the same request rate, roughly
+#                        MODERATE_CONNECTIONS*1000/(PACE_MS+latency) req/s;
+#                        0 = closed loop, each target as fast as it answers
 #   SKIP_BUILD [0]       1 = use target/release/rempart as it is
 #   KEEP_TMP [0]         1 = keep the temp dir (configs, logs, audit trail)
-#   BUILD_WAIT_MAX [1800] seconds to wait for other rustc/cargo jobs to end
+#   BUILD_WAIT_MAX [1800] seconds to wait, before each run, for other
+#                        rustc/cargo jobs to end (then it stops) and for the
+#                        machine to be idle (then it measures anyway)
+#   IDLE_MAX_BUSY [15]   % of the machine busy that counts as "not idle"
+#   FOREIGN_MAX [10]     a run during which processes other than ours used
+#                        more than this % of the machine (or the hypervisor
+#                        stole more) is discarded and repeated ...
+#   RETRIES [2]          ... at most this many times
 #
-# Default total: about 2.5 minutes of measurement (3 warm-ups + 9 full-load
-# runs + 3 moderate runs) plus start-up.
+# The machine is shared with people who compile. Before each run the script
+# waits until no rustc/cargo runs and the machine is idle; after each run it
+# checks how much CPU processes other than its own used meanwhile.
+#
+# Default total: about 3.2 minutes of measurement (3 warm-ups of 2 s, 9
+# full-load runs and 9 moderate runs of 10 s) plus start-up and build.
 #
 # Only 127.0.0.1 is ever contacted.
 set -euo pipefail
@@ -38,6 +57,8 @@ CONNECTIONS=${CONNECTIONS:-64}
 ROUNDS=${ROUNDS:-3}
 WARMUP=${WARMUP:-2s}
 MODERATE_CONNECTIONS=${MODERATE_CONNECTIONS:-8}
+MODERATE_ROUNDS=${MODERATE_ROUNDS:-3}
+PACE_MS=${PACE_MS:-0}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 BUILD_WAIT_MAX=${BUILD_WAIT_MAX:-1800}
@@ -65,9 +86,9 @@ if ((${#need_install[@]})); then
     pkgs=()
     for p in "${need_install[@]}"; do
         if [[ $p == nginx ]]; then
-            # Debian 12 ships `nginx` (the server) and `nginx-light` (a
-            # transitional package pulling nginx + an extra module); older
-            # releases only have the nginx-light/-core flavours.
+            # Debian 12 has `nginx` (the server) and `nginx-light` (which
+            # only pulls nginx plus the echo module); take nginx-light only
+            # where the archive has no `nginx`.
             if apt-cache show nginx >/dev/null 2>&1; then pkgs+=(nginx); else pkgs+=(nginx-light); fi
         else
             pkgs+=("$p")
@@ -89,7 +110,7 @@ command -v wrk >/dev/null || die "wrk not found after install"
 
 # ------------------------------------------------------------------ build
 # shellcheck disable=SC1091
-[[ -f $HOME/.cargo/env ]] && . "$HOME/.cargo/env"
+[[ -f ${HOME:-/root}/.cargo/env ]] && . "${HOME:-/root}/.cargo/env"
 if [[ $SKIP_BUILD != 1 ]]; then
     command -v cargo >/dev/null || { [[ -x $BIN ]] || die "no cargo and no $BIN"; log "no cargo: using $BIN as it is"; }
     if command -v cargo >/dev/null; then
@@ -107,11 +128,60 @@ wait_quiet() {
     local waited=0
     while pgrep -x rustc >/dev/null || pgrep -x cargo >/dev/null; do
         ((waited == 0)) && log "waiting for running rustc/cargo jobs to end (they would skew the numbers)"
-        sleep 5
+        sleep 5 & wait $! # interruptible: the INT/TERM trap runs at once
         waited=$((waited + 5))
         ((waited < BUILD_WAIT_MAX)) || die "rustc/cargo still running after ${BUILD_WAIT_MAX}s; not measuring"
     done
     if ((waited > 0)); then log "build jobs ended after ~${waited}s"; sleep 2; fi
+}
+
+# CPU counters of the whole machine, in clock ticks: "busy total steal".
+machine_ticks() {
+    awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $9 }' /proc/stat
+}
+
+# Share (%) of the machine busy over half a second.
+busy_now() {
+    local a b
+    a=$(machine_ticks)
+    sleep 0.5
+    b=$(machine_ticks)
+    awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        d = y[2] - x[2]; printf "%d", (d > 0 ? 100 * (y[1] - x[1]) / d : 0) }'
+}
+
+# Before each run, also wait (bounded) until the machine is idle: other
+# jobs than compilers (test binaries, another benchmark) skew numbers too.
+IDLE_MAX_BUSY=${IDLE_MAX_BUSY:-15}
+wait_idle() {
+    local waited=0 busy
+    while busy=$(busy_now); ((busy >= IDLE_MAX_BUSY)); do
+        ((waited == 0)) && log "machine ${busy}% busy with other work; waiting for it to settle"
+        sleep 5 & wait $! # interruptible: the INT/TERM trap runs at once
+        waited=$((waited + 5))
+        if ((waited >= BUILD_WAIT_MAX)); then
+            log "WARNING: machine still ${busy}% busy after ${BUILD_WAIT_MAX}s; measuring anyway"
+            return 0
+        fi
+    done
+    ((waited == 0)) || log "machine idle again after ~${waited}s"
+}
+
+# CPU seconds used by every process of this benchmark that is still
+# running (upstream nginx, nginx proxy, rempart, with their children).
+ours_cpu() {
+    local p total=0
+    for p in "$UP_PID" "$PX_PID" "$REMPART_PID"; do
+        [[ -n $p ]] && total=$(awk -v t="$total" -v c="$(cpu_seconds "$p")" 'BEGIN { printf "%.3f", t + c }')
+    done
+    echo "$total"
+}
+
+# CPU seconds of this shell's reaped children (wrk once waited for). Must
+# run in the main shell, not in $(...): a subshell has its own children.
+children_cpu() { # variable name to set
+    times >"$TMP/times"
+    printf -v "$1" '%s' "$(tail -1 "$TMP/times" | awk '{ s = 0; for (i = 1; i <= 2; i++) { v = $i; m = v; sub(/m.*/, "", m); sub(/^[0-9]+m/, "", v); sub(/s$/, "", v); s += m * 60 + v } printf "%.3f", s }')"
 }
 
 # ---------------------------------------------------------------- helpers
@@ -280,7 +350,7 @@ NO_COLOR=1 "$BIN" serve \
     --audit "$AUDIT" --policies "$POLICIES" --mode enforce \
     2>"$TMP/rempart.log" &
 REMPART_PID=$!
-RP_PORT= ADMIN=
+RP_PORT='' ADMIN='' WORKERS='' REVISION=''
 for _ in $(seq 1 200); do
     kill -0 "$REMPART_PID" 2>/dev/null || { cat "$TMP/rempart.log" >&2; die "rempart exited during start-up"; }
     line=$(sed 's/\x1b\[[0-9;]*m//g' "$TMP/rempart.log" | grep -m1 'rempart ready' || true)
@@ -288,6 +358,7 @@ for _ in $(seq 1 200); do
         RP_PORT=$(sed -n 's/.*ingress=[^ ]*:\([0-9]*\).*/\1/p' <<<"$line")
         ADMIN=$(sed -n 's/.*admin=\([^ ]*\).*/\1/p' <<<"$line")
         WORKERS=$(sed -n 's/.* workers=\([0-9]*\).*/\1/p' <<<"$line")
+        REVISION=$(sed -n 's/.* policy_revision=\([^ ]*\).*/\1/p' <<<"$line")
         break
     fi
     sleep 0.1
@@ -310,7 +381,7 @@ done
 log "all three targets answer 200 with the ${#BODY}-byte body"
 
 # ------------------------------------------------------------------ runs
-RESULTS=$TMP/results.tsv # phase target round rps requests p50 p75 p90 p99 non2xx sockerr cpu_s
+RESULTS=$TMP/results.tsv # phase target round rps requests p50 p75 p90 p99 non2xx sockerr cpu_s foreign% steal%
 : >"$RESULTS"
 mkdir -p "$TMP/wrk"
 
@@ -342,28 +413,59 @@ parse_wrk() { # file -> rps requests p50 p75 p90 p99 non2xx sockerr (latencies i
     }' "$1"
 }
 
-REMPART_WRK_REQUESTS=0
-run_wrk() { # phase target round threads connections duration
+REMPART_WRK_REQUESTS=0 # every request wrk completed against rempart, discarded runs included
+RETRIES=${RETRIES:-2}
+FOREIGN_MAX=${FOREIGN_MAX:-10}
+DISCARDED=0
+FOREIGN_KEPT_MAX=0
+run_wrk() { # phase target round threads connections duration [extra wrk args...]
     local phase=$1 target=$2 round=$3 threads=$4 conns=$5 dur=$6
-    local out=$TMP/wrk/$phase-$target-$round.txt pid cpu0 cpu1 parsed
-    wait_quiet
+    shift 6
+    local out=$TMP/wrk/$phase-$target-$round.txt pid cpu0 cpu1 parsed attempt=0
+    local m0 m1 o0 o1 c0 c1 foreign steal tck
+    tck=$(getconf CLK_TCK)
     pid=$(pid_of "$target")
-    cpu0=$(cpu_seconds "$pid")
-    wrk -t"$threads" -c"$conns" -d"$dur" --latency "http://127.0.0.1:$(port_of "$target")$URL_PATH" >"$out" 2>&1 &
-    WRK_PID=$!
-    wait "$WRK_PID" || { cat "$out" >&2; die "wrk failed against $target"; }
-    WRK_PID=
-    cpu1=$(cpu_seconds "$pid")
-    parsed=$(parse_wrk "$out") || { cat "$out" >&2; die "cannot parse wrk output ($out)"; }
-    [[ $target == rempart ]] && REMPART_WRK_REQUESTS=$((REMPART_WRK_REQUESTS + $(cut -f2 <<<"$parsed")))
-    printf '%s\t%s\t%s\t%s\t%s\n' "$phase" "$target" "$round" "$parsed" \
-        "$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.3f", b - a }')" >>"$RESULTS"
-    log "$(printf '%-8s %-7s r%-2s %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  non2xx %s  sockerr %s' \
-        "$phase" "$target" "$round" $(cut -f1,3,6,7,8 <<<"$parsed"))"
+    while :; do
+        wait_quiet
+        wait_idle
+        children_cpu c0
+        m0=$(machine_ticks) o0=$(ours_cpu) cpu0=$(cpu_seconds "$pid")
+        wrk -t"$threads" -c"$conns" -d"$dur" --latency "$@" "http://127.0.0.1:$(port_of "$target")$URL_PATH" >"$out" 2>&1 &
+        WRK_PID=$!
+        wait "$WRK_PID" || { cat "$out" >&2; die "wrk failed against $target"; }
+        WRK_PID=
+        m1=$(machine_ticks) o1=$(ours_cpu) cpu1=$(cpu_seconds "$pid")
+        children_cpu c1
+        parsed=$(parse_wrk "$out") || { cat "$out" >&2; die "cannot parse wrk output ($out)"; }
+        [[ $target == rempart ]] && REMPART_WRK_REQUESTS=$((REMPART_WRK_REQUESTS + $(cut -f2 <<<"$parsed")))
+        # Machine CPU not used by wrk, the upstream or the proxies, in % of
+        # the machine over the run; and the hypervisor's steal time.
+        read -r foreign steal < <(awk -v a="$m0" -v b="$m1" -v o="$(awk -v x="$o0" -v y="$o1" -v p="$c0" -v q="$c1" 'BEGIN { print (y - x) + (q - p) }')" -v h="$tck" 'BEGIN {
+            split(a, x, " "); split(b, y, " "); tot = (y[2] - x[2]) / h
+            f = tot > 0 ? 100 * ((y[1] - x[1]) / h - o) / tot : 0
+            st = tot > 0 ? 100 * ((y[3] - x[3]) / h) / tot : 0
+            printf "%d %d\n", (f < 0 ? 0 : f), st }')
+        if ((foreign > FOREIGN_MAX || steal > FOREIGN_MAX)) && ((attempt < RETRIES)); then
+            attempt=$((attempt + 1))
+            DISCARDED=$((DISCARDED + 1))
+            log "discarding $phase $target r$round: ${foreign}% of the machine used by other processes, ${steal}% steal during the run; again ($attempt/$RETRIES)"
+            continue
+        fi
+        ((foreign > FOREIGN_MAX || steal > FOREIGN_MAX)) && log "WARNING: keeping $phase $target r$round although ${foreign}% foreign CPU / ${steal}% steal (retries exhausted)"
+        ((foreign > FOREIGN_KEPT_MAX)) && FOREIGN_KEPT_MAX=$foreign
+        break
+    done
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$phase" "$target" "$round" "$parsed" \
+        "$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.3f", b - a }')" "$foreign" "$steal" >>"$RESULTS"
+    local rps p50 p99 non2xx errs
+    IFS=$'\t' read -r rps p50 p99 non2xx errs < <(cut -f1,3,6,7,8 <<<"$parsed")
+    log "$(printf '%-8s %-7s r%-2s %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  non2xx %s  sockerr %s  foreign-cpu %s%%' \
+        "$phase" "$target" "$round" "$rps" "$p50" "$p99" "$non2xx" "$errs" "$foreign")"
 }
 
 TARGETS=(direct nginx rempart)
 wait_quiet
+LOADAVG_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 if [[ $WARMUP != 0 ]]; then
     log "warm-up: $WARMUP per target"
     for t in "${TARGETS[@]}"; do run_wrk warmup "$t" 0 2 "$CONNECTIONS" "$WARMUP"; done
@@ -378,8 +480,20 @@ for ((r = 1; r <= ROUNDS; r++)); do
     done
 done
 
-log "moderate load: wrk -t1 -c$MODERATE_CONNECTIONS -d$DURATION --latency"
-for t in "${TARGETS[@]}"; do run_wrk moderate "$t" 1 1 "$MODERATE_CONNECTIONS" "$DURATION"; done
+MODERATE_EXTRA=()
+MODERATE_DESC="wrk -t1 -c$MODERATE_CONNECTIONS -d$DURATION --latency"
+if ((PACE_MS > 0)); then
+    printf 'function delay()\n    return %d\nend\n' "$PACE_MS" >"$TMP/pace.lua"
+    MODERATE_EXTRA=(-s "$TMP/pace.lua")
+    MODERATE_DESC="$MODERATE_DESC -s pace.lua (delay() = $PACE_MS ms per connection between requests)"
+fi
+log "moderate load: $MODERATE_ROUNDS rounds x 3 targets, $MODERATE_DESC"
+for ((r = 1; r <= MODERATE_ROUNDS; r++)); do
+    for ((i = 0; i < 3; i++)); do
+        t=${TARGETS[$(((i + r - 1) % 3))]}
+        run_wrk moderate "$t" "$r" 1 "$MODERATE_CONNECTIONS" "$DURATION" "${MODERATE_EXTRA[@]}"
+    done
+done
 
 # --------------------------------------------------- rempart end state
 STATUS=/proc/$REMPART_PID/status
@@ -421,7 +535,7 @@ median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) { print "nan"; exit 
 col() { # phase target column -> values, one a line
     awk -F'\t' -v p="$1" -v t="$2" -v c="$3" '$1 == p && $2 == t { print $c }' "$RESULTS"
 }
-# columns: 1 phase 2 target 3 round 4 rps 5 requests 6 p50 7 p75 8 p90 9 p99 10 non2xx 11 sockerr 12 cpu_s
+# columns: 1 phase 2 target 3 round 4 rps 5 requests 6 p50 7 p75 8 p90 9 p99 10 non2xx 11 sockerr 12 cpu_s 13 foreign% 14 steal%
 summary_row() { # phase target
     local rps mn mx p50 p90 p99 non2xx errs reqs cpu cpu_us
     rps=$(col "$1" "$2" 4 | median)
@@ -458,8 +572,10 @@ EXPECTED=$((REMPART_WRK_REQUESTS + EXTRA_REMPART_REQUESTS))
     echo
     echo "machine: $(nproc) cores, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM"
     echo "versions: $("$BIN" --version 2>/dev/null || echo rempart ?), $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | awk '{ print $1, $2 }')"
+    echo "source: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo 'not a git checkout'); policies: $POLICIES, revision ${REVISION:-?} ($(for f in "$POLICIES"/*.rego; do [[ $f == *_test.rego ]] || printf '%s ' "${f##*/}"; done)+ data)"
     echo "path: GET $URL_PATH (${#BODY}-byte JSON body, 200); rempart: shipped policies, enforce, audit on, workers=${WORKERS:-default}"
-    echo "wrk, load generator and upstream share the same $(nproc) cores as the proxy under test"
+    echo "wrk (the load generator) and the upstream share the same $(nproc) cores as the proxy under test"
+    echo "load average before the runs: $LOADAVG_BEFORE; runs discarded and repeated because other processes used > ${FOREIGN_MAX}% of the machine (or steal): $DISCARDED; highest foreign CPU in a kept run: ${FOREIGN_KEPT_MAX}%"
     echo
     echo "### Full load: wrk -t2 -c$CONNECTIONS -d$DURATION --latency, $ROUNDS rounds (median over rounds)"
     echo
@@ -468,7 +584,7 @@ EXPECTED=$((REMPART_WRK_REQUESTS + EXTRA_REMPART_REQUESTS))
     summary_row load nginx "-t2 -c$CONNECTIONS"
     summary_row load rempart "-t2 -c$CONNECTIONS"
     echo
-    echo "### Moderate load: wrk -t1 -c$MODERATE_CONNECTIONS -d$DURATION --latency, 1 round"
+    echo "### Moderate load: $MODERATE_DESC, $MODERATE_ROUNDS rounds (median over rounds)"
     echo
     header
     summary_row moderate direct "-t1 -c$MODERATE_CONNECTIONS"
@@ -483,7 +599,7 @@ EXPECTED=$((REMPART_WRK_REQUESTS + EXTRA_REMPART_REQUESTS))
         printf "- rempart/nginx req/s (full load, medians): %.0f / %.0f = %.2fx  (target >= 0.80x)\n", r, n, r / n
         printf "- nginx/direct: %.2fx, rempart/direct: %.2fx\n", n / d, r / d }'
     awk -v a="$MOD_P99_REMPART" -v b="$MOD_P99_NGINX" -v c="$MOD_P50_REMPART" -v e="$MOD_P50_NGINX" 'BEGIN {
-        printf "- added latency vs nginx at moderate load: p99 %+.3f ms (%.3f vs %.3f; target <= 1 ms), p50 %+.3f ms\n", a - b, a, b, c - e }'
+        printf "- added latency vs nginx at moderate load (medians): p99 %+.3f ms (%.3f vs %.3f; target <= 1 ms), p50 %+.3f ms\n", a - b, a, b, c - e }'
     awk -v h="$VMHWM_KB" -v s="$VMRSS_KB" -v t="$THREADS" 'BEGIN {
         printf "- rempart peak RSS (VmHWM): %.1f MiB (target <= 64 MB); RSS at end %.1f MiB; %d threads\n", h / 1024, s / 1024, t }'
     if [[ -n $EVAL_CNT && $EVAL_CNT != 0 ]]; then
