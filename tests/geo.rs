@@ -97,8 +97,11 @@ fn frankfurt_amazon_is_in_the_eu_under_us_law() {
     assert!(!op.sources.is_empty());
     assert_eq!(g.sovereign, "non_eu_operator_in_eu");
 
-    // The same address written as IPv4-mapped IPv6, and Amazon's IPv6 range.
+    // The same address written as IPv4-mapped IPv6, NAT64 and 6to4, and
+    // Amazon's IPv6 range.
     assert_eq!(db.lookup(ip("::ffff:3.120.0.1")), g);
+    assert_eq!(db.lookup(ip("64:ff9b::378:1")), g);
+    assert_eq!(db.lookup(ip("2002:378:1::1")), g);
     assert_eq!(
         db.lookup(ip("2a05:d014::1")).sovereign,
         "non_eu_operator_in_eu"

@@ -154,7 +154,7 @@ impl GeoDb {
     /// The `geo` object for one address. Lookup errors (a corrupt record)
     /// leave the affected fields null and are logged: unknown, not a guess.
     pub fn lookup(&self, ip: IpAddr) -> Geo {
-        let ip = canonical_ip(ip);
+        let ip = crate::pipeline::locate::location_ip(canonical_ip(ip));
         let sc = scope(ip);
         if sc != Scope::Public {
             return Geo::local(sc);

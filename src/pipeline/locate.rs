@@ -43,6 +43,16 @@ impl Scope {
     }
 }
 
+/// The address to locate: an IPv6 address that embeds an IPv4 one (see
+/// [`embedded_ipv4`]) is located by the IPv4 address, so that every way of
+/// writing one destination gets the same country and operator.
+pub fn location_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => embedded_ipv4(v6).map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 /// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) becomes the IPv4 address it carries,
 /// so that a policy comparing strings or a CIDR check sees one form.
 pub fn canonical_ip(ip: IpAddr) -> IpAddr {
@@ -56,8 +66,9 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 }
 
 /// The IPv4 address an IPv6 address embeds, for the forms that route to it:
-/// mapped, deprecated compatible, NAT64 well-known prefix, 6to4.
-fn embedded_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+/// mapped, deprecated compatible, NAT64 well-known prefix, 6to4, and Teredo
+/// (the client's address, stored inverted in the last 32 bits).
+pub fn embedded_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     if let Some(v4) = v6.to_ipv4_mapped() {
         return Some(v4);
     }
@@ -70,6 +81,10 @@ fn embedded_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     // 64:ff9b::/96 NAT64 well-known prefix (RFC 6052).
     if s[0] == 0x64 && s[1] == 0xff9b && s[2..6].iter().all(|&x| x == 0) {
         return Some(tail);
+    }
+    // 2001::/32 Teredo (RFC 4380): the client's IPv4 address, inverted.
+    if s[0] == 0x2001 && s[1] == 0 {
+        return Some(Ipv4Addr::from(!u32::from(tail)));
     }
     // 2002::/16 6to4 (RFC 3056): the IPv4 address is bits 16..48.
     if s[0] == 0x2002 {
@@ -253,7 +268,8 @@ mod tests {
             ("::169.254.169.254", "link_local"),
             ("64:ff9b::a00:1", "private"),
             ("2002:7f00:1::", "loopback"),
-            ("2001::1", "reserved"),
+            // Teredo: client 192.168.1.1 stored inverted (3f57:fefe).
+            ("2001:0:4136:e378:8000:63bf:3f57:fefe", "private"),
             ("100::1", "reserved"),
         ] {
             assert_eq!(sc(ip), want, "{ip}");
