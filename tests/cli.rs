@@ -2,32 +2,23 @@
 
 mod common;
 
-use std::process::Command;
+use common::{repo_policies, run};
 
-use common::{bin, repo_policies};
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin()).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// `rempart check` on a config whose policies are in `pol`.
+fn check_with_policies(dir: &std::path::Path, pol: &std::path::Path) -> (i32, String, String) {
+    let cfg = dir.join("c.toml");
+    let toml = format!(
+        "[upstream]\nurl = \"http://127.0.0.1:8000\"\n[policy]\ndir = \"{}\"\n",
+        pol.display()
+    );
+    std::fs::write(&cfg, toml).unwrap();
+    run(&["check", "--config", cfg.to_str().unwrap()])
 }
 
 #[test]
 fn check_accepts_a_good_config() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("ok.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[upstream]\nurl = \"http://127.0.0.1:8000\"\n[policy]\ndir = \"{}\"\n",
-            repo_policies().display()
-        ),
-    )
-    .unwrap();
-    let (code, out, err) = run(&["check", "--config", cfg.to_str().unwrap()]);
+    let (code, out, err) = check_with_policies(dir.path(), &repo_policies());
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("ok: ") && out.contains("sha256:"), "{out}");
 }
@@ -59,16 +50,7 @@ fn check_reports_a_policy_syntax_error_with_file_and_line() {
         "package rempart\n\nimport rego.v1\n\ndeny contains x if {\n  x := \n}\n",
     )
     .unwrap();
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[upstream]\nurl = \"http://127.0.0.1:8000\"\n[policy]\ndir = \"{}\"\n",
-            pol.display()
-        ),
-    )
-    .unwrap();
-    let (code, _, err) = run(&["check", "--config", cfg.to_str().unwrap()]);
+    let (code, _, err) = check_with_policies(dir.path(), &pol);
     assert_ne!(code, 0);
     assert!(
         err.contains("bad.rego:7:") || err.contains("bad.rego:6:"),
@@ -166,16 +148,7 @@ fn check_rejects_data_that_collides_with_a_rule() {
     }
     // data.rempart.deny would shadow the rule set `deny`.
     std::fs::write(pol.join("rempart/data.json"), r#"{"deny": ["oops"]}"#).unwrap();
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[upstream]\nurl = \"http://127.0.0.1:8000\"\n[policy]\ndir = \"{}\"\n",
-            pol.display()
-        ),
-    )
-    .unwrap();
-    let (code, out, err) = run(&["check", "--config", cfg.to_str().unwrap()]);
+    let (code, out, err) = check_with_policies(dir.path(), &pol);
     assert_ne!(code, 0, "{out}");
     assert!(err.contains("conflicts"), "{err}");
 }

@@ -6,7 +6,6 @@ mod common;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use mmdb_writer::{Value, Writer};
 use rempart::geo::{GeoDb, GeoFiles};
@@ -225,14 +224,7 @@ fn a_database_in_the_wrong_role_or_not_mmdb_is_refused_with_its_path() {
     );
 }
 
-fn rempart(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(common::bin()).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::run as rempart;
 
 #[test]
 fn geoip_lookup_prints_exactly_the_object_the_policy_sees() {
@@ -368,27 +360,11 @@ async fn serve_refuses_a_missing_database_unless_optional_and_reloads_on_change(
     let up = common::Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.mmdb");
-    let cfg = dir.path().join("strict.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[upstream]\nurl = \"{}\"\n[geo]\ncountry_db = \"{}\"\n",
-            up.url(),
-            missing.display()
-        ),
-    )
-    .unwrap();
-    let err = common::Rempart::try_start(
-        "",
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--policies",
-            common::repo_policies().to_str().unwrap(),
-        ],
-    )
-    .err()
-    .expect("must refuse to start");
+    let upstream = format!("[upstream]\nurl = \"{}\"\n", up.url());
+    let strict = format!("{upstream}[geo]\ncountry_db = \"{}\"\n", missing.display());
+    let err = common::Rempart::with_config(dir.path(), "strict.toml", &strict)
+        .err()
+        .expect("must refuse to start");
     assert!(
         err.contains("nope.mmdb") && err.contains("fetch.sh"),
         "{err}"
@@ -396,44 +372,21 @@ async fn serve_refuses_a_missing_database_unless_optional_and_reloads_on_change(
 
     let files = fixtures(dir.path());
     let country = files.country_db.clone().unwrap();
-    let cfg = dir.path().join("ok.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[upstream]\nurl = \"{}\"\n[geo]\ncountry_db = \"{}\"\nasn_db = \"{}\"\nreload_interval = \"100ms\"\n",
-            up.url(),
-            country.display(),
-            files.asn_db.as_ref().unwrap().display()
-        ),
-    )
-    .unwrap();
-    let rp = common::Rempart::start(
-        "",
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--policies",
-            common::repo_policies().to_str().unwrap(),
-        ],
+    let ok = format!(
+        "{upstream}[geo]\ncountry_db = \"{}\"\nasn_db = \"{}\"\nreload_interval = \"100ms\"\n",
+        country.display(),
+        files.asn_db.as_ref().unwrap().display()
     );
-    let built = rp
-        .metric(r#"rempart_geo_database_build_timestamp_seconds{role="country"}"#)
-        .await;
+    let rp = common::Rempart::with_config(dir.path(), "ok.toml", &ok).unwrap();
+    let build_time = r#"rempart_geo_database_build_timestamp_seconds{role="country"}"#;
+    let built = rp.metric(build_time).await;
     assert!(built > 1.7e9, "{built}");
 
     // A corrupt replacement is rejected; the previous data keeps serving.
     let tmp = dir.path().join("country.tmp");
     std::fs::write(&tmp, b"garbage").unwrap();
     std::fs::rename(&tmp, &country).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while rp
-        .metric(r#"rempart_geo_reloads_total{result="failure"}"#)
-        .await
-        < 1.0
-    {
-        assert!(std::time::Instant::now() < deadline, "bad file not noticed");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_for_metric(&rp, r#"rempart_geo_reloads_total{result="failure"}"#).await;
     assert_eq!(
         common::get(&rp.url("/x")).await.status,
         200,
@@ -444,43 +397,27 @@ async fn serve_refuses_a_missing_database_unless_optional_and_reloads_on_change(
     // A good replacement (written aside, renamed over) is taken.
     std::fs::copy(maxmind("GeoLite2-Country-Test.mmdb"), &tmp).unwrap();
     std::fs::rename(&tmp, &country).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while rp
-        .metric(r#"rempart_geo_reloads_total{result="success"}"#)
-        .await
-        < 1.0
-    {
-        assert!(std::time::Instant::now() < deadline, "good file not taken");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let now = rp
-        .metric(r#"rempart_geo_database_build_timestamp_seconds{role="country"}"#)
-        .await;
-    assert_ne!(now, built, "the new database's build time is reported");
+    wait_for_metric(&rp, r#"rempart_geo_reloads_total{result="success"}"#).await;
+    assert_ne!(
+        rp.metric(build_time).await,
+        built,
+        "the new database's build time is reported"
+    );
     drop(rp);
 
     // optional = true: starts without the missing file.
-    let cfg = dir.path().join("optional.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[upstream]\nurl = \"{}\"\n[geo]\ncountry_db = \"{}\"\noptional = true\n",
-            up.url(),
-            missing.display()
-        ),
-    )
-    .unwrap();
-    let rp = common::Rempart::start(
-        "",
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--policies",
-            common::repo_policies().to_str().unwrap(),
-        ],
-    );
+    let optional = format!("{strict}optional = true\n");
+    let rp = common::Rempart::with_config(dir.path(), "optional.toml", &optional).unwrap();
     assert_eq!(common::get(&rp.url("/x")).await.status, 200);
     assert!(rp.log_text().contains("nope.mmdb"));
+}
+
+async fn wait_for_metric(rp: &common::Rempart, sample: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while rp.metric(sample).await < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "{sample} stayed 0");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// Opt-in (reported as ignored, never as passed): run geoip/fetch.sh, then

@@ -190,6 +190,16 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_rempart")
 }
 
+/// Runs a rempart command to completion: (exit code, stdout, stderr).
+pub fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn field(line: &str, key: &str) -> Option<String> {
     let start = line.find(&format!(" {key}="))? + key.len() + 2;
     Some(line[start..].split_whitespace().next()?.to_string())
@@ -274,6 +284,23 @@ impl Rempart {
                 ));
             }
         }
+    }
+
+    /// Writes `toml` to a file in `dir` and starts rempart with it and the
+    /// repository's policies.
+    pub fn with_config(dir: &Path, name: &str, toml: &str) -> Result<Rempart, String> {
+        let cfg = dir.join(name);
+        std::fs::write(&cfg, toml).unwrap();
+        let policies = repo_policies();
+        Self::try_start(
+            "",
+            &[
+                "--config",
+                cfg.to_str().unwrap(),
+                "--policies",
+                policies.to_str().unwrap(),
+            ],
+        )
     }
 
     pub fn url(&self, path: &str) -> String {
