@@ -39,6 +39,19 @@ enum Command {
     /// Inspect the geo and jurisdiction data a policy sees.
     #[command(subcommand)]
     Geoip(GeoipCommand),
+    /// Work with the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Walk the hash chain of one or more trail files (oldest first) and
+    /// report the first broken link; exit non-zero if there is one.
+    Verify {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
 }
 
 /// Where the geo data comes from: the config file's [geo] table, with
@@ -189,6 +202,7 @@ pub fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Test { dirs }) => test(&dirs),
         Command::Geoip(GeoipCommand::Lookup { geo, ips }) => geoip_lookup(&geo, &ips),
         Command::Geoip(GeoipCommand::Info { geo }) => geoip_info(&geo),
+        Command::Audit(AuditCommand::Verify { files }) => audit_verify(&files),
         Command::Geoip(GeoipCommand::BuildAsn { csv, out }) => {
             crate::geo::build::asn_from_csv(&csv, &out).and_then(|n| {
                 emit(&format!("wrote {} ({n} ranges)", out.display()))?;
@@ -408,4 +422,25 @@ fn geoip_info(a: &GeoArgs) -> anyhow::Result<ExitCode> {
         })
     ))?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn audit_verify(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    match crate::audit::verify::verify(files) {
+        Ok(r) => {
+            emit(&format!(
+                "ok: {} records in {} file(s), seq {}..{}, from {} to {}",
+                r.records,
+                r.files,
+                r.first_seq,
+                r.last_seq,
+                r.first_time.as_deref().unwrap_or("-"),
+                r.last_time.as_deref().unwrap_or("-"),
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(broken) => {
+            eprintln!("rempart: audit trail broken: {broken}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }

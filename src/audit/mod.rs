@@ -12,7 +12,9 @@
 //! OS had not yet written back. A clean stop (SIGTERM) writes and fsyncs
 //! everything queued.
 
+pub mod chain;
 mod record;
+pub mod verify;
 
 pub use record::{
     AuditDecision, AuditEndpoint, AuditGeo, AuditIdentity, AuditRecord, AuditRequest,
@@ -34,6 +36,7 @@ use crate::metrics::Metrics;
 const MAX_BATCH: usize = 4096;
 
 enum Msg {
+    /// One record, a JSON object; the writer chains it (see [`chain`]).
     Line(Vec<u8>),
     /// Write and fsync everything before this, then answer.
     Sync(mpsc::Sender<std::io::Result<()>>),
@@ -73,15 +76,17 @@ impl AuditSink {
         // The trail holds personal data (who did what): owner-only on creation.
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options.read(true);
         let file = options
             .open(path)
             .with_context(|| format!("cannot open audit trail {} for appending", path.display()))?;
+        let (file, head) = open_chain(file, path)?;
         let (tx, rx) = mpsc::sync_channel(capacity);
         let writer_metrics = Arc::clone(&metrics);
         let path = path.to_path_buf();
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run_writer(file, path, rx, flush_interval, writer_metrics))
+            .spawn(move || run_writer(file, head, path, rx, flush_interval, writer_metrics))
             .context("cannot start the audit writer thread")?;
         Ok((AuditSink { tx, metrics }, AuditWriter { handle }))
     }
@@ -89,7 +94,7 @@ impl AuditSink {
     /// Queues one record. Never drops: when the queue is full the caller
     /// waits for the writer (and the wait is counted).
     pub fn record(&self, record: &AuditRecord<'_>) {
-        let mut line = match serde_json::to_vec(record) {
+        let line = match serde_json::to_vec(record) {
             Ok(l) => l,
             Err(e) => {
                 // Only possible with a non-string map key, which the record
@@ -99,7 +104,6 @@ impl AuditSink {
                 return;
             }
         };
-        line.push(b'\n');
         match self.tx.try_send(Msg::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(msg)) => {
@@ -136,8 +140,74 @@ impl AuditWriter {
     }
 }
 
+/// Finds where the chain stands in an existing trail. A torn last line (a
+/// crash mid-write) is cut off and the repair is itself recorded, chained.
+fn open_chain(mut file: File, path: &Path) -> anyhow::Result<(File, chain::Head)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok((file, chain::Head::genesis()));
+    }
+    // Read back far enough to hold the last complete line.
+    let mut window = 64 * 1024u64;
+    let (start, tail) = loop {
+        let start = len.saturating_sub(window);
+        file.seek(SeekFrom::Start(start))?;
+        let mut tail = Vec::new();
+        Read::by_ref(&mut file)
+            .take(len - start)
+            .read_to_end(&mut tail)?;
+        let newlines = tail.iter().filter(|&&b| b == b'\n').count();
+        if start == 0 || newlines >= 2 {
+            break (start, tail);
+        }
+        window *= 4;
+    };
+    let complete = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let torn = tail.len() - complete;
+    if torn > 0 {
+        file.set_len(start + complete as u64)
+            .with_context(|| format!("cannot truncate the torn last line of {}", path.display()))?;
+        tracing::warn!(path = %path.display(), bytes = torn, "audit trail had a torn last line; truncated");
+    }
+    let body = &tail[..complete];
+    let last = body[..body.len().saturating_sub(1)]
+        .rsplit(|&b| b == b'\n')
+        .next()
+        .unwrap_or(&[]);
+    let mut head = match std::str::from_utf8(last).ok().map(chain::check_line) {
+        Some(Ok(c)) => chain::Head {
+            seq: c.seq,
+            hash: c.hash,
+        },
+        _ if last.is_empty() => chain::Head::genesis(),
+        _ => {
+            anyhow::bail!(
+                "audit trail {}: its last line is not a valid chained record; \
+                 run `rempart audit verify {}` and move the file aside",
+                path.display(),
+                path.display()
+            )
+        }
+    };
+    if torn > 0 {
+        let note = serde_json::json!({
+            "type": "repair",
+            "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            "truncated_bytes": torn,
+            "message": "torn last line (crash mid-write) removed at start",
+        });
+        let line = chain::link(&mut head, note.to_string().as_bytes());
+        file.seek(SeekFrom::End(0))?;
+        file.write_all(&line)?;
+        file.sync_data()?;
+    }
+    Ok((file, head))
+}
+
 fn run_writer(
     mut file: File,
+    mut head: chain::Head,
     path: PathBuf,
     rx: Receiver<Msg>,
     flush_interval: Duration,
@@ -175,7 +245,7 @@ fn run_writer(
         while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
             match msg {
                 Msg::Line(l) => {
-                    batch.extend_from_slice(&l);
+                    batch.extend_from_slice(&chain::link(&mut head, &l));
                     pending += 1;
                     if pending as usize >= MAX_BATCH {
                         let _ = write(&mut batch, &mut pending, &mut file);

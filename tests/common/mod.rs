@@ -214,16 +214,23 @@ impl Rempart {
 
     pub fn try_start(upstream: &str, extra: &[&str]) -> Result<Rempart, String> {
         let dir = tempfile::tempdir().unwrap();
-        let audit = dir.path().join("audit.jsonl");
+        // An --audit in `extra` (reopening an existing trail) wins.
+        let given = extra
+            .iter()
+            .position(|a| *a == "--audit")
+            .and_then(|i| extra.get(i + 1));
+        let audit = given.map_or_else(|| dir.path().join("audit.jsonl"), PathBuf::from);
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--listen".into(),
             "127.0.0.1:0".into(),
             "--admin".into(),
             "127.0.0.1:0".into(),
-            "--audit".into(),
-            audit.display().to_string(),
         ];
+        if given.is_none() {
+            args.push("--audit".into());
+            args.push(audit.display().to_string());
+        }
         if !upstream.is_empty() {
             args.push("--upstream".into());
             args.push(upstream.into());
