@@ -108,12 +108,18 @@ impl Database {
         Ok(db)
     }
 
+    /// The record covering `ip`, decoded as `T`, or None.
+    fn record<'a, T: Deserialize<'a>>(&'a self, ip: IpAddr) -> anyhow::Result<Option<T>> {
+        self.reader
+            .lookup(ip)
+            .context("lookup failed")?
+            .decode()
+            .map_err(|e| anyhow!("{}: bad record: {e}", self.path.display()))
+    }
+
     /// The located country (ISO code), from either shape.
     pub fn country(&self, ip: IpAddr) -> anyhow::Result<Option<String>> {
-        let found = self.reader.lookup(ip).context("lookup failed")?;
-        let rec: Option<CountryRecord<'_>> = found
-            .decode()
-            .map_err(|e| anyhow!("{}: bad record: {e}", self.path.display()))?;
+        let rec: Option<CountryRecord<'_>> = self.record(ip)?;
         Ok(rec.and_then(|r| {
             r.country
                 .and_then(|c| c.iso_code)
@@ -123,10 +129,7 @@ impl Database {
     }
 
     pub fn asn(&self, ip: IpAddr) -> anyhow::Result<Option<(u32, Option<String>)>> {
-        let found = self.reader.lookup(ip).context("lookup failed")?;
-        let rec: Option<AsnRecord<'_>> = found
-            .decode()
-            .map_err(|e| anyhow!("{}: bad record: {e}", self.path.display()))?;
+        let rec: Option<AsnRecord<'_>> = self.record(ip)?;
         Ok(rec.and_then(|r| {
             r.autonomous_system_number
                 .map(|n| (n, r.autonomous_system_organization.map(String::from)))

@@ -171,11 +171,12 @@ fn scope_v6(ip: Ipv6Addr) -> Scope {
 /// The source of a request: the peer of the accepted connection.
 pub fn locate_source(peer: std::net::SocketAddr, geo: &GeoDb) -> Endpoint {
     let ip = canonical_ip(peer.ip());
+    let geo = geo.lookup(ip);
     Endpoint {
         ip: ip.to_string(),
         port: peer.port(),
-        scope: scope(ip).as_str().to_string(),
-        geo: geo.lookup(ip),
+        scope: geo.scope.clone(),
+        geo,
     }
 }
 
@@ -207,12 +208,13 @@ pub fn locate_upstream(
 ) -> Destination {
     let host = upstream.authority.host();
     let literal = host.trim_start_matches('[').trim_end_matches(']');
+    let geo = geo.lookup(ip);
     Destination {
         host: literal.to_ascii_lowercase(),
         ip: Some(ip.to_string()),
         port: upstream.port(),
-        scope: Some(scope(ip).as_str().to_string()),
-        geo: Some(geo.lookup(ip)),
+        scope: Some(geo.scope.clone()),
+        geo: Some(geo),
     }
 }
 

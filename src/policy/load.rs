@@ -198,20 +198,18 @@ pub(crate) fn compile_files(origin: String, files: Vec<SourceFile>) -> anyhow::R
     Ok(set)
 }
 
-/// Loads and compiles a policy set. Errors say which file, line and column.
-pub fn load(source: &PolicySource) -> anyhow::Result<PolicySet> {
-    let files = match source {
-        PolicySource::Dir(dir) => read_dir_files(dir, false)?,
-        PolicySource::Builtin => builtin_files(false),
-    };
-    compile_files(source.to_string(), files)
+/// The files of a source, optionally with its `*_test.rego` files.
+pub(crate) fn source_files(
+    source: &PolicySource,
+    with_tests: bool,
+) -> anyhow::Result<Vec<SourceFile>> {
+    match source {
+        PolicySource::Dir(dir) => read_dir_files(dir, with_tests),
+        PolicySource::Builtin => Ok(builtin_files(with_tests)),
+    }
 }
 
-/// Loads a set together with its `*_test.rego` files.
-pub fn load_with_tests(source: &PolicySource) -> anyhow::Result<PolicySet> {
-    let files = match source {
-        PolicySource::Dir(dir) => read_dir_files(dir, true)?,
-        PolicySource::Builtin => builtin_files(true),
-    };
-    compile_files(source.to_string(), files)
+/// Loads and compiles a policy set. Errors say which file, line and column.
+pub fn load(source: &PolicySource) -> anyhow::Result<PolicySet> {
+    compile_files(source.to_string(), source_files(source, false)?)
 }

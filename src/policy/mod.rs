@@ -10,7 +10,7 @@ mod load;
 mod store;
 pub mod testing;
 
-pub use load::{load, load_with_tests, PolicySource};
+pub use load::{load, PolicySource};
 pub use store::PolicyStore;
 
 use std::cell::RefCell;

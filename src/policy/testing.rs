@@ -1,7 +1,7 @@
 //! `rempart policy test`: runs every `test_*` rule of a policy set, the
 //! `opa test` habit. A test passes when its rule evaluates to `true`.
 
-use super::load::{builtin_files, compile_files, read_dir_files, PolicySource, SourceFile};
+use super::load::{compile_files, source_files, PolicySource, SourceFile};
 
 #[derive(Debug)]
 pub struct TestResult {
@@ -41,10 +41,7 @@ fn test_rules(file: &SourceFile) -> Vec<(String, usize, String)> {
 }
 
 pub fn run(source: &PolicySource) -> anyhow::Result<Vec<TestResult>> {
-    let files = match source {
-        PolicySource::Dir(d) => read_dir_files(d, true)?,
-        PolicySource::Builtin => builtin_files(true),
-    };
+    let files = source_files(source, true)?;
     let mut wanted = Vec::new();
     for f in &files {
         for (path, line, rule) in test_rules(f) {
