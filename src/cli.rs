@@ -46,10 +46,11 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum AuditCommand {
-    /// Walk the hash chain of one or more trail files (oldest first) and
+    /// Walk the hash chain of one or more trail files (oldest first; `.gz`
+    /// accepted; a directory stands for its trail files in chain order) and
     /// report the first broken link; exit non-zero if there is one.
     Verify {
-        #[arg(required = true, value_name = "FILE")]
+        #[arg(required = true, value_name = "FILE|DIR")]
         files: Vec<PathBuf>,
     },
 }
@@ -424,8 +425,15 @@ fn geoip_info(a: &GeoArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn audit_verify(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    match crate::audit::verify::verify(files) {
+fn audit_verify(args: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let files = match crate::audit::verify::expand(args) {
+        Ok(f) => f,
+        Err(broken) => {
+            eprintln!("rempart: audit trail broken: {broken}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    match crate::audit::verify::verify(&files) {
         Ok(r) => {
             emit(&format!(
                 "ok: {} records in {} file(s), seq {}..{}, from {} to {}",

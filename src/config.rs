@@ -220,15 +220,51 @@ pub enum AuditRecordScope {
     DenyAndWarn,
 }
 
+/// When a request's record must be on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Records are written in batches, without fsync; a crash loses at most
+    /// the batch in flight (see docs/audit.md).
+    #[default]
+    #[serde(alias = "async")]
+    Buffered,
+    /// A response is sent only once its record is written and fsynced
+    /// (group commit); if that fails the client gets `failure_status`.
+    Sync,
+}
+
+/// What a request does when the audit queue is full (buffered mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFull {
+    /// Wait for the writer to make room: nothing is lost.
+    #[default]
+    Block,
+    /// Drop the record, count it, and note the loss in the trail.
+    Drop,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     pub path: PathBuf,
     pub record: AuditRecordScope,
-    /// How long the writer lets records gather before writing a batch.
+    pub durability: Durability,
+    /// Status answered, in sync mode, when a record cannot be made durable.
+    pub failure_status: u16,
+    /// How long the writer lets records gather before writing a batch
+    /// (buffered mode only).
     pub flush_interval: Seconds,
-    /// Records queued in memory before request handling waits for the writer.
+    /// Records queued in memory before `on_full` applies.
     pub queue_capacity: usize,
+    pub on_full: OnFull,
+    /// Rotate once the file would exceed this many bytes (0 = never).
+    pub rotate_size: ByteSize,
+    /// Rotate once the file's first record is this old (0 = never).
+    pub rotate_age: Seconds,
+    /// Rotated files kept; older ones are deleted (0 = keep all).
+    pub rotate_keep: usize,
 }
 
 impl Default for AuditConfig {
@@ -236,8 +272,61 @@ impl Default for AuditConfig {
         AuditConfig {
             path: PathBuf::from("./rempart-audit.jsonl"),
             record: AuditRecordScope::All,
+            durability: Durability::Buffered,
+            failure_status: 503,
             flush_interval: Seconds(Duration::from_millis(5)),
             queue_capacity: 65_536,
+            on_full: OnFull::Block,
+            rotate_size: ByteSize(0),
+            rotate_age: Seconds(Duration::ZERO),
+            rotate_keep: 0,
+        }
+    }
+}
+
+/// A size written as `"100MB"`, `"64KiB"`, `"1GB"` or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, unit) = t.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("invalid size {s:?} (write e.g. \"100MB\", \"64KiB\")"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" | "k" => 1_000,
+            "kib" => 1 << 10,
+            "mb" | "m" => 1_000_000,
+            "mib" => 1 << 20,
+            "gb" | "g" => 1_000_000_000,
+            "gib" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "invalid size {s:?}: unknown unit {other:?} (use B, KB, KiB, MB, MiB, GB, GiB)"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
         }
     }
 }
@@ -400,6 +489,18 @@ impl Config {
         if self.audit.queue_capacity == 0 {
             bail!("[audit] queue_capacity must be at least 1");
         }
+        if !(500..=599).contains(&self.audit.failure_status) {
+            bail!(
+                "[audit] failure_status = {}: must be a 5xx status (the request failed on rempart's side)",
+                self.audit.failure_status
+            );
+        }
+        if self.audit.durability == Durability::Sync && self.audit.on_full == OnFull::Drop {
+            bail!(
+                "[audit] on_full = \"drop\" cannot be combined with durability = \"sync\": \
+                 in sync mode every response waits for its record, so a record is never dropped"
+            );
+        }
         Ok(())
     }
 
@@ -467,6 +568,40 @@ mod tests {
             c.identity.trusted_header.unwrap().0.as_str(),
             "x-remote-user"
         );
+    }
+
+    #[test]
+    fn audit_sizes_and_modes_parse_and_conflicts_are_refused() {
+        let c = Config::from_toml(
+            "[upstream]\nurl = \"http://127.0.0.1:1\"\n[audit]\ndurability = \"sync\"\nrotate_size = \"64KiB\"\nrotate_age = \"1h\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.audit.durability, Durability::Sync);
+        assert_eq!(c.audit.rotate_size, ByteSize(65_536));
+        assert_eq!(c.audit.rotate_age.0, Duration::from_secs(3600));
+        c.validate().unwrap();
+        assert_eq!(ByteSize::parse("100MB"), Ok(ByteSize(100_000_000)));
+        assert_eq!(ByteSize::parse("12"), Ok(ByteSize(12)));
+        assert!(ByteSize::parse("12 parsecs").unwrap_err().contains("unit"));
+        let err = Config::from_toml("[audit]\nrotate_size = \"big\"\n").unwrap_err();
+        assert!(
+            err.contains("line 2") && err.contains("invalid size"),
+            "{err}"
+        );
+        let c = Config::from_toml("[audit]\ndurability = \"async\"\n").unwrap();
+        assert_eq!(c.audit.durability, Durability::Buffered);
+        let mut c = Config::from_toml(
+            "[upstream]\nurl = \"http://127.0.0.1:1\"\n[audit]\ndurability = \"sync\"\non_full = \"drop\"\n",
+        )
+        .unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("on_full"));
+        c.audit.on_full = OnFull::Block;
+        c.audit.failure_status = 200;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("failure_status"));
     }
 
     #[test]

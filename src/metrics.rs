@@ -57,6 +57,9 @@ pub struct Metrics {
     pub audit_records: IntCounter,
     pub audit_write_errors: IntCounter,
     pub audit_queue_full: IntCounter,
+    pub audit_dropped: IntCounter,
+    pub audit_sync_failures: IntCounter,
+    pub audit_rotations: IntCounter,
     pub connections_open: IntGauge,
     pub geo_reloads_success: IntCounter,
     pub geo_reloads_failure: IntCounter,
@@ -162,6 +165,21 @@ impl Metrics {
             "Times a request waited because the audit queue was full.",
         ));
         reg(Box::new(audit_queue_full.clone()));
+        let audit_dropped = must(IntCounter::new(
+            "rempart_audit_dropped_total",
+            "Audit records dropped because the queue was full ([audit] on_full = \"drop\").",
+        ));
+        reg(Box::new(audit_dropped.clone()));
+        let audit_sync_failures = must(IntCounter::new(
+            "rempart_audit_sync_failures_total",
+            "Requests answered with [audit] failure_status because their record could not be made durable (sync mode).",
+        ));
+        reg(Box::new(audit_sync_failures.clone()));
+        let audit_rotations = must(IntCounter::new(
+            "rempart_audit_rotations_total",
+            "Audit trail files rotated.",
+        ));
+        reg(Box::new(audit_rotations.clone()));
 
         let connections_open = must(IntGauge::new(
             "rempart_connections_open",
@@ -210,6 +228,9 @@ impl Metrics {
             audit_records,
             audit_write_errors,
             audit_queue_full,
+            audit_dropped,
+            audit_sync_failures,
+            audit_rotations,
             connections_open,
             geo_reloads_success,
             geo_reloads_failure,
@@ -283,6 +304,8 @@ mod tests {
             "rempart_upstream_duration_seconds_bucket",
             "rempart_policy_reloads_total{result=\"failure\"} 0",
             "rempart_audit_records_total 0",
+            "rempart_audit_dropped_total 0",
+            "rempart_audit_sync_failures_total 0",
             "rempart_build_info{version=",
             "rempart_policy_revision_info{revision=\"sha256:abc\"} 1",
         ] {

@@ -16,7 +16,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::admin::{self, AdminState};
-use crate::audit::AuditSink;
+use crate::audit::{AuditOptions, AuditSink};
 use crate::config::Config;
 use crate::geo::GeoStore;
 use crate::metrics::Metrics;
@@ -31,8 +31,7 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
     let geo = GeoStore::open(cfg.geo.files(), cfg.geo.optional, Arc::clone(&metrics))?;
     let (audit, audit_writer) = AuditSink::open(
         &cfg.audit.path,
-        cfg.audit.flush_interval.0,
-        cfg.audit.queue_capacity,
+        AuditOptions::from_config(&cfg.audit),
         Arc::clone(&metrics),
     )?;
 

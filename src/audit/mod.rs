@@ -1,45 +1,68 @@
 //! The audit trail: one JSON line per decision, appended to a file.
 //!
-//! Request tasks serialise their record and hand the line to a queue; one
-//! writer thread drains the queue in batches and appends them with a single
-//! write. The writer sleeps between batches instead of waiting on the queue,
-//! so under load a request never has to wake it.
+//! Request tasks serialise their record and hand it to a bounded queue; one
+//! writer thread ([`writer`]) drains the queue in batches, chains them
+//! ([`chain`]) and appends each batch with a single write.
 //!
-//! Durability of this first form ("buffered"): a record is handed to the
-//! operating system within about `flush_interval` (one write per batch of at
-//! most `MAX_BATCH` records), but not fsynced. A crash of rempart loses what
-//! is still queued in memory; a crash of the machine can also lose what the
-//! OS had not yet written back. A clean stop (SIGTERM) writes and fsyncs
-//! everything queued.
+//! Two durability modes (`[audit] durability`, see docs/audit.md):
+//! - **buffered**: the writer lets records gather for `flush_interval`, then
+//!   writes them without fsync. A crash of rempart loses what is still
+//!   queued; a crash of the machine can also lose what the OS had not
+//!   written back. A clean stop writes and fsyncs everything queued.
+//! - **sync**: each record carries a one-shot acknowledgement; the writer
+//!   writes everything waiting with one write and one `fdatasync` (group
+//!   commit) and then acknowledges each record. The request's response
+//!   waits for it, and is replaced by an error if the record did not reach
+//!   the disk.
 
 pub mod chain;
+pub mod files;
 mod record;
 pub mod verify;
+mod writer;
 
 pub use record::{
     AuditDecision, AuditEndpoint, AuditGeo, AuditIdentity, AuditRecord, AuditRequest,
 };
+pub use writer::Rotation;
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::sync::oneshot;
 
+use crate::config::{AuditConfig, Durability, OnFull};
 use crate::metrics::Metrics;
+use writer::{Compressor, Msg, Shared, Trail, Writer, WriterSettings};
 
-/// Records written with one `write` at most, so that a batch under heavy
-/// load does not grow without bound or wait long.
-const MAX_BATCH: usize = 4096;
+/// How the trail is written, from `[audit]`.
+#[derive(Debug, Clone)]
+pub struct AuditOptions {
+    pub flush_interval: Duration,
+    pub capacity: usize,
+    pub durability: Durability,
+    pub on_full: OnFull,
+    pub rotation: Rotation,
+}
 
-enum Msg {
-    /// One record, a JSON object; the writer chains it (see [`chain`]).
-    Line(Vec<u8>),
-    /// Write and fsync everything before this, then answer.
-    Sync(mpsc::Sender<std::io::Result<()>>),
+impl AuditOptions {
+    pub fn from_config(cfg: &AuditConfig) -> AuditOptions {
+        AuditOptions {
+            flush_interval: cfg.flush_interval.0,
+            capacity: cfg.queue_capacity,
+            durability: cfg.durability,
+            on_full: cfg.on_full,
+            rotation: Rotation {
+                size: cfg.rotate_size.0,
+                age: Some(cfg.rotate_age.0).filter(|a| !a.is_zero()),
+                keep: cfg.rotate_keep,
+            },
+        }
+    }
 }
 
 /// The sending side, cloned into every worker.
@@ -47,6 +70,9 @@ enum Msg {
 pub struct AuditSink {
     tx: SyncSender<Msg>,
     metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    durability: Durability,
+    on_full: OnFull,
 }
 
 /// The writer thread; join it after every sink is dropped.
@@ -54,12 +80,24 @@ pub struct AuditWriter {
     handle: std::thread::JoinHandle<()>,
 }
 
+/// In sync mode, the promise that a record reaches the disk.
+pub struct AuditAck(Option<oneshot::Receiver<bool>>);
+
+impl AuditAck {
+    /// True once the record is written and fsynced; false if that failed.
+    pub async fn durable(self) -> bool {
+        match self.0 {
+            Some(rx) => rx.await.unwrap_or(false),
+            None => false,
+        }
+    }
+}
+
 impl AuditSink {
     /// Opens (creating or appending to) the trail and starts the writer.
     pub fn open(
         path: &Path,
-        flush_interval: Duration,
-        capacity: usize,
+        options: AuditOptions,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<(AuditSink, AuditWriter)> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -71,29 +109,51 @@ impl AuditSink {
                 );
             }
         }
-        let mut options = OpenOptions::new();
-        options.create(true).append(true);
-        // The trail holds personal data (who did what): owner-only on creation.
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        options.read(true);
-        let file = options
-            .open(path)
-            .with_context(|| format!("cannot open audit trail {} for appending", path.display()))?;
-        let (file, head) = open_chain(file, path)?;
-        let (tx, rx) = mpsc::sync_channel(capacity);
-        let writer_metrics = Arc::clone(&metrics);
-        let path = path.to_path_buf();
+        let trail = Trail::open(path)?;
+        let compressor = Compressor::start(path, options.rotation.keep, Arc::clone(&metrics))?;
+        let (tx, rx) = mpsc::sync_channel(options.capacity);
+        let shared = Arc::new(Shared::default());
+        let writer = Writer {
+            trail,
+            settings: WriterSettings {
+                flush_interval: options.flush_interval,
+                fsync_each_batch: options.durability == Durability::Sync,
+                rotation: options.rotation.clone(),
+            },
+            shared: Arc::clone(&shared),
+            metrics: Arc::clone(&metrics),
+            compressor,
+        };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run_writer(file, head, path, rx, flush_interval, writer_metrics))
+            .spawn(move || writer.run(rx))
             .context("cannot start the audit writer thread")?;
-        Ok((AuditSink { tx, metrics }, AuditWriter { handle }))
+        Ok((
+            AuditSink {
+                tx,
+                metrics,
+                shared,
+                durability: options.durability,
+                on_full: options.on_full,
+            },
+            AuditWriter { handle },
+        ))
     }
 
-    /// Queues one record. Never drops: when the queue is full the caller
-    /// waits for the writer (and the wait is counted).
-    pub fn record(&self, record: &AuditRecord<'_>) {
+    /// True in sync mode: responses wait for their record's [`AuditAck`].
+    pub fn is_sync(&self) -> bool {
+        self.durability == Durability::Sync
+    }
+
+    /// The last write to the trail failed (and none has succeeded since).
+    pub fn is_failing(&self) -> bool {
+        self.shared.failing.load(Ordering::Relaxed)
+    }
+
+    /// Queues one record. Buffered mode returns `None`; sync mode returns
+    /// the acknowledgement to wait for. When the queue is full the caller
+    /// waits for the writer (counted), unless `on_full = "drop"`.
+    pub fn record(&self, record: &AuditRecord<'_>) -> Option<AuditAck> {
         let line = match serde_json::to_vec(record) {
             Ok(l) => l,
             Err(e) => {
@@ -101,20 +161,34 @@ impl AuditSink {
                 // type does not have; counted so that it cannot pass unseen.
                 self.metrics.audit_write_errors.inc();
                 tracing::error!("cannot serialise audit record: {e}");
-                return;
+                return self.is_sync().then_some(AuditAck(None));
             }
         };
-        match self.tx.try_send(Msg::Line(line)) {
-            Ok(()) => {}
+        let (ack_tx, ack) = if self.is_sync() {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(AuditAck(Some(rx))))
+        } else {
+            (None, None)
+        };
+        match self.tx.try_send(Msg::Line(line, ack_tx)) {
+            Ok(()) => ack,
             Err(TrySendError::Full(msg)) => {
                 self.metrics.audit_queue_full.inc();
+                if self.on_full == OnFull::Drop {
+                    self.metrics.audit_dropped.inc();
+                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
                 if self.tx.send(msg).is_err() {
                     self.metrics.audit_write_errors.inc();
+                    return ack.map(|_| AuditAck(None));
                 }
+                ack
             }
             Err(TrySendError::Disconnected(_)) => {
                 self.metrics.audit_write_errors.inc();
                 tracing::error!("audit writer is gone; record lost");
+                ack.map(|_| AuditAck(None))
             }
         }
     }
@@ -137,133 +211,5 @@ impl AuditWriter {
         if self.handle.join().is_err() {
             tracing::error!("audit writer thread panicked");
         }
-    }
-}
-
-/// Finds where the chain stands in an existing trail. A torn last line (a
-/// crash mid-write) is cut off and the repair is itself recorded, chained.
-fn open_chain(mut file: File, path: &Path) -> anyhow::Result<(File, chain::Head)> {
-    use std::io::{Read, Seek, SeekFrom};
-    let len = file.metadata()?.len();
-    if len == 0 {
-        return Ok((file, chain::Head::genesis()));
-    }
-    // Read back far enough to hold the last complete line.
-    let mut window = 64 * 1024u64;
-    let (start, tail) = loop {
-        let start = len.saturating_sub(window);
-        file.seek(SeekFrom::Start(start))?;
-        let mut tail = Vec::new();
-        Read::by_ref(&mut file)
-            .take(len - start)
-            .read_to_end(&mut tail)?;
-        let newlines = tail.iter().filter(|&&b| b == b'\n').count();
-        if start == 0 || newlines >= 2 {
-            break (start, tail);
-        }
-        window *= 4;
-    };
-    let complete = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let torn = tail.len() - complete;
-    if torn > 0 {
-        file.set_len(start + complete as u64)
-            .with_context(|| format!("cannot truncate the torn last line of {}", path.display()))?;
-        tracing::warn!(path = %path.display(), bytes = torn, "audit trail had a torn last line; truncated");
-    }
-    let body = &tail[..complete];
-    let last = body[..body.len().saturating_sub(1)]
-        .rsplit(|&b| b == b'\n')
-        .next()
-        .unwrap_or(&[]);
-    let mut head = match std::str::from_utf8(last).ok().map(chain::check_line) {
-        Some(Ok(c)) => chain::Head {
-            seq: c.seq,
-            hash: c.hash,
-        },
-        _ if last.is_empty() => chain::Head::genesis(),
-        _ => {
-            anyhow::bail!(
-                "audit trail {}: its last line is not a valid chained record; \
-                 run `rempart audit verify {}` and move the file aside",
-                path.display(),
-                path.display()
-            )
-        }
-    };
-    if torn > 0 {
-        let note = serde_json::json!({
-            "type": "repair",
-            "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-            "truncated_bytes": torn,
-            "message": "torn last line (crash mid-write) removed at start",
-        });
-        let line = chain::link(&mut head, note.to_string().as_bytes());
-        file.seek(SeekFrom::End(0))?;
-        file.write_all(&line)?;
-        file.sync_data()?;
-    }
-    Ok((file, head))
-}
-
-fn run_writer(
-    mut file: File,
-    mut head: chain::Head,
-    path: PathBuf,
-    rx: Receiver<Msg>,
-    flush_interval: Duration,
-    metrics: Arc<Metrics>,
-) {
-    let mut batch: Vec<u8> = Vec::with_capacity(1 << 16);
-    let mut pending: u64 = 0;
-    let write = |batch: &mut Vec<u8>, pending: &mut u64, file: &mut File| {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let r = file.write_all(batch);
-        match &r {
-            Ok(()) => metrics.audit_records.inc_by(*pending),
-            Err(e) => {
-                // Counted per record, so that the loss is known exactly.
-                metrics.audit_write_errors.inc_by(*pending);
-                tracing::error!(path = %path.display(), records = *pending, "audit write failed: {e}");
-            }
-        }
-        batch.clear();
-        *pending = 0;
-        r
-    };
-    loop {
-        // Block only while idle; once work arrives, let a batch gather.
-        let first = match rx.recv() {
-            Ok(m) => m,
-            Err(_) => break,
-        };
-        if !flush_interval.is_zero() {
-            std::thread::sleep(flush_interval);
-        }
-        let mut next = Some(first);
-        while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
-            match msg {
-                Msg::Line(l) => {
-                    batch.extend_from_slice(&chain::link(&mut head, &l));
-                    pending += 1;
-                    if pending as usize >= MAX_BATCH {
-                        let _ = write(&mut batch, &mut pending, &mut file);
-                    }
-                }
-                Msg::Sync(ack) => {
-                    let r =
-                        write(&mut batch, &mut pending, &mut file).and_then(|_| file.sync_data());
-                    let _ = ack.send(r);
-                }
-            }
-        }
-        let _ = write(&mut batch, &mut pending, &mut file);
-    }
-    // Every sender is gone: the queue is drained; make it durable.
-    let _ = write(&mut batch, &mut pending, &mut file);
-    if let Err(e) = file.sync_all() {
-        metrics.audit_write_errors.inc();
-        tracing::error!(path = %path.display(), "audit fsync at shutdown failed: {e}");
     }
 }

@@ -1,10 +1,12 @@
 //! `rempart audit verify`: walks the hash chain across files in order and
-//! names the first broken link exactly.
+//! names the first broken link exactly. Files may be gzip-compressed
+//! (rotated files are); a directory stands for its trail files in chain
+//! order.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use super::chain::{check_line, GENESIS};
+use super::files::open_lines;
 
 #[derive(Debug)]
 pub struct Report {
@@ -34,6 +36,85 @@ impl std::fmt::Display for Broken {
     }
 }
 
+/// Replaces each directory in `args` by the trail files it holds (names
+/// ending in `.jsonl`, `.jsonl.gz`, or rotated `<name>.<20 digits>[.gz]`),
+/// ordered by the sequence number of their first record. Files keep the
+/// order they were given in.
+pub fn expand(args: &[PathBuf]) -> Result<Vec<PathBuf>, Broken> {
+    let mut out = Vec::new();
+    for arg in args {
+        if !arg.is_dir() {
+            out.push(arg.clone());
+            continue;
+        }
+        let broken = |what: String| Broken {
+            file: arg.clone(),
+            line: 0,
+            seq: None,
+            what,
+        };
+        let entries = std::fs::read_dir(arg).map_err(|e| broken(format!("cannot list: {e}")))?;
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| broken(format!("cannot list: {e}")))?;
+            if let Some(name) = entry.file_name().to_str() {
+                if is_trail_name(name) && entry.path().is_file() {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        // A compression cut short by a crash leaves `X` and `X.gz`: `X` is whole.
+        let plain: std::collections::HashSet<String> = names.iter().cloned().collect();
+        names.retain(|n| n.strip_suffix(".gz").is_none_or(|p| !plain.contains(p)));
+        let mut keyed = Vec::new();
+        for name in names {
+            let path = arg.join(&name);
+            let first = first_seq(&path).map_err(|what| Broken {
+                file: path.clone(),
+                line: 1,
+                seq: None,
+                what,
+            })?;
+            keyed.push((first.unwrap_or(u64::MAX), name, path));
+        }
+        keyed.sort();
+        if keyed.is_empty() {
+            return Err(broken(
+                "no trail files (*.jsonl, *.jsonl.gz, rotated files) in this directory".into(),
+            ));
+        }
+        out.extend(keyed.into_iter().map(|(_, _, p)| p));
+    }
+    Ok(out)
+}
+
+fn is_trail_name(name: &str) -> bool {
+    let name = name.strip_suffix(".gz").unwrap_or(name);
+    if name.ends_with(".jsonl") {
+        return true;
+    }
+    name.rsplit_once('.')
+        .is_some_and(|(_, digits)| digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The `seq` of a file's first line; `None` for an empty file.
+fn first_seq(path: &Path) -> Result<Option<u64>, String> {
+    let mut reader = open_lines(path).map_err(|e| format!("cannot open: {e}"))?;
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if line.is_empty() {
+        return Ok(None);
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(line.trim_end()).map_err(|e| format!("not JSON: {e}"))?;
+    v["seq"]
+        .as_u64()
+        .map(Some)
+        .ok_or_else(|| "no \"seq\" field".to_string())
+}
+
 pub fn verify(files: &[PathBuf]) -> Result<Report, Broken> {
     let mut prev: Option<(u64, String)> = None;
     let mut report = Report {
@@ -61,9 +142,7 @@ fn verify_file(
         seq,
         what,
     };
-    let file =
-        std::fs::File::open(path).map_err(|e| broken(0, None, format!("cannot open: {e}")))?;
-    let mut reader = std::io::BufReader::new(file);
+    let mut reader = open_lines(path).map_err(|e| broken(0, None, format!("cannot open: {e}")))?;
     let mut buf = String::new();
     let mut n = 0usize;
     loop {

@@ -108,6 +108,21 @@ pub fn policy_unavailable(decision_id: &str) -> Response<ProxyBody> {
     )
 }
 
+/// Sync durability mode: the request's record could not be made durable,
+/// so the request is refused (or its response withheld) rather than served
+/// unaudited.
+pub fn audit_unavailable(decision_id: &str, status: u16) -> Response<ProxyBody> {
+    json_response(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        decision_id,
+        serde_json::json!({
+            "error": "audit_unavailable",
+            "decision_id": decision_id,
+            "message": "the audit trail cannot be written; the request was refused"
+        }),
+    )
+}
+
 /// The upstream connection pool of one worker.
 pub struct Upstream {
     client: Client<HttpConnector, Incoming>,

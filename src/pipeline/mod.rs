@@ -41,6 +41,10 @@ use enforce::{Forwarded, ProxyBody, Upstream, DECISION_ID};
 use identify::Identifier;
 use record::Evidence;
 
+/// `decision.error` of a request refused because the trail cannot be written.
+const AUDIT_UNAVAILABLE: &str =
+    "audit trail unavailable (durability = sync): the last write failed";
+
 /// The upstream located with one generation of geo data (kept alive
 /// here, so that the pointer comparison cannot be fooled by reuse).
 struct LocatedUpstream {
@@ -62,6 +66,8 @@ pub struct Gateway {
     redact: Vec<http::HeaderName>,
     audit: AuditSink,
     audit_scope: AuditRecordScope,
+    /// Status answered in sync durability mode when a record cannot be made durable.
+    audit_failure_status: u16,
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -109,6 +115,7 @@ impl Gateway {
             redact,
             audit,
             audit_scope: cfg.audit.record,
+            audit_failure_status: cfg.audit.failure_status,
             metrics,
         })
     }
@@ -173,9 +180,23 @@ impl Gateway {
         // 6. enforce
         let mut upstream_error = None;
         let mut outcome = ruling.outcome;
+        // Sync durability: while the trail cannot be written, a request that
+        // would be recorded is not forwarded at all (fail closed). Its own
+        // record is still attempted: the first one that succeeds reopens
+        // the way.
+        let audit_refused = self.audit.is_sync()
+            && ruling.action == Action::Forward
+            && self.audit.is_failing()
+            && record::worth_recording(self.audit_scope, &ruling, outcome);
         let mut response = match ruling.action {
             Action::Deny => enforce::forbidden(&id, &ruling.decision.deny),
             Action::Unavailable => enforce::policy_unavailable(&id),
+            Action::Forward if audit_refused => {
+                self.metrics.audit_sync_failures.inc();
+                outcome = Outcome::Error;
+                upstream_error = Some(AUDIT_UNAVAILABLE.to_string());
+                enforce::audit_unavailable(&id, self.audit_failure_status)
+            }
             Action::Forward => {
                 match self
                     .upstream
@@ -200,7 +221,7 @@ impl Gateway {
         *response.version_mut() = client_version;
 
         // 7. record
-        record::record(
+        let ack = record::record(
             &Evidence {
                 input: &input,
                 ruling: &ruling,
@@ -213,6 +234,15 @@ impl Gateway {
             &self.audit,
             &self.metrics,
         );
+        // Sync durability: answer only once the record is on disk.
+        if let Some(ack) = ack {
+            if !ack.durable().await && !audit_refused {
+                self.metrics.audit_sync_failures.inc();
+                tracing::error!(decision_id = %id, "audit record not durable; response withheld");
+                response = enforce::audit_unavailable(&id, self.audit_failure_status);
+                *response.version_mut() = client_version;
+            }
+        }
         response
     }
 }

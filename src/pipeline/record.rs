@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::audit::{AuditDecision, AuditIdentity, AuditRecord, AuditRequest, AuditSink};
+use crate::audit::{AuditAck, AuditDecision, AuditIdentity, AuditRecord, AuditRequest, AuditSink};
 use crate::config::AuditRecordScope;
 use crate::input::PolicyInput;
 use crate::metrics::{Metrics, Outcome};
@@ -22,18 +22,30 @@ pub struct Evidence<'a> {
     pub upstream_error: Option<&'a str>,
 }
 
-pub fn record(ev: &Evidence<'_>, scope: AuditRecordScope, audit: &AuditSink, metrics: &Metrics) {
+/// Whether a request with this ruling and final outcome gets a record.
+pub fn worth_recording(scope: AuditRecordScope, ruling: &Ruling, outcome: Outcome) -> bool {
+    let d = &ruling.decision;
+    match scope {
+        AuditRecordScope::All => true,
+        AuditRecordScope::DenyAndWarn => {
+            !d.deny.is_empty() || !d.warn.is_empty() || outcome == Outcome::Error
+        }
+    }
+}
+
+/// Counts the request and queues its record. In sync durability mode,
+/// returns the acknowledgement the response must wait for.
+pub fn record(
+    ev: &Evidence<'_>,
+    scope: AuditRecordScope,
+    audit: &AuditSink,
+    metrics: &Metrics,
+) -> Option<AuditAck> {
     let input = ev.input;
     metrics.request(input.direction, ev.outcome).inc();
     let d = &ev.ruling.decision;
-    let worth_recording = match scope {
-        AuditRecordScope::All => true,
-        AuditRecordScope::DenyAndWarn => {
-            !d.deny.is_empty() || !d.warn.is_empty() || ev.outcome == Outcome::Error
-        }
-    };
-    if !worth_recording {
-        return;
+    if !worth_recording(scope, ev.ruling, ev.outcome) {
+        return None;
     }
     let error = ev.upstream_error.or(ev.ruling.error.as_deref());
     audit.record(&AuditRecord {
@@ -63,5 +75,5 @@ pub fn record(ev: &Evidence<'_>, scope: AuditRecordScope, audit: &AuditSink, met
         status: ev.status,
         latency_ms: (ev.accepted_at.elapsed().as_secs_f64() * 1e6).round() / 1000.0,
         policy_revision: &ev.ruling.revision,
-    });
+    })
 }

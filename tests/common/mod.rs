@@ -213,6 +213,16 @@ impl Rempart {
     }
 
     pub fn try_start(upstream: &str, extra: &[&str]) -> Result<Rempart, String> {
+        Self::try_start_via(&[], upstream, extra)
+    }
+
+    /// Like [`Rempart::try_start`], but runs `launcher... rempart args...`
+    /// (e.g. a shell that sets a resource limit, then `exec "$0" "$@"`).
+    pub fn try_start_via(
+        launcher: &[&str],
+        upstream: &str,
+        extra: &[&str],
+    ) -> Result<Rempart, String> {
         let dir = tempfile::tempdir().unwrap();
         // An --audit in `extra` (reopening an existing trail) wins.
         let given = extra
@@ -240,7 +250,15 @@ impl Rempart {
             args.push(repo_policies().display().to_string());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = Command::new(bin())
+        let mut command = match launcher.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let mut child = command
             .args(&args)
             .current_dir(dir.path())
             .env("RUST_LOG", "info")

@@ -1,0 +1,446 @@
+//! The writer thread: takes records from the queue in batches, chains them,
+//! appends each batch with one write, fsyncs when the durability mode asks,
+//! acknowledges sync-mode records, rotates the file, and notes in the trail
+//! itself any record that could not be written.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use tokio::sync::oneshot;
+
+use super::{chain, files};
+use crate::metrics::Metrics;
+
+/// Records written with one `write` at most, so that a batch under heavy
+/// load does not grow without bound or wait long.
+const MAX_BATCH: usize = 4096;
+
+pub(super) enum Msg {
+    /// One record, a JSON object; the writer chains it. In sync mode the
+    /// sender learns whether it reached the disk.
+    Line(Vec<u8>, Option<oneshot::Sender<bool>>),
+    /// Write and fsync everything before this, then answer.
+    Sync(mpsc::Sender<std::io::Result<()>>),
+}
+
+/// State the writer shares with the request side.
+#[derive(Default)]
+pub(super) struct Shared {
+    /// The last commit failed (sync mode refuses new work while it holds).
+    pub failing: AtomicBool,
+    /// Records dropped on a full queue since the last note in the trail.
+    pub dropped: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    /// Rotate before a write would take the file past this size (0 = never).
+    pub size: u64,
+    /// Rotate once the file's first record is this old.
+    pub age: Option<Duration>,
+    /// Rotated files kept (0 = all).
+    pub keep: usize,
+}
+
+pub(super) struct WriterSettings {
+    pub flush_interval: Duration,
+    pub fsync_each_batch: bool,
+    pub rotation: Rotation,
+}
+
+/// The active file and where the chain stands.
+pub(super) struct Trail {
+    path: PathBuf,
+    file: File,
+    /// Bytes in the file: a failed write is cut back to this length.
+    len: u64,
+    /// When the file's first record was written (for `rotate_age`).
+    started: SystemTime,
+    head: chain::Head,
+    /// Records whose write failed since the last successful one.
+    lost: u64,
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.create(true).append(true).read(true);
+    // The trail holds personal data (who did what): owner-only on creation.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+}
+
+impl Trail {
+    /// Opens (creating or appending to) the active file and finds where the
+    /// chain stands: its last line, or, when it is empty, the last line of
+    /// the newest rotated file. A torn last line (a crash mid-write) is cut
+    /// off and the repair is itself recorded, chained.
+    pub fn open(path: &Path) -> anyhow::Result<Trail> {
+        let mut file = open_append(path)
+            .with_context(|| format!("cannot open audit trail {} for appending", path.display()))?;
+        let len = file.metadata()?.len();
+        let (complete, torn, last, first) = read_ends(&mut file, len)
+            .with_context(|| format!("cannot read audit trail {}", path.display()))?;
+        if torn > 0 {
+            file.set_len(complete).with_context(|| {
+                format!("cannot truncate the torn last line of {}", path.display())
+            })?;
+            tracing::warn!(path = %path.display(), bytes = torn, "audit trail had a torn last line; truncated");
+        }
+        let refused = |what: &Path| {
+            anyhow::anyhow!(
+                "audit trail {}: the last line of {} is not a valid chained record; \
+                 run `rempart audit verify` on it and move the file aside",
+                path.display(),
+                what.display()
+            )
+        };
+        let mut head = match last {
+            Some(line) => head_of(&line).ok_or_else(|| refused(path))?,
+            None => match files::rotated_files(path)?.last() {
+                // An empty active file after a rotation continues the chain
+                // of the file before it.
+                Some(prev) => match files::last_line(&prev.path)? {
+                    Some(line) => head_of(&line).ok_or_else(|| refused(&prev.path))?,
+                    None => chain::Head::genesis(),
+                },
+                None => chain::Head::genesis(),
+            },
+        };
+        let started = first
+            .as_deref()
+            .and_then(first_timestamp)
+            .unwrap_or_else(SystemTime::now);
+        let mut len = complete;
+        if torn > 0 {
+            let note = serde_json::json!({
+                "type": "repair",
+                "timestamp": now_rfc3339(),
+                "truncated_bytes": torn,
+                "message": "torn last line (crash mid-write) removed at start",
+            });
+            let line = chain::link(&mut head, note.to_string().as_bytes());
+            file.seek(SeekFrom::End(0))?;
+            file.write_all(&line)?;
+            file.sync_data()?;
+            len += line.len() as u64;
+        }
+        Ok(Trail {
+            path: path.to_path_buf(),
+            file,
+            len,
+            started,
+            head,
+            lost: 0,
+        })
+    }
+
+    fn rotation_due(&self, rotation: &Rotation, incoming: usize) -> bool {
+        if self.len == 0 {
+            return false;
+        }
+        let too_big = rotation.size > 0 && self.len + incoming as u64 > rotation.size;
+        let too_old = rotation
+            .age
+            .is_some_and(|age| self.started.elapsed().unwrap_or_default() >= age);
+        too_big || too_old
+    }
+
+    /// Closes the active file under its rotated name (holding records up
+    /// to `last_seq`) and starts a new, empty one.
+    fn rotate(&mut self, last_seq: u64) -> anyhow::Result<PathBuf> {
+        self.file
+            .sync_data()
+            .with_context(|| format!("cannot fsync {}", self.path.display()))?;
+        let rotated = files::rotated_name(&self.path, last_seq);
+        std::fs::rename(&self.path, &rotated).with_context(|| {
+            format!(
+                "cannot rename {} to {}",
+                self.path.display(),
+                rotated.display()
+            )
+        })?;
+        let file = match open_append(&self.path) {
+            Ok(f) => f,
+            Err(e) => {
+                // Put the old file back so that writing can go on.
+                let _ = std::fs::rename(&rotated, &self.path);
+                return Err(e).with_context(|| format!("cannot create {}", self.path.display()));
+            }
+        };
+        files::sync_dir(&self.path);
+        self.file = file;
+        self.len = 0;
+        self.started = SystemTime::now();
+        Ok(rotated)
+    }
+}
+
+/// Reads the file's first and last complete lines: returns (length of the
+/// complete lines, bytes of a torn tail, last line, first line).
+fn read_ends(
+    file: &mut File,
+    len: u64,
+) -> std::io::Result<(u64, u64, Option<String>, Option<String>)> {
+    if len == 0 {
+        return Ok((0, 0, None, None));
+    }
+    let mut first = Vec::new();
+    file.seek(SeekFrom::Start(0))?;
+    Read::by_ref(file).take(64 * 1024).read_to_end(&mut first)?;
+    let first = first
+        .split(|&b| b == b'\n')
+        .next()
+        .filter(|_| first.contains(&b'\n'))
+        .map(|l| String::from_utf8_lossy(l).into_owned());
+    // Read back far enough to hold the last complete line.
+    let mut window = 64 * 1024u64;
+    let (start, tail) = loop {
+        let start = len.saturating_sub(window);
+        file.seek(SeekFrom::Start(start))?;
+        let mut tail = Vec::new();
+        Read::by_ref(file)
+            .take(len - start)
+            .read_to_end(&mut tail)?;
+        let newlines = tail.iter().filter(|&&b| b == b'\n').count();
+        if start == 0 || newlines >= 2 {
+            break (start, tail);
+        }
+        window *= 4;
+    };
+    let complete = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let torn = (tail.len() - complete) as u64;
+    let body = &tail[..complete];
+    let last = body[..body.len().saturating_sub(1)]
+        .rsplit(|&b| b == b'\n')
+        .next()
+        .filter(|l| !l.is_empty())
+        .map(|l| String::from_utf8_lossy(l).into_owned());
+    Ok((start + complete as u64, torn, last, first))
+}
+
+fn head_of(line: &str) -> Option<chain::Head> {
+    chain::check_line(line).ok().map(|c| chain::Head {
+        seq: c.seq,
+        hash: c.hash,
+    })
+}
+
+fn first_timestamp(line: &str) -> Option<SystemTime> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    humantime::parse_rfc3339(v["timestamp"].as_str()?).ok()
+}
+
+/// Compresses rotated files and applies retention, off the writer thread so
+/// that a large file never stalls requests waiting for their records.
+pub(super) struct Compressor {
+    tx: Option<mpsc::Sender<PathBuf>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Compressor {
+    pub fn start(active: &Path, keep: usize, metrics: Arc<Metrics>) -> anyhow::Result<Compressor> {
+        let (tx, rx) = mpsc::channel::<PathBuf>();
+        let active = active.to_path_buf();
+        // Finish what a crash interrupted: rotated files left uncompressed.
+        for r in files::rotated_files(&active)? {
+            if !r.compressed {
+                let _ = tx.send(r.path);
+            }
+        }
+        let handle = std::thread::Builder::new()
+            .name("audit-compress".into())
+            .spawn(move || {
+                for path in rx {
+                    match files::compress(&path) {
+                        Ok(gz) => tracing::info!(file = %gz.display(), "rotated audit file compressed"),
+                        Err(e) => {
+                            metrics.audit_write_errors.inc();
+                            tracing::error!("cannot compress rotated audit file: {e:#}");
+                        }
+                    }
+                    match files::apply_retention(&active, keep) {
+                        Ok(removed) => {
+                            for r in removed {
+                                tracing::info!(file = %r.display(), "old audit file removed (rotate_keep)");
+                            }
+                        }
+                        Err(e) => tracing::error!("audit retention failed: {e:#}"),
+                    }
+                }
+            })
+            .context("cannot start the audit compression thread")?;
+        Ok(Compressor {
+            tx: Some(tx),
+            handle: Some(handle),
+        })
+    }
+
+    fn send(&self, path: PathBuf) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(path);
+        }
+    }
+
+    /// Waits for every queued compression.
+    pub fn finish(mut self) {
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            if h.join().is_err() {
+                tracing::error!("audit compression thread panicked");
+            }
+        }
+    }
+}
+
+/// Everything the writer thread owns.
+pub(super) struct Writer {
+    pub trail: Trail,
+    pub settings: WriterSettings,
+    pub shared: Arc<Shared>,
+    pub metrics: Arc<Metrics>,
+    pub compressor: Compressor,
+}
+
+impl Writer {
+    pub fn run(mut self, rx: Receiver<Msg>) {
+        let mut records: Vec<Vec<u8>> = Vec::with_capacity(256);
+        let mut acks: Vec<oneshot::Sender<bool>> = Vec::new();
+        let mut backlog = false;
+        loop {
+            // Block only while idle; once work arrives, let a batch gather
+            // (buffered mode). In sync mode the batch is whatever arrived
+            // during the previous write and fsync: group commit.
+            let first = match rx.recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            };
+            let fsync = self.settings.fsync_each_batch;
+            if !fsync && !backlog && !self.settings.flush_interval.is_zero() {
+                std::thread::sleep(self.settings.flush_interval);
+            }
+            let mut next = Some(first);
+            while let Some(msg) = next.take().or_else(|| {
+                if records.len() < MAX_BATCH {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                }
+            }) {
+                match msg {
+                    Msg::Line(l, ack) => {
+                        records.push(l);
+                        acks.extend(ack);
+                    }
+                    Msg::Sync(reply) => {
+                        let r = self.commit(&mut records, true);
+                        answer(&mut acks, r.is_ok());
+                        let _ = reply.send(r);
+                    }
+                }
+            }
+            backlog = records.len() >= MAX_BATCH;
+            let ok = self.commit(&mut records, fsync).is_ok();
+            answer(&mut acks, ok);
+        }
+        // Every sender is gone: the queue is drained; make it durable.
+        if self.commit(&mut records, true).is_err() {
+            tracing::error!(path = %self.trail.path.display(), "audit write at shutdown failed");
+        }
+        answer(&mut acks, false);
+        self.compressor.finish();
+    }
+
+    /// Chains and appends `records` (emptying it) with one write, preceded
+    /// by a note of any records lost since the last successful write. On
+    /// failure the file is cut back and the chain rewound, so the trail
+    /// stays valid and the next success notes the loss.
+    fn commit(&mut self, records: &mut Vec<Vec<u8>>, fsync: bool) -> std::io::Result<()> {
+        let dropped = self.shared.dropped.swap(0, Ordering::Relaxed);
+        let trail = &mut self.trail;
+        if records.is_empty() && trail.lost == 0 && dropped == 0 {
+            return if fsync {
+                trail.file.sync_data()
+            } else {
+                Ok(())
+            };
+        }
+        let before = trail.head.clone();
+        let mut batch = Vec::with_capacity(records.iter().map(|r| r.len() + 180).sum());
+        if trail.lost > 0 || dropped > 0 {
+            let note = serde_json::json!({
+                "type": "loss",
+                "timestamp": now_rfc3339(),
+                "write_failed": trail.lost,
+                "dropped": dropped,
+                "message": "records missing before this line: write_failed could not be \
+                            written (I/O error), dropped found the queue full (on_full = drop)",
+            });
+            batch.extend_from_slice(&chain::link(&mut trail.head, note.to_string().as_bytes()));
+        }
+        for r in records.iter() {
+            batch.extend_from_slice(&chain::link(&mut trail.head, r));
+        }
+        if trail.rotation_due(&self.settings.rotation, batch.len()) {
+            match trail.rotate(before.seq) {
+                Ok(rotated) => {
+                    self.metrics.audit_rotations.inc();
+                    tracing::info!(file = %rotated.display(), "audit trail rotated");
+                    self.compressor.send(rotated);
+                }
+                // Keep writing to the current file: a failed rotation must
+                // not lose records.
+                Err(e) => tracing::error!("audit rotation failed: {e:#}"),
+            }
+        }
+        let result = trail.file.write_all(&batch).and_then(|()| {
+            if fsync {
+                trail.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        let n = records.len() as u64;
+        records.clear();
+        match result {
+            Ok(()) => {
+                trail.len += batch.len() as u64;
+                trail.lost = 0;
+                self.metrics.audit_records.inc_by(n);
+                self.shared.failing.store(false, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                // Remove whatever part of the batch reached the file, so
+                // that no torn line sits in the middle of the trail.
+                if let Err(t) = trail.file.set_len(trail.len) {
+                    tracing::error!(path = %trail.path.display(), "cannot cut back a failed audit write: {t}");
+                }
+                trail.head = before;
+                trail.lost += n;
+                self.shared.dropped.fetch_add(dropped, Ordering::Relaxed);
+                self.shared.failing.store(true, Ordering::Relaxed);
+                // Counted per record, so that the loss is known exactly.
+                self.metrics.audit_write_errors.inc_by(n.max(1));
+                tracing::error!(path = %trail.path.display(), records = n, "audit write failed: {e}");
+                Err(e)
+            }
+        }
+    }
+}
+
+fn answer(acks: &mut Vec<oneshot::Sender<bool>>, ok: bool) {
+    for ack in acks.drain(..) {
+        let _ = ack.send(ok);
+    }
+}
