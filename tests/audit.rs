@@ -359,3 +359,127 @@ async fn buffered_mode_keeps_serving_when_the_trail_cannot_be_written() {
     let (code, _, err) = verify(&[&trail]);
     assert_eq!(code, 0, "{err}");
 }
+
+fn gunzip(path: &std::path::Path) -> String {
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap()),
+        &mut text,
+    )
+    .unwrap();
+    text
+}
+
+fn gzip(path: &std::path::Path, text: &str) {
+    let mut enc = flate2::write::GzEncoder::new(
+        std::fs::File::create(path).unwrap(),
+        flate2::Compression::default(),
+    );
+    std::io::Write::write_all(&mut enc, text.as_bytes()).unwrap();
+    enc.finish().unwrap();
+}
+
+fn gz_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "gz"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_under_load_keeps_one_chain_across_compressed_files() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let trails = dir.path().join("trail");
+    std::fs::create_dir(&trails).unwrap();
+    let trail = trails.join("audit.jsonl");
+    let mut rp = start_with_audit(
+        &[],
+        dir.path(),
+        &up.url(),
+        "rotate_size = \"8KiB\"\nflush_interval = \"1ms\"",
+        &trail,
+    );
+    // Rotation happens between batches: ten rounds of 20 concurrent requests.
+    for _ in 0..10 {
+        traffic(&rp, 20).await;
+    }
+    assert!(rp.metric("rempart_audit_rotations_total").await >= 1.0);
+    assert!(rp.stop().success());
+    let rotated = gz_files(&trails);
+    assert!(rotated.len() >= 3, "{rotated:?}");
+    // Each rotated file is a complete gzip of whole lines; the first line
+    // of each file links to the last line of the one before.
+    for pair in rotated.windows(2) {
+        let last: serde_json::Value =
+            serde_json::from_str(gunzip(&pair[0]).lines().last().unwrap()).unwrap();
+        let first: serde_json::Value =
+            serde_json::from_str(gunzip(&pair[1]).lines().next().unwrap()).unwrap();
+        assert_eq!(first["prev_hash"], last["hash"]);
+    }
+    let (code, out, err) = verify(&[&trails]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("ok: 200 records") && out.contains("seq 1..200"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("in {} file(s)", rotated.len() + 1)),
+        "{out}"
+    );
+
+    // A restart continues the same chain.
+    let mut again = start_with_audit(&[], dir.path(), &up.url(), "rotate_size = \"8KiB\"", &trail);
+    traffic(&again, 20).await;
+    assert!(again.stop().success());
+    let (code, out, err) = verify(&[&trails]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("seq 1..220"), "{out}");
+
+    // An edit inside a compressed file is named by file and line.
+    let victim = &gz_files(&trails)[1];
+    let text = gunzip(victim);
+    gzip(
+        victim,
+        &text.replacen("\"status\":200", "\"status\":201", 1),
+    );
+    let (code, _, err) = verify(&[&trails]);
+    assert_ne!(code, 0);
+    let name = victim.file_name().unwrap().to_str().unwrap();
+    assert!(
+        err.contains(&format!("{name}:1:")) && err.contains("hash mismatch"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_keeps_the_newest_rotated_files_and_they_still_verify() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let trails = dir.path().join("trail");
+    std::fs::create_dir(&trails).unwrap();
+    let trail = trails.join("audit.jsonl");
+    let mut rp = start_with_audit(
+        &[],
+        dir.path(),
+        &up.url(),
+        "rotate_size = \"4KiB\"\nrotate_keep = 2\nflush_interval = \"1ms\"",
+        &trail,
+    );
+    for _ in 0..10 {
+        traffic(&rp, 10).await;
+    }
+    assert!(rp.metric("rempart_audit_rotations_total").await >= 1.0);
+    assert!(rp.stop().success());
+    assert_eq!(gz_files(&trails).len(), 2);
+    let (code, out, err) = verify(&[&trails]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("in 3 file(s)") && out.contains("..100,"),
+        "{out}"
+    );
+    assert!(!out.contains("seq 1.."), "{out}");
+}

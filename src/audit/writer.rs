@@ -444,3 +444,99 @@ fn answer(acks: &mut Vec<oneshot::Sender<bool>>, ok: bool) {
         let _ = ack.send(ok);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer(path: &Path, rotation: Rotation) -> Writer {
+        let metrics = Arc::new(Metrics::new());
+        Writer {
+            trail: Trail::open(path).unwrap(),
+            settings: WriterSettings {
+                flush_interval: Duration::ZERO,
+                fsync_each_batch: true,
+                rotation: rotation.clone(),
+            },
+            shared: Arc::new(Shared::default()),
+            compressor: Compressor::start(path, rotation.keep, Arc::clone(&metrics)).unwrap(),
+            metrics,
+        }
+    }
+
+    fn no_rotation() -> Rotation {
+        Rotation {
+            size: 0,
+            age: None,
+            keep: 0,
+        }
+    }
+
+    fn records(n: usize) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| format!("{{\"decision_id\":\"r{i}\"}}").into_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_write_is_cut_back_and_noted_at_the_next_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        let mut w = writer(&path, no_rotation());
+        w.commit(&mut records(3), true).unwrap();
+        // A read-only handle on the same file: the next write fails.
+        let good = std::mem::replace(&mut w.trail.file, File::open(&path).unwrap());
+        assert!(w.commit(&mut records(2), true).is_err());
+        assert!(w.shared.failing.load(Ordering::Relaxed));
+        w.shared.dropped.store(4, Ordering::Relaxed);
+        w.trail.file = good;
+        w.commit(&mut records(1), true).unwrap();
+        assert!(!w.shared.failing.load(Ordering::Relaxed));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 5);
+        assert_eq!(lines[3]["type"], "loss");
+        assert_eq!(lines[3]["write_failed"], 2);
+        assert_eq!(lines[3]["dropped"], 4);
+        assert_eq!(lines[4]["seq"], 5);
+        let report = super::super::verify::verify(&[path]).unwrap();
+        assert_eq!(report.records, 5);
+    }
+
+    #[test]
+    fn rotation_continues_the_chain_into_the_new_file_and_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        let rotation = Rotation {
+            size: 300,
+            age: None,
+            keep: 0,
+        };
+        let mut w = writer(&path, rotation.clone());
+        for _ in 0..4 {
+            w.commit(&mut records(2), false).unwrap();
+        }
+        w.compressor.finish();
+        let rotated = files::rotated_files(&path).unwrap();
+        assert_eq!(rotated.len(), 3, "{rotated:?}");
+        assert!(rotated.iter().all(|r| r.compressed));
+        // A crash right after a rotation leaves the active file empty: the
+        // chain continues from the newest rotated file.
+        std::fs::rename(&path, files::rotated_name(&path, 8)).unwrap();
+        std::fs::write(&path, "").unwrap();
+        let mut w = writer(&path, no_rotation());
+        assert_eq!(w.trail.head.seq, 8);
+        w.commit(&mut records(1), true).unwrap();
+        let mut all: Vec<PathBuf> = files::rotated_files(&path)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.path)
+            .collect();
+        all.push(path.clone());
+        let report = super::super::verify::verify(&all).unwrap();
+        assert_eq!((report.first_seq, report.last_seq), (1, 9));
+    }
+}
