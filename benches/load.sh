@@ -32,6 +32,10 @@
 #                        MODERATE_CONNECTIONS*1000/(PACE_MS+latency) req/s;
 #                        0 = closed loop, each target as fast as it answers
 #   SKIP_BUILD [0]       1 = use target/release/rempart as it is
+#   REMPART_CONFIG []    a TOML file passed to rempart with --config (e.g. an
+#                        [audit] table with durability = "sync"); the flags the
+#                        script passes (upstream, listen, audit, policies,
+#                        mode) still override it
 #   KEEP_TMP [0]         1 = keep the temp dir (configs, logs, audit trail)
 #   BUILD_WAIT_MAX [1800] seconds to wait, before each run, for other
 #                        rustc/cargo jobs to end (then it stops) and for the
@@ -344,7 +348,9 @@ log "nginx proxy (worker_processes auto = $(nproc)) on 127.0.0.1:$PX_PORT"
 
 # -------------------------------------------------------------- rempart
 AUDIT=$TMP/audit.jsonl
-NO_COLOR=1 "$BIN" serve \
+REMPART_CONFIG_ARGS=()
+[[ -n ${REMPART_CONFIG:-} ]] && REMPART_CONFIG_ARGS=(--config "$REMPART_CONFIG")
+NO_COLOR=1 "$BIN" serve "${REMPART_CONFIG_ARGS[@]}" \
     --upstream "http://127.0.0.1:$UP_PORT" \
     --listen 127.0.0.1:0 --admin 127.0.0.1:0 \
     --audit "$AUDIT" --policies "$POLICIES" --mode enforce \

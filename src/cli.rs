@@ -52,6 +52,24 @@ enum AuditCommand {
     Verify {
         #[arg(required = true, value_name = "FILE|DIR")]
         files: Vec<PathBuf>,
+        /// Ed25519 public key (PEM, raw or hex): also check the signed
+        /// checkpoints, and require at least one.
+        #[arg(long, value_name = "FILE")]
+        public_key: Option<PathBuf>,
+        /// With --public-key: fail unless a checkpoint signs at least this
+        /// seq (the last `rempart_audit_signed_seq` your monitoring saw).
+        #[arg(long, value_name = "SEQ", requires = "public_key")]
+        min_signed_seq: Option<u64>,
+        /// With --public-key: fail if records follow the last checkpoint
+        /// (a trail written up to a clean stop ends with one).
+        #[arg(long, requires = "public_key")]
+        strict: bool,
+    },
+    /// Create an Ed25519 key pair for signed checkpoints: the private key
+    /// (PKCS#8 PEM, mode 0600) at OUT, the public key at OUT.pub.
+    Keygen {
+        #[arg(long, value_name = "OUT")]
+        out: PathBuf,
     },
 }
 
@@ -203,7 +221,13 @@ pub fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Test { dirs }) => test(&dirs),
         Command::Geoip(GeoipCommand::Lookup { geo, ips }) => geoip_lookup(&geo, &ips),
         Command::Geoip(GeoipCommand::Info { geo }) => geoip_info(&geo),
-        Command::Audit(AuditCommand::Verify { files }) => audit_verify(&files),
+        Command::Audit(AuditCommand::Verify {
+            files,
+            public_key,
+            min_signed_seq,
+            strict,
+        }) => audit_verify(&files, public_key.as_deref(), min_signed_seq, strict),
+        Command::Audit(AuditCommand::Keygen { out }) => audit_keygen(&out),
         Command::Geoip(GeoipCommand::BuildAsn { csv, out }) => {
             crate::geo::build::asn_from_csv(&csv, &out).and_then(|n| {
                 emit(&format!("wrote {} ({n} ranges)", out.display()))?;
@@ -425,7 +449,38 @@ fn geoip_info(a: &GeoArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn audit_verify(args: &[PathBuf]) -> anyhow::Result<ExitCode> {
+fn audit_keygen(out: &Path) -> anyhow::Result<ExitCode> {
+    let mut public_path = out.as_os_str().to_os_string();
+    public_path.push(".pub");
+    let public_path = PathBuf::from(public_path);
+    for p in [out, public_path.as_path()] {
+        if p.exists() {
+            anyhow::bail!("{} already exists; not overwriting a key", p.display());
+        }
+    }
+    let (private, public, id) = crate::audit::checkpoint::generate()?;
+    let mut f = crate::audit::files::create_private(out)?;
+    std::io::Write::write_all(&mut f, private.as_bytes())
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    std::fs::write(&public_path, public)
+        .with_context(|| format!("cannot write {}", public_path.display()))?;
+    emit(&format!(
+        "private key {} (keep it where only rempart can read it), public key {}, key id {id}",
+        out.display(),
+        public_path.display()
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit_verify(
+    args: &[PathBuf],
+    public_key: Option<&Path>,
+    min_signed_seq: Option<u64>,
+    strict: bool,
+) -> anyhow::Result<ExitCode> {
+    let key = public_key
+        .map(crate::audit::checkpoint::load_verifying_key)
+        .transpose()?;
     let files = match crate::audit::verify::expand(args) {
         Ok(f) => f,
         Err(broken) => {
@@ -433,10 +488,43 @@ fn audit_verify(args: &[PathBuf]) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    match crate::audit::verify::verify(&files) {
+    match crate::audit::verify::verify_with(&files, key.as_ref(), min_signed_seq) {
         Ok(r) => {
+            let unsigned_tail = r
+                .last_signed_seq
+                .map_or(0, |s| r.last_seq.saturating_sub(s + 1));
+            if strict && unsigned_tail > 0 {
+                eprintln!(
+                    "rempart: audit trail not fully signed: {unsigned_tail} record(s) after the last \
+                     checkpoint (seq {}..{}) are not covered by a signature",
+                    r.last_seq - unsigned_tail + 1,
+                    r.last_seq
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            let signed = match (&key, r.last_signed_seq) {
+                (Some(k), Some(s)) => format!(
+                    "; {} checkpoint(s) verified with key {}, the last signing seq {s}{}",
+                    r.checkpoints,
+                    crate::audit::checkpoint::key_id(k),
+                    if r.last_seq > s + 1 {
+                        format!(
+                            "; WARNING: the {} record(s) after it are not covered by a signature \
+                             (a crash, or records cut off and rewritten)",
+                            r.last_seq - s - 1
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
+                _ if r.checkpoints > 0 => format!(
+                    "; {} checkpoint(s) not checked (no --public-key)",
+                    r.checkpoints
+                ),
+                _ => String::new(),
+            };
             emit(&format!(
-                "ok: {} records in {} file(s), seq {}..{}, from {} to {}",
+                "ok: {} records in {} file(s), seq {}..{}, from {} to {}{signed}",
                 r.records,
                 r.files,
                 r.first_seq,

@@ -265,6 +265,12 @@ pub struct AuditConfig {
     pub rotate_age: Seconds,
     /// Rotated files kept; older ones are deleted (0 = keep all).
     pub rotate_keep: usize,
+    /// Ed25519 private key signing periodic checkpoints (none: no checkpoints).
+    pub checkpoint_key: Option<PathBuf>,
+    /// Sign after this many records (0 = not by count).
+    pub checkpoint_records: u64,
+    /// Sign records this old at the latest (0 = not by time).
+    pub checkpoint_interval: Seconds,
 }
 
 impl Default for AuditConfig {
@@ -280,6 +286,9 @@ impl Default for AuditConfig {
             rotate_size: ByteSize(0),
             rotate_age: Seconds(Duration::ZERO),
             rotate_keep: 0,
+            checkpoint_key: None,
+            checkpoint_records: 1000,
+            checkpoint_interval: Seconds(Duration::from_secs(60)),
         }
     }
 }
@@ -493,6 +502,15 @@ impl Config {
             bail!(
                 "[audit] failure_status = {}: must be a 5xx status (the request failed on rempart's side)",
                 self.audit.failure_status
+            );
+        }
+        if self.audit.checkpoint_key.is_some()
+            && self.audit.checkpoint_records == 0
+            && self.audit.checkpoint_interval.0.is_zero()
+        {
+            bail!(
+                "[audit] checkpoint_key is set but checkpoint_records and checkpoint_interval \
+                 are both 0: say how often to sign"
             );
         }
         if self.audit.durability == Durability::Sync && self.audit.on_full == OnFull::Drop {

@@ -60,6 +60,7 @@ pub struct Metrics {
     pub audit_dropped: IntCounter,
     pub audit_sync_failures: IntCounter,
     pub audit_rotations: IntCounter,
+    pub audit_signed_seq: IntGauge,
     pub connections_open: IntGauge,
     pub geo_reloads_success: IntCounter,
     pub geo_reloads_failure: IntCounter,
@@ -180,6 +181,11 @@ impl Metrics {
             "Audit trail files rotated.",
         ));
         reg(Box::new(audit_rotations.clone()));
+        let audit_signed_seq = must(IntGauge::new(
+            "rempart_audit_signed_seq",
+            "Sequence number signed by the last audit checkpoint written (0: none yet).",
+        ));
+        reg(Box::new(audit_signed_seq.clone()));
 
         let connections_open = must(IntGauge::new(
             "rempart_connections_open",
@@ -231,6 +237,7 @@ impl Metrics {
             audit_dropped,
             audit_sync_failures,
             audit_rotations,
+            audit_signed_seq,
             connections_open,
             geo_reloads_success,
             geo_reloads_failure,

@@ -400,10 +400,11 @@ async fn rotation_under_load_keeps_one_chain_across_compressed_files() {
         &[],
         dir.path(),
         &up.url(),
-        "rotate_size = \"8KiB\"\nflush_interval = \"1ms\"",
+        "rotate_size = \"8KiB\"\ndurability = \"sync\"",
         &trail,
     );
-    // Rotation happens between batches: ten rounds of 20 concurrent requests.
+    // Rotation happens between batches; sync mode writes each round before
+    // answering it, so that rotations happen however slow the machine is.
     for _ in 0..10 {
         traffic(&rp, 20).await;
     }
@@ -466,7 +467,7 @@ async fn retention_keeps_the_newest_rotated_files_and_they_still_verify() {
         &[],
         dir.path(),
         &up.url(),
-        "rotate_size = \"4KiB\"\nrotate_keep = 2\nflush_interval = \"1ms\"",
+        "rotate_size = \"4KiB\"\nrotate_keep = 2\ndurability = \"sync\"",
         &trail,
     );
     for _ in 0..10 {
@@ -482,4 +483,147 @@ async fn retention_keeps_the_newest_rotated_files_and_they_still_verify() {
         "{out}"
     );
     assert!(!out.contains("seq 1.."), "{out}");
+}
+
+/// What an attacker with write access (but not the key) can do: rebuild
+/// the chain from `from` on, with `edit` applied to every record body.
+fn rechain(lines: &[String], from: usize, edit: impl Fn(&str) -> String) -> Vec<String> {
+    use rempart::audit::chain::{check_line, link, Head};
+    let mut out = lines[..from].to_vec();
+    let mut head = match from {
+        0 => Head::genesis(),
+        _ => {
+            let c = check_line(&lines[from - 1]).unwrap();
+            Head {
+                seq: c.seq,
+                hash: c.hash,
+            }
+        }
+    };
+    for line in &lines[from..] {
+        // `{"seq":N,"prev_hash":"<64>",<fields>,"hash":"<64>"}`
+        let start = line.find("\"prev_hash\":\"").unwrap() + 13 + 64 + 2;
+        let end = line.len() - (",\"hash\":\"".len() + 64 + 2);
+        let body = format!("{{{}}}", edit(&line[start..end]));
+        let linked = link(&mut head, body.as_bytes());
+        out.push(String::from_utf8(linked).unwrap().trim_end().to_string());
+    }
+    out
+}
+
+fn verify_args(args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["audit", "verify"];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signed_checkpoints_catch_a_rebuilt_chain_and_a_cut_back_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("audit-key.pem");
+    let key_s = key.to_str().unwrap();
+    let (code, out, err) = run(&["audit", "keygen", "--out", key_s]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("key id"), "{out}");
+    let public = format!("{key_s}.pub");
+    assert_ne!(
+        run(&["audit", "keygen", "--out", key_s]).0,
+        0,
+        "overwrote a key"
+    );
+
+    let up = Upstream::start().await;
+    let trail = dir.path().join("trail.jsonl");
+    let mut rp = start_with_audit(
+        &[],
+        dir.path(),
+        &up.url(),
+        &format!("checkpoint_key = \"{key_s}\"\ncheckpoint_records = 10\ndurability = \"sync\""),
+        &trail,
+    );
+    for _ in 0..5 {
+        traffic(&rp, 10).await;
+    }
+    assert!(rp.metric("rempart_audit_signed_seq").await >= 10.0);
+    assert!(rp.stop().success());
+    let t = trail.to_str().unwrap();
+
+    let (code, out, err) = verify_args(&[t, "--public-key", &public, "--strict"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("checkpoint(s) verified") && !out.contains("WARNING"),
+        "{out}"
+    );
+    let (code, out, _) = verify_args(&[t]);
+    assert_eq!(code, 0);
+    assert!(out.contains("not checked"), "{out}");
+
+    // Another key does not vouch for this trail.
+    let other = dir.path().join("other.pem");
+    assert_eq!(
+        run(&["audit", "keygen", "--out", other.to_str().unwrap()]).0,
+        0
+    );
+    let other_pub = format!("{}.pub", other.display());
+    let (code, _, err) = verify_args(&[t, "--public-key", &other_pub]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not by the given public key"), "{err}");
+
+    let lines: Vec<String> = std::fs::read_to_string(&trail)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let checkpoints: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("\"type\":\"checkpoint\""))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(checkpoints.len() >= 3, "{checkpoints:?}");
+
+    // An edit with the chain rebuilt after it passes the plain chain check
+    // but not the signatures.
+    let forged = rechain(&lines, 2, |body| {
+        body.replacen("\"status\":200", "\"status\":404", 1)
+    });
+    let forged_path = write(&dir, "forged.jsonl", &forged);
+    let f = forged_path.to_str().unwrap();
+    assert_eq!(verify_args(&[f]).0, 0);
+    let (code, _, err) = verify_args(&[f, "--public-key", &public]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!("forged.jsonl:{}", checkpoints[0] + 1)),
+        "{err}"
+    );
+
+    // Cut back to the first checkpoint: still a valid signed trail, caught
+    // only against the seq the monitoring saw signed.
+    let cut = write(&dir, "cut.jsonl", &lines[..=checkpoints[0]]);
+    let c = cut.to_str().unwrap();
+    assert_eq!(verify_args(&[c, "--public-key", &public]).0, 0);
+    let last_signed: serde_json::Value =
+        serde_json::from_str(&lines[*checkpoints.last().unwrap()]).unwrap();
+    let min = last_signed["signed_seq"].to_string();
+    let (code, _, err) = verify_args(&[c, "--public-key", &public, "--min-signed-seq", &min]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cut back"), "{err}");
+
+    // Cut back and rewritten with forged records after the last
+    // checkpoint: unsigned, which --strict refuses.
+    let mut rewritten = lines[..=checkpoints[0]].to_vec();
+    rewritten.extend(
+        lines[checkpoints[0] + 1..checkpoints[0] + 4]
+            .iter()
+            .cloned(),
+    );
+    let rewritten = rechain(&rewritten, checkpoints[0] + 1, |b| b.replace("200", "201"));
+    let rw = write(&dir, "rewritten.jsonl", &rewritten);
+    let r = rw.to_str().unwrap();
+    let (code, out, _) = verify_args(&[r, "--public-key", &public]);
+    assert_eq!(code, 0);
+    assert!(out.contains("WARNING: the 3 record(s) after it"), "{out}");
+    let (code, _, err) = verify_args(&[r, "--public-key", &public, "--strict"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not fully signed"), "{err}");
 }

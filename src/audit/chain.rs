@@ -61,6 +61,8 @@ pub struct Checked {
     pub prev_hash: String,
     pub hash: String,
     pub timestamp: Option<String>,
+    /// The whole record, parsed.
+    pub value: serde_json::Value,
 }
 
 /// Checks a line's own hash and reads its chain fields. The error says
@@ -91,6 +93,7 @@ pub fn check_line(line: &str) -> Result<Checked, String> {
         prev_hash,
         hash: stated.to_string(),
         timestamp: v["timestamp"].as_str().map(String::from),
+        value: v,
     })
 }
 

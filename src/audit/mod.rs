@@ -16,6 +16,7 @@
 //!   the disk.
 
 pub mod chain;
+pub mod checkpoint;
 pub mod files;
 mod record;
 pub mod verify;
@@ -47,6 +48,15 @@ pub struct AuditOptions {
     pub durability: Durability,
     pub on_full: OnFull,
     pub rotation: Rotation,
+    /// Signed checkpoints: the private key file and the cadence.
+    pub checkpoint: Option<CheckpointOptions>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckpointOptions {
+    pub key: std::path::PathBuf,
+    pub every_records: u64,
+    pub every: Option<Duration>,
 }
 
 impl AuditOptions {
@@ -61,6 +71,11 @@ impl AuditOptions {
                 age: Some(cfg.rotate_age.0).filter(|a| !a.is_zero()),
                 keep: cfg.rotate_keep,
             },
+            checkpoint: cfg.checkpoint_key.as_ref().map(|key| CheckpointOptions {
+                key: key.clone(),
+                every_records: cfg.checkpoint_records,
+                every: Some(cfg.checkpoint_interval.0).filter(|d| !d.is_zero()),
+            }),
         }
     }
 }
@@ -109,6 +124,14 @@ impl AuditSink {
                 );
             }
         }
+        let checkpointer = match &options.checkpoint {
+            Some(c) => Some(checkpoint::Checkpointer::new(
+                checkpoint::load_signing_key(&c.key)?,
+                c.every_records,
+                c.every,
+            )),
+            None => None,
+        };
         let trail = Trail::open(path)?;
         let compressor = Compressor::start(path, options.rotation.keep, Arc::clone(&metrics))?;
         let (tx, rx) = mpsc::sync_channel(options.capacity);
@@ -123,6 +146,7 @@ impl AuditSink {
             shared: Arc::clone(&shared),
             metrics: Arc::clone(&metrics),
             compressor,
+            checkpointer,
         };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())

@@ -5,7 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
+use ed25519_dalek::VerifyingKey;
+
 use super::chain::{check_line, GENESIS};
+use super::checkpoint;
 use super::files::open_lines;
 
 #[derive(Debug)]
@@ -16,6 +19,10 @@ pub struct Report {
     pub last_seq: u64,
     pub first_time: Option<String>,
     pub last_time: Option<String>,
+    /// Checkpoint records seen (verified when a public key was given).
+    pub checkpoints: u64,
+    /// The seq signed by the last checkpoint.
+    pub last_signed_seq: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -115,7 +122,21 @@ fn first_seq(path: &Path) -> Result<Option<u64>, String> {
         .ok_or_else(|| "no \"seq\" field".to_string())
 }
 
-pub fn verify(files: &[PathBuf]) -> Result<Report, Broken> {
+/// Walks the chain; with `key`, also checks every checkpoint's signature
+/// and requires at least one.
+pub fn verify(files: &[PathBuf], key: Option<&VerifyingKey>) -> Result<Report, Broken> {
+    verify_with(files, key, None)
+}
+
+/// [`verify`], also requiring (with a key) that a checkpoint signs at
+/// least `min_signed_seq`: the seq an external witness saw signed
+/// (`rempart_audit_signed_seq`, the log), so that a trail cut back to an
+/// earlier checkpoint is caught.
+pub fn verify_with(
+    files: &[PathBuf],
+    key: Option<&VerifyingKey>,
+    min_signed_seq: Option<u64>,
+) -> Result<Report, Broken> {
     let mut prev: Option<(u64, String)> = None;
     let mut report = Report {
         records: 0,
@@ -124,9 +145,35 @@ pub fn verify(files: &[PathBuf]) -> Result<Report, Broken> {
         last_seq: 0,
         first_time: None,
         last_time: None,
+        checkpoints: 0,
+        last_signed_seq: None,
     };
     for file in files {
-        verify_file(file, &mut prev, &mut report)?;
+        verify_file(file, &mut prev, &mut report, key)?;
+    }
+    if key.is_some() && report.checkpoints == 0 {
+        return Err(Broken {
+            file: files.last().cloned().unwrap_or_default(),
+            line: 0,
+            seq: None,
+            what: "no signed checkpoint in the trail: it cannot be authenticated with the key \
+                   (is [audit] checkpoint_key set?)"
+                .into(),
+        });
+    }
+    if let (Some(_), Some(min)) = (key, min_signed_seq) {
+        let signed = report.last_signed_seq.unwrap_or(0);
+        if signed < min {
+            return Err(Broken {
+                file: files.last().cloned().unwrap_or_default(),
+                line: 0,
+                seq: None,
+                what: format!(
+                    "the last checkpoint signs seq {signed}, but seq {min} was signed: \
+                     the trail was cut back"
+                ),
+            });
+        }
     }
     Ok(report)
 }
@@ -135,6 +182,7 @@ fn verify_file(
     path: &Path,
     prev: &mut Option<(u64, String)>,
     report: &mut Report,
+    key: Option<&VerifyingKey>,
 ) -> Result<(), Broken> {
     let broken = |line: usize, seq: Option<u64>, what: String| Broken {
         file: path.to_path_buf(),
@@ -190,6 +238,14 @@ fn verify_file(
                     ));
                 }
             }
+        }
+        if c.value["type"] == "checkpoint" {
+            if let Some(key) = key {
+                checkpoint::check(&c.value, prev.as_ref(), key)
+                    .map_err(|what| broken(n, Some(c.seq), what))?;
+            }
+            report.checkpoints += 1;
+            report.last_signed_seq = c.value["signed_seq"].as_u64();
         }
         if report.first_time.is_none() {
             report.first_time = c.timestamp.clone();

@@ -7,13 +7,14 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use tokio::sync::oneshot;
 
+use super::checkpoint::Checkpointer;
 use super::{chain, files};
 use crate::metrics::Metrics;
 
@@ -310,6 +311,7 @@ pub(super) struct Writer {
     pub shared: Arc<Shared>,
     pub metrics: Arc<Metrics>,
     pub compressor: Compressor,
+    pub checkpointer: Option<Checkpointer>,
 }
 
 impl Writer {
@@ -321,11 +323,31 @@ impl Writer {
             // Block only while idle; once work arrives, let a batch gather
             // (buffered mode). In sync mode the batch is whatever arrived
             // during the previous write and fsync: group commit.
-            let first = match rx.recv() {
-                Ok(m) => m,
-                Err(_) => break,
-            };
             let fsync = self.settings.fsync_each_batch;
+            let first = match self.checkpointer.as_ref().and_then(Checkpointer::wait) {
+                None => match rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                },
+                // Records wait for a checkpoint: sign them when the interval
+                // ends even if no other record comes (retrying every second
+                // while the trail cannot be written).
+                Some(wait) => {
+                    let wait = if self.shared.failing.load(Ordering::Relaxed) {
+                        wait.max(Duration::from_secs(1))
+                    } else {
+                        wait
+                    };
+                    match rx.recv_timeout(wait) {
+                        Ok(m) => m,
+                        Err(RecvTimeoutError::Timeout) => {
+                            let _ = self.commit(&mut records, fsync, false);
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            };
             if !fsync && !backlog && !self.settings.flush_interval.is_zero() {
                 std::thread::sleep(self.settings.flush_interval);
             }
@@ -343,18 +365,18 @@ impl Writer {
                         acks.extend(ack);
                     }
                     Msg::Sync(reply) => {
-                        let r = self.commit(&mut records, true);
+                        let r = self.commit(&mut records, true, false);
                         answer(&mut acks, r.is_ok());
                         let _ = reply.send(r);
                     }
                 }
             }
             backlog = records.len() >= MAX_BATCH;
-            let ok = self.commit(&mut records, fsync).is_ok();
+            let ok = self.commit(&mut records, fsync, false).is_ok();
             answer(&mut acks, ok);
         }
-        // Every sender is gone: the queue is drained; make it durable.
-        if self.commit(&mut records, true).is_err() {
+        // Every sender is gone: the queue is drained; sign and make it durable.
+        if self.commit(&mut records, true, true).is_err() {
             tracing::error!(path = %self.trail.path.display(), "audit write at shutdown failed");
         }
         answer(&mut acks, false);
@@ -362,13 +384,25 @@ impl Writer {
     }
 
     /// Chains and appends `records` (emptying it) with one write, preceded
-    /// by a note of any records lost since the last successful write. On
+    /// by a note of any records lost since the last successful write and
+    /// followed by a signed checkpoint when one is due (always, if
+    /// `final_checkpoint` and records were written since the last one). On
     /// failure the file is cut back and the chain rewound, so the trail
     /// stays valid and the next success notes the loss.
-    fn commit(&mut self, records: &mut Vec<Vec<u8>>, fsync: bool) -> std::io::Result<()> {
+    fn commit(
+        &mut self,
+        records: &mut Vec<Vec<u8>>,
+        fsync: bool,
+        final_checkpoint: bool,
+    ) -> std::io::Result<()> {
         let dropped = self.shared.dropped.swap(0, Ordering::Relaxed);
         let trail = &mut self.trail;
-        if records.is_empty() && trail.lost == 0 && dropped == 0 {
+        let unsigned = self.checkpointer.as_ref().map_or(0, |c| c.since);
+        let checkpoint_pending = self
+            .checkpointer
+            .as_ref()
+            .is_some_and(|c| c.due() || (final_checkpoint && c.since > 0));
+        if records.is_empty() && trail.lost == 0 && dropped == 0 && !checkpoint_pending {
             return if fsync {
                 trail.file.sync_data()
             } else {
@@ -390,6 +424,15 @@ impl Writer {
         }
         for r in records.iter() {
             batch.extend_from_slice(&chain::link(&mut trail.head, r));
+        }
+        let mut signed = None;
+        if let Some(cp) = &mut self.checkpointer {
+            cp.since = unsigned + (trail.head.seq - before.seq);
+            if cp.due() || (final_checkpoint && cp.since > 0) {
+                let record = cp.record(&trail.head);
+                signed = Some(trail.head.clone());
+                batch.extend_from_slice(&chain::link(&mut trail.head, &record));
+            }
         }
         if trail.rotation_due(&self.settings.rotation, batch.len()) {
             match trail.rotate(before.seq) {
@@ -418,6 +461,14 @@ impl Writer {
                 trail.lost = 0;
                 self.metrics.audit_records.inc_by(n);
                 self.shared.failing.store(false, Ordering::Relaxed);
+                if let Some(head) = signed {
+                    // Published outside the trail (metrics, log) so that a
+                    // trail cut back to an earlier checkpoint can be caught.
+                    self.metrics
+                        .audit_signed_seq
+                        .set(i64::try_from(head.seq).unwrap_or(i64::MAX));
+                    tracing::info!(seq = head.seq, hash = %head.hash, "audit checkpoint signed");
+                }
                 Ok(())
             }
             Err(e) => {
@@ -428,6 +479,9 @@ impl Writer {
                 }
                 trail.head = before;
                 trail.lost += n;
+                if let Some(cp) = &mut self.checkpointer {
+                    cp.since = unsigned;
+                }
                 self.shared.dropped.fetch_add(dropped, Ordering::Relaxed);
                 self.shared.failing.store(true, Ordering::Relaxed);
                 // Counted per record, so that the loss is known exactly.
@@ -461,6 +515,7 @@ mod tests {
             shared: Arc::new(Shared::default()),
             compressor: Compressor::start(path, rotation.keep, Arc::clone(&metrics)).unwrap(),
             metrics,
+            checkpointer: None,
         }
     }
 
@@ -483,14 +538,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.jsonl");
         let mut w = writer(&path, no_rotation());
-        w.commit(&mut records(3), true).unwrap();
+        w.commit(&mut records(3), true, false).unwrap();
         // A read-only handle on the same file: the next write fails.
         let good = std::mem::replace(&mut w.trail.file, File::open(&path).unwrap());
-        assert!(w.commit(&mut records(2), true).is_err());
+        assert!(w.commit(&mut records(2), true, false).is_err());
         assert!(w.shared.failing.load(Ordering::Relaxed));
         w.shared.dropped.store(4, Ordering::Relaxed);
         w.trail.file = good;
-        w.commit(&mut records(1), true).unwrap();
+        w.commit(&mut records(1), true, false).unwrap();
         assert!(!w.shared.failing.load(Ordering::Relaxed));
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<serde_json::Value> = text
@@ -502,7 +557,7 @@ mod tests {
         assert_eq!(lines[3]["write_failed"], 2);
         assert_eq!(lines[3]["dropped"], 4);
         assert_eq!(lines[4]["seq"], 5);
-        let report = super::super::verify::verify(&[path]).unwrap();
+        let report = super::super::verify::verify(&[path], None).unwrap();
         assert_eq!(report.records, 5);
     }
 
@@ -517,7 +572,7 @@ mod tests {
         };
         let mut w = writer(&path, rotation.clone());
         for _ in 0..4 {
-            w.commit(&mut records(2), false).unwrap();
+            w.commit(&mut records(2), false, false).unwrap();
         }
         w.compressor.finish();
         let rotated = files::rotated_files(&path).unwrap();
@@ -529,14 +584,14 @@ mod tests {
         std::fs::write(&path, "").unwrap();
         let mut w = writer(&path, no_rotation());
         assert_eq!(w.trail.head.seq, 8);
-        w.commit(&mut records(1), true).unwrap();
+        w.commit(&mut records(1), true, false).unwrap();
         let mut all: Vec<PathBuf> = files::rotated_files(&path)
             .unwrap()
             .into_iter()
             .map(|r| r.path)
             .collect();
         all.push(path.clone());
-        let report = super::super::verify::verify(&all).unwrap();
+        let report = super::super::verify::verify(&all, None).unwrap();
         assert_eq!((report.first_seq, report.last_seq), (1, 9));
     }
 }
