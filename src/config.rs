@@ -271,6 +271,13 @@ pub struct AuditConfig {
     pub checkpoint_records: u64,
     /// Sign records this old at the latest (0 = not by time).
     pub checkpoint_interval: Seconds,
+    /// Copy every record to standard output as a JSON line.
+    pub stdout: bool,
+    /// Copy every record to syslog: `udp://…`, `tcp://…` or `unix:///…`.
+    pub syslog: Option<String>,
+    pub syslog_facility: String,
+    /// Batches each sink may hold before it drops (and counts) lines.
+    pub sink_queue_capacity: usize,
 }
 
 impl Default for AuditConfig {
@@ -289,6 +296,10 @@ impl Default for AuditConfig {
             checkpoint_key: None,
             checkpoint_records: 1000,
             checkpoint_interval: Seconds(Duration::from_secs(60)),
+            stdout: false,
+            syslog: None,
+            syslog_facility: "local0".into(),
+            sink_queue_capacity: 1024,
         }
     }
 }
@@ -503,6 +514,19 @@ impl Config {
                 "[audit] failure_status = {}: must be a 5xx status (the request failed on rempart's side)",
                 self.audit.failure_status
             );
+        }
+        if let Some(target) = &self.audit.syslog {
+            crate::audit::sinks::SyslogTarget::parse(target)
+                .map_err(|e| anyhow::anyhow!("[audit] syslog: {e:#}"))?;
+        }
+        if crate::audit::sinks::facility_code(&self.audit.syslog_facility).is_none() {
+            bail!(
+                "[audit] syslog_facility = {:?}: use kern, user, daemon, auth, authpriv or local0..local7",
+                self.audit.syslog_facility
+            );
+        }
+        if self.audit.sink_queue_capacity == 0 {
+            bail!("[audit] sink_queue_capacity must be at least 1");
         }
         if self.audit.checkpoint_key.is_some()
             && self.audit.checkpoint_records == 0

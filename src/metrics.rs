@@ -61,6 +61,8 @@ pub struct Metrics {
     pub audit_sync_failures: IntCounter,
     pub audit_rotations: IntCounter,
     pub audit_signed_seq: IntGauge,
+    audit_sink_dropped: IntCounterVec,
+    audit_sink_errors: IntCounterVec,
     pub connections_open: IntGauge,
     pub geo_reloads_success: IntCounter,
     pub geo_reloads_failure: IntCounter,
@@ -77,6 +79,14 @@ fn must<T>(r: prometheus::Result<T>) -> T {
 }
 
 impl Metrics {
+    pub fn audit_sink_dropped(&self, sink: &str) -> IntCounter {
+        self.audit_sink_dropped.with_label_values(&[sink])
+    }
+
+    pub fn audit_sink_errors(&self, sink: &str) -> IntCounter {
+        self.audit_sink_errors.with_label_values(&[sink])
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         let reg = |c: Box<dyn prometheus::core::Collector>| must(registry.register(c));
@@ -186,6 +196,22 @@ impl Metrics {
             "Sequence number signed by the last audit checkpoint written (0: none yet).",
         ));
         reg(Box::new(audit_signed_seq.clone()));
+        let audit_sink_dropped = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_audit_sink_dropped_total",
+                "Audit records not copied to a sink (stdout, syslog) because its queue was full; the file has them.",
+            ),
+            &["sink"],
+        ));
+        reg(Box::new(audit_sink_dropped.clone()));
+        let audit_sink_errors = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_audit_sink_errors_total",
+                "Audit records a sink (stdout, syslog) failed to send; the file has them.",
+            ),
+            &["sink"],
+        ));
+        reg(Box::new(audit_sink_errors.clone()));
 
         let connections_open = must(IntGauge::new(
             "rempart_connections_open",
@@ -238,6 +264,8 @@ impl Metrics {
             audit_sync_failures,
             audit_rotations,
             audit_signed_seq,
+            audit_sink_dropped,
+            audit_sink_errors,
             connections_open,
             geo_reloads_success,
             geo_reloads_failure,

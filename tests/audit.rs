@@ -627,3 +627,157 @@ async fn signed_checkpoints_catch_a_rebuilt_chain_and_a_cut_back_trail() {
     assert_ne!(code, 0);
     assert!(err.contains("not fully signed"), "{err}");
 }
+
+/// Pulls the JSON record out of an RFC 5424 message
+/// `<PRI>1 TIMESTAMP HOST rempart PID audit - {json}`.
+fn syslog_record(msg: &str) -> serde_json::Value {
+    assert!(msg.starts_with("<134>1 "), "{msg}");
+    let fields: Vec<&str> = msg.splitn(8, ' ').collect();
+    assert_eq!(fields.len(), 8, "{msg}");
+    assert_eq!(
+        (fields[3], fields[5], fields[6]),
+        ("rempart", "audit", "-"),
+        "{msg}"
+    );
+    serde_json::from_str(fields[7]).unwrap_or_else(|e| panic!("{e}: {msg}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_are_copied_to_stdout_and_syslog_over_udp_tcp_and_unix_sockets() {
+    use std::io::BufRead;
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let unix_path = dir.path().join("log.sock");
+    let unix = std::os::unix::net::UnixDatagram::bind(&unix_path).unwrap();
+    unix.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let targets = [
+        format!("udp://{}", udp.local_addr().unwrap()),
+        format!("tcp://{}", tcp.local_addr().unwrap()),
+        format!("unix://{}", unix_path.display()),
+    ];
+    for (i, target) in targets.iter().enumerate() {
+        let trail = dir.path().join(format!("trail-{i}.jsonl"));
+        let mut rp = start_with_audit(
+            &[],
+            dir.path(),
+            &up.url(),
+            &format!("stdout = true\nsyslog = \"{target}\"\nsyslog_facility = \"local0\""),
+            &trail,
+        );
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            ids.push(
+                get(&rp.url(&format!("/api/contacts/{n}")))
+                    .await
+                    .decision_id(),
+            );
+        }
+        assert!(rp.stop().success());
+        let file_lines: Vec<String> = std::fs::read_to_string(&trail)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        assert_eq!(file_lines.len(), 3);
+
+        // Syslog: one message per record, the record byte for byte.
+        let messages: Vec<String> = match i {
+            0 => (0..3)
+                .map(|_| {
+                    let mut buf = [0u8; 65536];
+                    let n = udp.recv(&mut buf).unwrap();
+                    String::from_utf8(buf[..n].to_vec()).unwrap()
+                })
+                .collect(),
+            1 => {
+                // RFC 6587 octet counting: "LEN SP MSG".
+                let (conn, _) = tcp.accept().unwrap();
+                let mut r = std::io::BufReader::new(conn);
+                (0..3)
+                    .map(|_| {
+                        let mut len = Vec::new();
+                        r.read_until(b' ', &mut len).unwrap();
+                        let len: usize = std::str::from_utf8(&len).unwrap().trim().parse().unwrap();
+                        let mut msg = vec![0u8; len];
+                        std::io::Read::read_exact(&mut r, &mut msg).unwrap();
+                        String::from_utf8(msg).unwrap()
+                    })
+                    .collect()
+            }
+            _ => (0..3)
+                .map(|_| {
+                    let mut buf = [0u8; 65536];
+                    let n = unix.recv(&mut buf).unwrap();
+                    String::from_utf8(buf[..n].to_vec()).unwrap()
+                })
+                .collect(),
+        };
+        let got: Vec<String> = messages
+            .iter()
+            .map(|m| {
+                syslog_record(m)["decision_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(got, ids, "{target}");
+        assert!(messages
+            .iter()
+            .zip(&file_lines)
+            .all(|(m, l)| m.ends_with(l.as_str())));
+
+        // Stdout: the same lines as the file.
+        let out = rp.stdout.lock().unwrap().clone();
+        assert_eq!(out, file_lines, "{target}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_syslog_collector_costs_nothing_but_its_copy() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = format!("tcp://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let trail = dir.path().join("trail.jsonl");
+    let mut rp = start_with_audit(
+        &[],
+        dir.path(),
+        &up.url(),
+        &format!("syslog = \"{target}\"\ndurability = \"sync\""),
+        &trail,
+    );
+    for n in 0..5 {
+        assert_eq!(get(&rp.url(&format!("/x/{n}"))).await.status, 200);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while rp
+        .metrics()
+        .await
+        .lines()
+        .all(|l| !l.starts_with("rempart_audit_sink_errors_total{sink=\"syslog\"}"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sink error counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        rp.metric("rempart_audit_sink_errors_total{sink=\"syslog\"}")
+            .await
+            >= 1.0
+    );
+    assert!(rp.stop().success());
+    let (code, out, err) = verify(&[&trail]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok: 5 records"), "{out}");
+}

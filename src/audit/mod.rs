@@ -19,6 +19,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod files;
 mod record;
+pub mod sinks;
 pub mod verify;
 mod writer;
 
@@ -50,6 +51,10 @@ pub struct AuditOptions {
     pub rotation: Rotation,
     /// Signed checkpoints: the private key file and the cadence.
     pub checkpoint: Option<CheckpointOptions>,
+    pub stdout: bool,
+    /// Syslog target and facility code.
+    pub syslog: Option<(sinks::SyslogTarget, u8)>,
+    pub sink_capacity: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +81,16 @@ impl AuditOptions {
                 every_records: cfg.checkpoint_records,
                 every: Some(cfg.checkpoint_interval.0).filter(|d| !d.is_zero()),
             }),
+            stdout: cfg.stdout,
+            // Both checked by Config::validate; an invalid value here means
+            // no syslog rather than a panic.
+            syslog: cfg.syslog.as_deref().and_then(|t| {
+                Some((
+                    sinks::SyslogTarget::parse(t).ok()?,
+                    sinks::facility_code(&cfg.syslog_facility)?,
+                ))
+            }),
+            sink_capacity: cfg.sink_queue_capacity.max(1),
         }
     }
 }
@@ -133,6 +148,18 @@ impl AuditSink {
             None => None,
         };
         let trail = Trail::open(path)?;
+        let mut sinks = Vec::new();
+        if options.stdout {
+            sinks.push(sinks::stdout(options.sink_capacity, Arc::clone(&metrics))?);
+        }
+        if let Some((target, facility)) = &options.syslog {
+            sinks.push(sinks::syslog(
+                target.clone(),
+                *facility,
+                options.sink_capacity,
+                Arc::clone(&metrics),
+            )?);
+        }
         let compressor = Compressor::start(path, options.rotation.keep, Arc::clone(&metrics))?;
         let (tx, rx) = mpsc::sync_channel(options.capacity);
         let shared = Arc::new(Shared::default());
@@ -147,6 +174,7 @@ impl AuditSink {
             metrics: Arc::clone(&metrics),
             compressor,
             checkpointer,
+            sinks,
         };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())

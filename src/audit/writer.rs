@@ -312,6 +312,8 @@ pub(super) struct Writer {
     pub metrics: Arc<Metrics>,
     pub compressor: Compressor,
     pub checkpointer: Option<Checkpointer>,
+    /// Copies of the trail (stdout, syslog), fed only with written lines.
+    pub sinks: Vec<super::sinks::SinkHandle>,
 }
 
 impl Writer {
@@ -381,6 +383,9 @@ impl Writer {
         }
         answer(&mut acks, false);
         self.compressor.finish();
+        for sink in self.sinks {
+            sink.finish();
+        }
     }
 
     /// Chains and appends `records` (emptying it) with one write, preceded
@@ -459,6 +464,9 @@ impl Writer {
             Ok(()) => {
                 trail.len += batch.len() as u64;
                 trail.lost = 0;
+                for sink in &self.sinks {
+                    sink.send(&batch);
+                }
                 self.metrics.audit_records.inc_by(n);
                 self.shared.failing.store(false, Ordering::Relaxed);
                 if let Some(head) = signed {
@@ -516,6 +524,7 @@ mod tests {
             compressor: Compressor::start(path, rotation.keep, Arc::clone(&metrics)).unwrap(),
             metrics,
             checkpointer: None,
+            sinks: Vec::new(),
         }
     }
 

@@ -183,6 +183,8 @@ pub struct Rempart {
     pub admin: SocketAddr,
     pub audit: PathBuf,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Lines rempart wrote to standard output.
+    pub stdout: Arc<Mutex<Vec<String>>>,
     pub dir: tempfile::TempDir,
 }
 
@@ -263,10 +265,19 @@ impl Rempart {
             .current_dir(dir.path())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let stdout_lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let sink = stdout_lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -291,6 +302,7 @@ impl Rempart {
                     admin,
                     audit,
                     log,
+                    stdout: stdout_lines,
                     dir,
                 });
             }
