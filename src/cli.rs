@@ -65,6 +65,43 @@ enum AuditCommand {
         #[arg(long, requires = "public_key")]
         strict: bool,
     },
+    /// Print the decision records matching every filter given, as JSON
+    /// lines (files oldest first; `.gz` accepted; a directory stands for
+    /// its trail files in chain order).
+    Query {
+        #[arg(required = true, value_name = "FILE|DIR")]
+        files: Vec<PathBuf>,
+        /// Records at or after this time (RFC 3339, e.g. 2026-11-01T00:00:00Z).
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        since: Option<std::time::SystemTime>,
+        /// Records before this time (RFC 3339).
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        until: Option<std::time::SystemTime>,
+        /// decision.outcome: allowed, denied, monitored or error.
+        #[arg(long, value_name = "OUTCOME", value_parser = ["allowed", "denied", "monitored", "error"])]
+        decision: Option<String>,
+        /// identity.subject (the user name).
+        #[arg(long)]
+        subject: Option<String>,
+        /// destination.geo.country (ISO 3166-1 alpha-2).
+        #[arg(long, value_name = "CC")]
+        country: Option<String>,
+        /// destination.geo.operator (registry id, e.g. amazon).
+        #[arg(long)]
+        operator: Option<String>,
+        /// destination.geo.sovereign (e.g. outside_eu).
+        #[arg(long, value_name = "VERDICT")]
+        sovereign: Option<String>,
+        /// request.method (e.g. DELETE).
+        #[arg(long)]
+        method: Option<String>,
+        /// request.path starts with this (e.g. /api/contacts).
+        #[arg(long, value_name = "PREFIX")]
+        path: Option<String>,
+        /// ingress or egress.
+        #[arg(long)]
+        direction: Option<String>,
+    },
     /// Create an Ed25519 key pair for signed checkpoints: the private key
     /// (PKCS#8 PEM, mode 0600) at OUT, the public key at OUT.pub.
     Keygen {
@@ -228,6 +265,33 @@ pub fn main() -> ExitCode {
             strict,
         }) => audit_verify(&files, public_key.as_deref(), min_signed_seq, strict),
         Command::Audit(AuditCommand::Keygen { out }) => audit_keygen(&out),
+        Command::Audit(AuditCommand::Query {
+            files,
+            since,
+            until,
+            decision,
+            subject,
+            country,
+            operator,
+            sovereign,
+            method,
+            path,
+            direction,
+        }) => audit_query(
+            &files,
+            &crate::audit::query::Filter {
+                since,
+                until,
+                outcome: decision,
+                subject,
+                country,
+                operator,
+                sovereign,
+                method,
+                path_prefix: path,
+                direction,
+            },
+        ),
         Command::Geoip(GeoipCommand::BuildAsn { csv, out }) => {
             crate::geo::build::asn_from_csv(&csv, &out).and_then(|n| {
                 emit(&format!("wrote {} ({n} ranges)", out.display()))?;
@@ -446,6 +510,21 @@ fn geoip_info(a: &GeoArgs) -> anyhow::Result<ExitCode> {
             "countries_version": db.registry.countries_version,
         })
     ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_time(s: &str) -> Result<std::time::SystemTime, String> {
+    humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("invalid time {s:?}: {e} (write e.g. 2026-11-01T00:00:00Z)"))
+}
+
+fn audit_query(args: &[PathBuf], filter: &crate::audit::query::Filter) -> anyhow::Result<ExitCode> {
+    let files = crate::audit::verify::expand(args).map_err(|b| anyhow!("{b}"))?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let n = crate::audit::query::query(&files, filter, &mut out)?;
+    std::io::Write::flush(&mut out)?;
+    eprintln!("rempart: {n} matching record(s)");
     Ok(ExitCode::SUCCESS)
 }
 

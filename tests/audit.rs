@@ -781,3 +781,52 @@ async fn a_missing_syslog_collector_costs_nothing_but_its_copy() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("ok: 5 records"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_query_answers_by_decision_path_time_and_subject() {
+    let up = Upstream::start().await;
+    let mut rp = Rempart::start(&up.url(), &[]);
+    let mut allowed = Vec::new();
+    for n in 0..3 {
+        allowed.push(
+            get(&rp.url(&format!("/api/contacts/{n}")))
+                .await
+                .decision_id(),
+        );
+    }
+    let denied = common::request("TRACE", &rp.url("/api/contacts"), &[]).await;
+    assert_eq!(denied.status, 403);
+    assert!(rp.stop().success());
+    let trail = rp.audit.to_str().unwrap();
+    let ids = |out: &str| -> Vec<String> {
+        out.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["decision_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    let (code, out, err) = run(&["audit", "query", trail, "--decision", "denied"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ids(&out), vec![denied.decision_id()]);
+    assert!(err.contains("1 matching record(s)"), "{err}");
+    let (_, out, _) = run(&[
+        "audit",
+        "query",
+        trail,
+        "--path",
+        "/api/contacts",
+        "--method",
+        "get",
+    ]);
+    assert_eq!(ids(&out), allowed);
+    let (_, out, _) = run(&["audit", "query", trail, "--since", "2999-01-01T00:00:00Z"]);
+    assert!(out.is_empty(), "{out}");
+    let (_, out, _) = run(&["audit", "query", trail, "--subject", "nobody"]);
+    assert!(out.is_empty(), "{out}");
+    let (code, _, err) = run(&["audit", "query", trail, "--since", "last tuesday"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("invalid time"), "{err}");
+}

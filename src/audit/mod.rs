@@ -18,6 +18,7 @@
 pub mod chain;
 pub mod checkpoint;
 pub mod files;
+pub mod query;
 mod record;
 pub mod sinks;
 pub mod verify;
