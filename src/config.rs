@@ -278,6 +278,12 @@ pub struct AuditConfig {
     pub syslog_facility: String,
     /// Batches each sink may hold before it drops (and counts) lines.
     pub sink_queue_capacity: usize,
+    /// Data minimisation of `source.ip`: keep, truncate, remove.
+    pub mask_source_ip: crate::audit::privacy::IpMasking,
+    /// Data minimisation of `identity.subject`: keep, hash, remove.
+    pub mask_subject: crate::audit::privacy::SubjectMasking,
+    /// Secret key of the subject pseudonyms (`mask_subject = "hash"`).
+    pub subject_hash_key: Option<PathBuf>,
 }
 
 impl Default for AuditConfig {
@@ -300,6 +306,9 @@ impl Default for AuditConfig {
             syslog: None,
             syslog_facility: "local0".into(),
             sink_queue_capacity: 1024,
+            mask_source_ip: Default::default(),
+            mask_subject: Default::default(),
+            subject_hash_key: None,
         }
     }
 }
@@ -524,6 +533,11 @@ impl Config {
                 "[audit] syslog_facility = {:?}: use kern, user, daemon, auth, authpriv or local0..local7",
                 self.audit.syslog_facility
             );
+        }
+        if self.audit.mask_subject == crate::audit::privacy::SubjectMasking::Hash
+            && self.audit.subject_hash_key.is_none()
+        {
+            bail!("[audit] mask_subject = \"hash\" needs subject_hash_key (a file of at least 16 random bytes)");
         }
         if self.audit.sink_queue_capacity == 0 {
             bail!("[audit] sink_queue_capacity must be at least 1");

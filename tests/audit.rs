@@ -830,3 +830,65 @@ async fn audit_query_answers_by_decision_path_time_and_subject() {
     assert_ne!(code, 0);
     assert!(err.contains("invalid time"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn personal_data_is_minimised_before_the_record_is_written() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("subject.key");
+    std::fs::write(&key, [42u8; 32]).unwrap();
+    let trail = dir.path().join("trail.jsonl");
+    let mut rp = start_with_audit(
+        &[],
+        dir.path(),
+        &up.url(),
+        &format!(
+            "mask_source_ip = \"truncate\"\nmask_subject = \"hash\"\nsubject_hash_key = \"{}\"\nstdout = true\n\
+             [identity]\ntrusted_header = \"x-remote-user\"\ntrusted_sources = [\"127.0.0.1\"]",
+            key.display()
+        ),
+        &trail,
+    );
+    for _ in 0..2 {
+        let r = common::request(
+            "GET",
+            &rp.url("/api/contacts/1"),
+            &[("x-remote-user", "bob")],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    assert!(rp.stop().success());
+    let text = std::fs::read_to_string(&trail).unwrap();
+    assert!(!text.contains("\"bob\""), "{text}");
+    let recs: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs[0]["source"]["ip"], "127.0.0.0");
+    let pseudonym = recs[0]["identity"]["subject"].as_str().unwrap();
+    assert!(pseudonym.starts_with("hmac-sha256:"), "{pseudonym}");
+    // Stable: the same user is the same pseudonym, so queries still work.
+    assert_eq!(recs[1]["identity"]["subject"], pseudonym);
+    assert_eq!(
+        recs[0]["masked"],
+        serde_json::json!(["source.ip", "identity.subject"])
+    );
+    // The copies get the minimised record, never the original.
+    assert!(rp
+        .stdout
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|l| !l.contains("\"bob\"")));
+    let (code, _, err) = verify(&[&trail]);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = run(&[
+        "audit",
+        "query",
+        trail.to_str().unwrap(),
+        "--subject",
+        pseudonym,
+    ]);
+    assert_eq!(out.lines().count(), 2);
+}

@@ -18,6 +18,7 @@
 pub mod chain;
 pub mod checkpoint;
 pub mod files;
+pub mod privacy;
 pub mod query;
 mod record;
 pub mod sinks;
@@ -56,6 +57,9 @@ pub struct AuditOptions {
     /// Syslog target and facility code.
     pub syslog: Option<(sinks::SyslogTarget, u8)>,
     pub sink_capacity: usize,
+    pub mask_source_ip: privacy::IpMasking,
+    pub mask_subject: privacy::SubjectMasking,
+    pub subject_hash_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +96,9 @@ impl AuditOptions {
                 ))
             }),
             sink_capacity: cfg.sink_queue_capacity.max(1),
+            mask_source_ip: cfg.mask_source_ip,
+            mask_subject: cfg.mask_subject,
+            subject_hash_key: cfg.subject_hash_key.clone(),
         }
     }
 }
@@ -104,6 +111,7 @@ pub struct AuditSink {
     shared: Arc<Shared>,
     durability: Durability,
     on_full: OnFull,
+    privacy: Option<Arc<privacy::Privacy>>,
 }
 
 /// The writer thread; join it after every sink is dropped.
@@ -140,6 +148,12 @@ impl AuditSink {
                 );
             }
         }
+        let privacy = privacy::Privacy::new(
+            options.mask_source_ip,
+            options.mask_subject,
+            options.subject_hash_key.as_deref(),
+        )?
+        .map(Arc::new);
         let checkpointer = match &options.checkpoint {
             Some(c) => Some(checkpoint::Checkpointer::new(
                 checkpoint::load_signing_key(&c.key)?,
@@ -188,6 +202,7 @@ impl AuditSink {
                 shared,
                 durability: options.durability,
                 on_full: options.on_full,
+                privacy,
             },
             AuditWriter { handle },
         ))
@@ -216,6 +231,10 @@ impl AuditSink {
                 tracing::error!("cannot serialise audit record: {e}");
                 return self.is_sync().then_some(AuditAck(None));
             }
+        };
+        let line = match &self.privacy {
+            Some(p) => p.apply(line),
+            None => line,
         };
         let (ack_tx, ack) = if self.is_sync() {
             let (tx, rx) = oneshot::channel();
