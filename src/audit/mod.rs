@@ -26,7 +26,7 @@ pub mod verify;
 mod writer;
 
 pub use record::{
-    AuditDecision, AuditEndpoint, AuditGeo, AuditIdentity, AuditRecord, AuditRequest,
+    AuditDecision, AuditEndpoint, AuditGeo, AuditIdentity, AuditRecord, AuditRequest, Transfer,
 };
 pub use writer::Rotation;
 

@@ -20,6 +20,9 @@ pub struct Evidence<'a> {
     pub accepted_at: Instant,
     /// An upstream error, which overrides the ruling's error text.
     pub upstream_error: Option<&'a str>,
+    /// Set on the closing record of an egress tunnel (whose decision was
+    /// recorded and counted when it opened).
+    pub transfer: Option<crate::audit::Transfer>,
 }
 
 /// Whether a request with this ruling and final outcome gets a record.
@@ -42,7 +45,9 @@ pub fn record(
     metrics: &Metrics,
 ) -> Option<AuditAck> {
     let input = ev.input;
-    metrics.request(input.direction, ev.outcome).inc();
+    if ev.transfer.is_none() {
+        metrics.request(input.direction, ev.outcome).inc();
+    }
     let d = &ev.ruling.decision;
     if !worth_recording(scope, ev.ruling, ev.outcome) {
         return None;
@@ -75,5 +80,6 @@ pub fn record(
         status: ev.status,
         latency_ms: (ev.accepted_at.elapsed().as_secs_f64() * 1e6).round() / 1000.0,
         policy_revision: &ev.ruling.revision,
+        transfer: ev.transfer,
     })
 }
