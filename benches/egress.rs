@@ -95,7 +95,11 @@ fn open_tunnel(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
         s.read_exact(&mut b).unwrap();
         head.push(b[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s
 }
 
@@ -110,7 +114,11 @@ fn push(mut s: TcpStream, bytes: u64) -> Duration {
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut n = [0u8; 8];
     s.read_exact(&mut n).unwrap();
-    assert_eq!(u64::from_be_bytes(n), sent, "the sink did not get every byte");
+    assert_eq!(
+        u64::from_be_bytes(n),
+        sent,
+        "the sink did not get every byte"
+    );
     started.elapsed()
 }
 

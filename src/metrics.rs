@@ -153,7 +153,7 @@ impl EgressMetrics {
         let bytes = must(IntCounterVec::new(
             Opts::new(
                 "rempart_egress_bytes_total",
-                "Bytes carried by the egress proxy, by flow (to_destination, from_destination).",
+                "Bytes carried through egress CONNECT tunnels, by flow (to_destination, from_destination).",
             ),
             &["flow"],
         ));

@@ -146,7 +146,8 @@ pub async fn serve_egress(
         |m| m.egress.refusal(Refusal::HeaderTimeout).inc(),
     )
     .await?;
-    // Tunnels outlive their HTTP connection: give them the rest of the drain.
+    // Tunnels outlive their HTTP connection: they get a drain period of
+    // their own after the HTTP connections' (so up to twice drain_timeout).
     gw_for_drain.wait_for_tunnels(drain).await;
     Ok(())
 }
