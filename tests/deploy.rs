@@ -233,6 +233,38 @@ fn dockerfile_is_multi_stage_non_root_with_healthcheck_and_existing_paths() {
         && r.ends_with("/etc/rempart/rempart.toml")));
 }
 
+/// The image's HEALTHCHECK command, run as Docker would (exec form), against
+/// a real rempart: healthy while it serves, unhealthy once it is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn dockerfile_healthcheck_command_tells_a_live_rempart_from_a_dead_one() {
+    let stages = dockerfile_stages();
+    let runtime = &stages.iter().find(|s| s.0 == "runtime").unwrap().1;
+    let hc = &runtime.iter().find(|(o, _)| o == "HEALTHCHECK").unwrap().1;
+    let json = &hc[hc.find("CMD").expect("HEALTHCHECK ... CMD [...]") + 3..];
+    let argv: Vec<String> = serde_json::from_str(json.trim()).expect("exec-form JSON array");
+    let up = Upstream::start().await;
+    let mut rp = Rempart::start(&up.url(), &[]);
+    // The image's admin port is 9090; the test's is ephemeral.
+    let port = rp.admin.port().to_string();
+    let argv: Vec<String> = argv.iter().map(|a| a.replace("9090", &port)).collect();
+    let check = || {
+        Command::new(&argv[0])
+            .args(&argv[1..])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+    };
+    assert!(
+        check().success(),
+        "health check failed on a live rempart: {argv:?}"
+    );
+    rp.stop();
+    assert!(
+        !check().success(),
+        "health check passed with rempart stopped"
+    );
+}
+
 // ------------------------------------------------------ configurations
 
 /// Runs `rempart check` on a shipped configuration after moving its
