@@ -18,6 +18,7 @@ pub mod verify;
 
 pub use record::{
     AuditDecision, AuditEndpoint, AuditGeo, AuditIdentity, AuditRecord, AuditRequest,
+    Transfer,
 };
 
 use std::fs::{File, OpenOptions};

@@ -16,12 +16,18 @@ use anyhow::Context;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
 use percent_encoding::percent_decode_str;
 use tokio::sync::watch;
 
+pub mod target;
+
+use super::egress::EgressGateway;
+use super::enforce::ProxyBody;
 use super::Gateway;
 use crate::input::RequestInfo;
+use crate::metrics::{Metrics, Refusal};
+use http::Response;
 
 /// What the connection tells about every request on it.
 #[derive(Debug, Clone, Copy)]
@@ -55,17 +61,15 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Runs one worker's accept loop until `shutdown` turns true, then lets
-/// open connections finish their requests for at most `drain`.
+/// Runs one worker's ingress accept loop until `shutdown` turns true, then
+/// lets open connections finish their requests for at most `drain`.
 pub async fn serve(
     listener: std::net::TcpListener,
     gateway: Arc<Gateway>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     header_read_timeout: Duration,
     drain: Duration,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    let local = listener.local_addr()?;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -73,8 +77,125 @@ pub async fn serve(
         .header_read_timeout(header_read_timeout)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    let metrics = Arc::clone(&gateway.metrics);
+    accept_loop(
+        listener,
+        shutdown,
+        drain,
+        metrics,
+        move |io, conn| {
+            let gw = Arc::clone(&gateway);
+            let service = service_fn(move |req| {
+                let gw = Arc::clone(&gw);
+                async move {
+                    // Each request runs in its own task: if the client hangs
+                    // up while the upstream works, hyper drops this future
+                    // but the task goes on, so the request the CRM received
+                    // still gets its audit record and metrics.
+                    let handled = tokio::spawn(async move { gw.handle(req, conn).await });
+                    Ok::<_, Infallible>(settle(handled.await))
+                }
+            });
+            builder.serve_connection(io, service).into_owned()
+        },
+        |_, _| {},
+    )
+    .await
+}
 
+/// Runs one worker's egress (forward proxy) accept loop: HTTP/1.1 only,
+/// with upgrades for `CONNECT` tunnels and a bounded request head.
+pub async fn serve_egress(
+    listener: std::net::TcpListener,
+    gateway: Arc<EgressGateway>,
+    shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(gateway.limits.header_read_timeout)
+        .max_buf_size(gateway.limits.max_header_bytes)
+        .keep_alive(true);
+    let metrics = Arc::clone(&gateway.metrics);
+    let gw_for_drain = Arc::clone(&gateway);
+    accept_loop(
+        listener,
+        shutdown,
+        drain,
+        metrics,
+        move |io, conn| {
+            let gw = Arc::clone(&gateway);
+            let service = service_fn(move |req| {
+                let gw = Arc::clone(&gw);
+                async move {
+                    let handled = tokio::spawn(async move { gw.handle(req, conn).await });
+                    Ok::<_, Infallible>(settle(handled.await))
+                }
+            });
+            builder.serve_connection_with_upgrades(io, service).into_owned()
+        },
+        count_egress_connection_error,
+    )
+    .await?;
+    // Tunnels outlive their HTTP connection: give them the rest of the drain.
+    gw_for_drain.wait_for_tunnels(drain).await;
+    Ok(())
+}
+
+/// Counts what made an egress client connection fail before a request
+/// could be handled (hyper answers 431 or 400 itself, or just closes).
+fn count_egress_connection_error(e: &(dyn std::error::Error + 'static), metrics: &Metrics) {
+    let Some(e) = e.downcast_ref::<hyper::Error>() else {
+        return;
+    };
+    let refusal = if e.is_parse_too_large() {
+        Refusal::HeaderTooLarge
+    } else if e.is_timeout() {
+        Refusal::HeaderTimeout
+    } else if e.is_parse() || e.is_incomplete_message() {
+        Refusal::Malformed
+    } else {
+        return;
+    };
+    metrics.egress.refusal(refusal).inc();
+}
+
+fn settle(
+    handled: Result<Response<ProxyBody>, tokio::task::JoinError>,
+) -> Response<ProxyBody> {
+    match handled {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::error!("request task failed: {e}");
+            super::enforce::internal_error()
+        }
+    }
+}
+
+type ConnError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The accept loop shared by the ingress and egress listeners: accepts
+/// until `shutdown`, serves each connection with `serve_conn`, and on
+/// shutdown lets open connections finish their requests for at most
+/// `drain`.
+async fn accept_loop<C, F, E>(
+    listener: std::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+    metrics: Arc<Metrics>,
+    mut serve_conn: F,
+    on_error: E,
+) -> anyhow::Result<()>
+where
+    F: FnMut(TokioIo<tokio::net::TcpStream>, Connection) -> C,
+    C: GracefulConnection<Error = ConnError> + Send + 'static,
+    E: Fn(&(dyn std::error::Error + 'static), &Metrics) + Copy + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let local = listener.local_addr()?;
+    let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -90,33 +211,13 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let conn = Connection { peer, local };
-        let gw = Arc::clone(&gateway);
-        let service = service_fn(move |req| {
-            let gw = Arc::clone(&gw);
-            async move {
-                // Each request runs in its own task: if the client hangs up
-                // while the upstream works, hyper drops this future but the
-                // task goes on, so the request the CRM received still gets
-                // its audit record and metrics.
-                let handled = tokio::spawn(async move { gw.handle(req, conn).await });
-                Ok::<_, Infallible>(match handled.await {
-                    Ok(resp) => resp,
-                    Err(e) => {
-                        tracing::error!("request task failed: {e}");
-                        super::enforce::internal_error()
-                    }
-                })
-            }
-        });
-        let served = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
+        let served = serve_conn(TokioIo::new(stream), Connection { peer, local });
         let watched = graceful.watch(served);
-        let metrics = Arc::clone(&gateway.metrics);
+        let metrics = Arc::clone(&metrics);
         metrics.connections_open.inc();
         tokio::spawn(async move {
             if let Err(e) = watched.await {
+                on_error(&*e, &metrics);
                 tracing::debug!(%peer, "connection ended: {e}");
             }
             metrics.connections_open.dec();
@@ -186,6 +287,27 @@ pub fn describe(
         headers,
         protocol: protocol_name(parts.version).to_string(),
     }
+}
+
+/// Describes an egress request for the policy: as [`describe`], with the
+/// canonical destination as host and port, and scheme `http` (plain proxy
+/// request) or `tunnel` (`CONNECT`, whose content rempart does not see).
+pub fn describe_egress(
+    parts: &http::request::Parts,
+    id: &str,
+    conn: &Connection,
+    redact: &[http::HeaderName],
+    target: &target::Target,
+) -> RequestInfo {
+    let mut info = describe(parts, id, conn, redact);
+    info.host = target.host.to_string();
+    info.port = target.port;
+    if parts.method == http::Method::CONNECT {
+        info.scheme = "tunnel".into();
+        info.path = String::new();
+        info.segments.clear();
+    }
+    info
 }
 
 pub fn protocol_name(v: http::Version) -> &'static str {

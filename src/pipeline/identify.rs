@@ -6,6 +6,8 @@
 //! `trusted_sources`; from anywhere else the header is removed before the
 //! request goes on, so that nobody can forge an identity for the CRM.
 
+pub mod egress;
+
 use std::net::IpAddr;
 
 use http::HeaderMap;
