@@ -310,23 +310,30 @@ fn every_shipped_configuration_passes_rempart_check() {
         ),
     ] {
         let out = rempart_check(&config, &policies);
+        let files = format!("({} files)", shipped_policy_files().len());
         assert!(
-            out.starts_with("ok: ") && out.contains("mode enforce") && out.contains("(4 files)"),
+            out.starts_with("ok: ") && out.contains("mode enforce") && out.contains(&files),
             "{}: {out}",
             config.display()
         );
     }
 }
 
-#[test]
-fn kubernetes_policy_configmap_files_are_the_shipped_policies() {
-    let copies = deploy("kubernetes/base/policies");
+/// The files of `policies/` that `serve` loads (tests excluded), sorted.
+fn shipped_policy_files() -> Vec<String> {
     let mut shipped: Vec<String> = std::fs::read_dir(repo().join("policies"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n == "data.json" || (n.ends_with(".rego") && !n.ends_with("_test.rego")))
         .collect();
     shipped.sort();
+    shipped
+}
+
+#[test]
+fn kubernetes_policy_configmap_files_are_the_shipped_policies() {
+    let copies = deploy("kubernetes/base/policies");
+    let shipped = shipped_policy_files();
     let mut copied: Vec<String> = std::fs::read_dir(&copies)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -593,11 +600,14 @@ fn rendered_sidecar_base_is_hardened_and_wired_to_rempart() {
         "http://127.0.0.1:8000"
     );
 
-    // The CRM sends its outbound calls to rempart's egress listener.
+    // The CRM sends its outbound calls to rempart's egress listener, which
+    // only the pod can reach.
+    let egress = cfg["egress"]["listen"].as_str().unwrap();
+    assert_eq!(egress, "127.0.0.1:3128");
     let crm = &pod["containers"][0];
     assert_eq!(crm["name"], "crm");
     for var in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
-        assert_eq!(env_of(crm, var), "http://127.0.0.1:3128", "{var}");
+        assert_eq!(env_of(crm, var), format!("http://{egress}"), "{var}");
     }
     assert_eq!(env_of(crm, "LISTEN_ADDR"), "127.0.0.1:8000");
 
@@ -624,7 +634,10 @@ fn rendered_sidecar_base_is_hardened_and_wired_to_rempart() {
         policies["metadata"]["name"], "rempart-policies",
         "no hash suffix: hot reload"
     );
-    assert_eq!(policies["data"].as_object().unwrap().len(), 4);
+    assert_eq!(
+        policies["data"].as_object().unwrap().len(),
+        shipped_policy_files().len()
+    );
 
     // Voluntary disruptions take one pod at a time.
     let pdb = object(&docs, "PodDisruptionBudget", "crm");
@@ -655,14 +668,39 @@ fn rendered_egress_gateway_overlay_forces_crm_egress_through_the_gateway() {
     );
     assert_eq!(egress[1]["ports"][0]["port"], 3128);
 
-    // The gateway: Service on 3128 to hardened, probed rempart pods.
+    // The gateway: Service on 3128 to hardened, probed rempart pods whose
+    // egress listener is on that port, on the pod IP, with no ingress proxy.
+    let gw_toml = toml_file(&deploy(
+        "kubernetes/overlays/egress-gateway/rempart-gateway.toml",
+    ));
+    assert_eq!(
+        gw_toml["egress"]["listen"].as_str().unwrap(),
+        "0.0.0.0:3128"
+    );
+    assert!(
+        !gw_toml.contains_key("upstream"),
+        "the gateway has no ingress side"
+    );
     let svc = object(&docs, "Service", "rempart-egress");
     assert_eq!(svc["spec"]["ports"][0]["port"], 3128);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "proxy");
     let gw = object(&docs, "Deployment", "rempart-egress");
     let c = &gw["spec"]["template"]["spec"]["containers"][0];
     assert_hardened_rempart(c, "gateway");
-    assert!(c["ports"].to_string().contains("3128"));
+    let proxy_port = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "proxy")
+        .unwrap();
+    assert_eq!(proxy_port["containerPort"], 3128);
     let cfg = object(&docs, "ConfigMap", "rempart-gateway-config-");
+    assert_eq!(
+        cfg["data"]["rempart.toml"].as_str().unwrap(),
+        read(&deploy(
+            "kubernetes/overlays/egress-gateway/rempart-gateway.toml"
+        ))
+    );
     let mounted = gw["spec"]["template"]["spec"]["volumes"].to_string();
     assert!(mounted.contains(cfg["metadata"]["name"].as_str().unwrap()));
     assert_eq!(
