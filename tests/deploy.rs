@@ -217,6 +217,26 @@ fn dockerfile_is_multi_stage_non_root_with_healthcheck_and_existing_paths() {
         }
     }
 
+    // The build context leaves out the multi-gigabyte target/ and local
+    // data, and none of what the COPYs need.
+    let ignore = read(&repo().join(".dockerignore"));
+    let ignored: Vec<&str> = ignore
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    for needed in ["target", ".git", ".venv", "geoip/data"] {
+        assert!(ignored.contains(&needed), ".dockerignore lacks {needed}");
+    }
+    for (_, stage) in &stages {
+        for (_, rest) in stage.iter().filter(|(o, _)| o == "COPY") {
+            let first = rest.split_whitespace().next().unwrap();
+            assert!(
+                !ignored.contains(&first),
+                "COPY {first} is in .dockerignore"
+            );
+        }
+    }
+
     // The default config it ships points at the image's audit volume.
     let cfg = toml_file(&deploy("container/rempart.toml"));
     let audit = cfg["audit"]["path"].as_str().unwrap();
