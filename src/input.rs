@@ -194,7 +194,12 @@ impl Destination {
             ("geo", self.geo.as_ref().map_or(Value::Null, Geo::to_value)),
             (
                 "addresses",
-                Value::from(self.addresses.iter().map(Address::to_value).collect::<Vec<_>>()),
+                Value::from(
+                    self.addresses
+                        .iter()
+                        .map(Address::to_value)
+                        .collect::<Vec<_>>(),
+                ),
             ),
         ])
     }

@@ -163,7 +163,9 @@ impl EgressMetrics {
                 "rempart_egress_tunnel_duration_seconds",
                 "Lifetime of CONNECT tunnels.",
             )
-            .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0]),
+            .buckets(vec![
+                0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0,
+            ]),
         ));
         reg(Box::new(tunnel_duration_seconds.clone()));
         let dns_seconds = must(Histogram::with_opts(

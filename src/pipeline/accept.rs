@@ -83,6 +83,7 @@ pub async fn serve(
         shutdown,
         drain,
         metrics,
+        header_read_timeout,
         move |io, conn| {
             let gw = Arc::clone(&gateway);
             let service = service_fn(move |req| {
@@ -99,6 +100,7 @@ pub async fn serve(
             builder.serve_connection(io, service).into_owned()
         },
         |_, _| {},
+        |_| {},
     )
     .await
 }
@@ -120,11 +122,13 @@ pub async fn serve_egress(
         .keep_alive(true);
     let metrics = Arc::clone(&gateway.metrics);
     let gw_for_drain = Arc::clone(&gateway);
+    let first_byte = gateway.limits.header_read_timeout;
     accept_loop(
         listener,
         shutdown,
         drain,
         metrics,
+        first_byte,
         move |io, conn| {
             let gw = Arc::clone(&gateway);
             let service = service_fn(move |req| {
@@ -134,9 +138,12 @@ pub async fn serve_egress(
                     Ok::<_, Infallible>(settle(handled.await))
                 }
             });
-            builder.serve_connection_with_upgrades(io, service).into_owned()
+            builder
+                .serve_connection_with_upgrades(io, service)
+                .into_owned()
         },
         count_egress_connection_error,
+        |m| m.egress.refusal(Refusal::HeaderTimeout).inc(),
     )
     .await?;
     // Tunnels outlive their HTTP connection: give them the rest of the drain.
@@ -162,9 +169,7 @@ fn count_egress_connection_error(e: &(dyn std::error::Error + 'static), metrics:
     metrics.egress.refusal(refusal).inc();
 }
 
-fn settle(
-    handled: Result<Response<ProxyBody>, tokio::task::JoinError>,
-) -> Response<ProxyBody> {
+fn settle(handled: Result<Response<ProxyBody>, tokio::task::JoinError>) -> Response<ProxyBody> {
     match handled {
         Ok(resp) => resp,
         Err(e) => {
@@ -180,16 +185,23 @@ type ConnError = Box<dyn std::error::Error + Send + Sync>;
 /// until `shutdown`, serves each connection with `serve_conn`, and on
 /// shutdown lets open connections finish their requests for at most
 /// `drain`.
+///
+/// A client that sends no byte within `first_byte_timeout` is dropped
+/// before any HTTP machinery runs (hyper's header timeout only starts with
+/// the first byte of a request), and `on_silent` counts it.
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop<C, F, E>(
     listener: std::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
     metrics: Arc<Metrics>,
-    mut serve_conn: F,
+    first_byte_timeout: Duration,
+    serve_conn: F,
     on_error: E,
+    on_silent: fn(&Metrics),
 ) -> anyhow::Result<()>
 where
-    F: FnMut(TokioIo<tokio::net::TcpStream>, Connection) -> C,
+    F: Fn(TokioIo<tokio::net::TcpStream>, Connection) -> C + Clone + Send + 'static,
     C: GracefulConnection<Error = ConnError> + Send + 'static,
     E: Fn(&(dyn std::error::Error + 'static), &Metrics) + Copy + Send + 'static,
 {
@@ -211,14 +223,24 @@ where
             },
         };
         let _ = stream.set_nodelay(true);
-        let served = serve_conn(TokioIo::new(stream), Connection { peer, local });
-        let watched = graceful.watch(served);
+        let serve_conn = serve_conn.clone();
+        let watcher = graceful.watcher();
         let metrics = Arc::clone(&metrics);
         metrics.connections_open.inc();
         tokio::spawn(async move {
-            if let Err(e) = watched.await {
-                on_error(&*e, &metrics);
-                tracing::debug!(%peer, "connection ended: {e}");
+            // peek, not readable(): a fresh socket may report readiness
+            // before any byte arrived.
+            let mut first = [0u8; 1];
+            let spoke = tokio::time::timeout(first_byte_timeout, stream.peek(&mut first)).await;
+            if spoke.is_ok() {
+                let served = serve_conn(TokioIo::new(stream), Connection { peer, local });
+                if let Err(e) = watcher.watch(served).await {
+                    on_error(&*e, &metrics);
+                    tracing::debug!(%peer, "connection ended: {e}");
+                }
+            } else {
+                on_silent(&metrics);
+                tracing::debug!(%peer, "client sent nothing; closed");
             }
             metrics.connections_open.dec();
         });

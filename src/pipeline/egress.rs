@@ -326,7 +326,15 @@ impl EgressGateway {
                 Action::Unavailable => enforce::policy_unavailable(&id),
                 _ => enforce::forbidden(&id, &ruling.decision.deny),
             };
-            return self.finish(response, &input, &ruling, ruling.outcome, accepted_at, None, client_version);
+            return self.finish(
+                response,
+                &input,
+                &ruling,
+                ruling.outcome,
+                accepted_at,
+                None,
+                client_version,
+            );
         };
         input.destination = destination;
         let addr = SocketAddr::new(ip, target.port);
@@ -389,9 +397,7 @@ impl EgressGateway {
                 response
             }
             None => {
-                let (response, error) = self
-                    .forward_plain(parts, body, &target, stream, &id)
-                    .await;
+                let (response, error) = self.forward_plain(parts, body, &target, stream, &id).await;
                 drop(slot);
                 let outcome = if error.is_some() {
                     Outcome::Error
@@ -490,7 +496,15 @@ impl EgressGateway {
                 HeaderValue::from_static("Basic realm=\"rempart egress\""),
             );
         }
-        self.finish(response, input, &ruling, outcome, accepted_at, None, client_version)
+        self.finish(
+            response,
+            input,
+            &ruling,
+            outcome,
+            accepted_at,
+            None,
+            client_version,
+        )
     }
 
     /// The policy allowed the destination but it could not be reached.

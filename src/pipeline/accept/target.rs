@@ -123,7 +123,9 @@ pub fn parse_authority(authority: &str, default_port: Option<u16>) -> Result<Tar
     };
     let port = match port {
         Some(p) => parse_port(p)?,
-        None => default_port.ok_or_else(|| err(format!("destination {authority:?} has no port")))?,
+        None => {
+            default_port.ok_or_else(|| err(format!("destination {authority:?} has no port")))?
+        }
     };
     let host = match host {
         Inner::V6(v6) => Host::Ip(parse_ipv6(v6)?),

@@ -64,12 +64,8 @@ where
     let mut destination = Counted::new(destination, Arc::clone(&activity), started);
     let deadline = started + max;
     let closed = {
-        let copy = tokio::io::copy_bidirectional_with_sizes(
-            &mut client,
-            &mut destination,
-            BUFFER,
-            BUFFER,
-        );
+        let copy =
+            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut destination, BUFFER, BUFFER);
         tokio::pin!(copy);
         loop {
             let idle_at = activity.last(started) + idle;
@@ -211,7 +207,13 @@ mod tests {
     async fn idle_and_max_duration_close_the_tunnel() {
         let (client, _cp) = tokio::io::duplex(64);
         let (dest, _dp) = tokio::io::duplex(64);
-        let c = carry(client, dest, Duration::from_secs(1), Duration::from_secs(60)).await;
+        let c = carry(
+            client,
+            dest,
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        )
+        .await;
         assert_eq!(c.closed, Closed::IdleTimeout);
         let (client, mut cp) = tokio::io::duplex(64);
         let (dest, mut dp) = tokio::io::duplex(64);

@@ -174,7 +174,10 @@ mod tests {
             Err(AuthFailure::WrongCredentials)
         );
         let mut junk = HeaderMap::new();
-        junk.insert(http::header::PROXY_AUTHORIZATION, "Bearer x".parse().unwrap());
+        junk.insert(
+            http::header::PROXY_AUTHORIZATION,
+            "Bearer x".parse().unwrap(),
+        );
         assert_eq!(id.identify(&junk, local), Err(AuthFailure::Malformed));
     }
 
@@ -190,6 +193,11 @@ mod tests {
             id.identify(&HeaderMap::new(), local),
             Err(AuthFailure::Missing)
         );
-        assert!(id.identify(&basic("u", "pw"), local).unwrap().identity.authenticated);
+        assert!(
+            id.identify(&basic("u", "pw"), local)
+                .unwrap()
+                .identity
+                .authenticated
+        );
     }
 }
