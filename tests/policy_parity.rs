@@ -83,13 +83,16 @@ fn corpus() -> Vec<PolicyInput> {
                             method: "header".into(),
                             subject: Some("alice".into()),
                             roles: vec!["dpo".into()],
+                            sources: vec!["header".into()],
+                            ..Identity::default()
                         }
                     } else {
                         Identity {
                             authenticated: false,
                             method: "none".into(),
-                            subject: None,
-                            roles: vec![],
+                            error: Some("expired".into()),
+                            sources: vec!["jwt".into()],
+                            ..Identity::default()
                         }
                     },
                     resource: Resource { ..resource },

@@ -4,7 +4,11 @@
 //! Each worker thread runs its own single-threaded event loop with its own
 //! listening socket on the shared port (`SO_REUSEPORT`): the kernel spreads
 //! connections across workers and no request ever crosses threads. HTTP/1.1
-//! and HTTP/2 (prior knowledge) are served on the same port.
+//! and HTTP/2 (prior knowledge, or ALPN `h2` over TLS) are served on the
+//! same port. With `[server.tls]` every connection first completes a TLS
+//! handshake (bounded by `header_read_timeout`); one that fails, e.g. a
+//! client without a required certificate, is counted and closed before any
+//! request is read.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -24,10 +28,14 @@ use super::Gateway;
 use crate::input::RequestInfo;
 
 /// What the connection tells about every request on it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Connection {
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// The client certificate verified during the handshake (mTLS).
+    pub client_cert: Option<Arc<crate::tls::ClientCert>>,
 }
 
 /// Binds `count` sockets to `addr` with `SO_REUSEPORT`. With port 0 the
@@ -63,6 +71,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
     header_read_timeout: Duration,
     drain: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let local = listener.local_addr()?;
@@ -90,34 +99,58 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let conn = Connection { peer, local };
-        let gw = Arc::clone(&gateway);
-        let service = service_fn(move |req| {
-            let gw = Arc::clone(&gw);
-            async move {
-                // Each request runs in its own task: if the client hangs up
-                // while the upstream works, hyper drops this future but the
-                // task goes on, so the request the CRM received still gets
-                // its audit record and metrics.
-                let handled = tokio::spawn(async move { gw.handle(req, conn).await });
-                Ok::<_, Infallible>(match handled.await {
-                    Ok(resp) => resp,
-                    Err(e) => {
-                        tracing::error!("request task failed: {e}");
-                        super::enforce::internal_error()
-                    }
-                })
-            }
-        });
-        let served = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let watched = graceful.watch(served);
-        let metrics = Arc::clone(&gateway.metrics);
-        metrics.connections_open.inc();
+        let conn = Connection {
+            peer,
+            local,
+            tls: tls.is_some(),
+            client_cert: None,
+        };
+        let gateway = Arc::clone(&gateway);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = watched.await {
-                tracing::debug!(%peer, "connection ended: {e}");
+            let metrics = Arc::clone(&gateway.metrics);
+            metrics.connections_open.inc();
+            match tls {
+                None => {
+                    let io = TokioIo::new(stream);
+                    let served = builder.serve_connection(io, service(gateway, conn));
+                    if let Err(e) = watcher.watch(served.into_owned()).await {
+                        tracing::debug!(%peer, "connection ended: {e}");
+                    }
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            let client_cert = tls_stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|chain| chain.first())
+                                .and_then(crate::tls::describe_client_cert)
+                                .map(Arc::new);
+                            let conn = Connection {
+                                client_cert,
+                                ..conn
+                            };
+                            let io = TokioIo::new(tls_stream);
+                            let served = builder.serve_connection(io, service(gateway, conn));
+                            if let Err(e) = watcher.watch(served.into_owned()).await {
+                                tracing::debug!(%peer, "connection ended: {e}");
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            let reason = crate::tls::handshake_failure_reason(&e);
+                            metrics.tls_handshake_failure(reason).inc();
+                            tracing::info!(%peer, reason, "TLS handshake failed: {e}");
+                        }
+                        Err(_) => {
+                            metrics.tls_handshake_failure("timeout").inc();
+                            tracing::info!(%peer, "TLS handshake timed out");
+                        }
+                    }
+                }
             }
             metrics.connections_open.dec();
         });
@@ -130,6 +163,38 @@ pub async fn serve(
         tracing::warn!("drain timeout reached with connections still open");
     }
     Ok(())
+}
+
+/// The per-connection request service.
+fn service(
+    gateway: Arc<Gateway>,
+    conn: Connection,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<super::enforce::ProxyBody>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
+       + Send
+       + 'static {
+    service_fn(move |req| {
+        let gw = Arc::clone(&gateway);
+        let conn = conn.clone();
+        async move {
+            // Each request runs in its own task: if the client hangs up
+            // while the upstream works, hyper drops this future but the
+            // task goes on, so the request the CRM received still gets
+            // its audit record and metrics.
+            let handled = tokio::spawn(async move { gw.handle(req, conn).await });
+            Ok::<_, Infallible>(match handled.await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    tracing::error!("request task failed: {e}");
+                    super::enforce::internal_error()
+                }
+            })
+        }
+    })
 }
 
 /// Describes a request for the policy: decoded path and query, lower-case
@@ -177,7 +242,7 @@ pub fn describe(
     RequestInfo {
         id: id.to_string(),
         method: parts.method.as_str().to_string(),
-        scheme: "http".to_string(),
+        scheme: if conn.tls { "https" } else { "http" }.to_string(),
         host,
         port,
         path,
@@ -239,6 +304,8 @@ mod tests {
         let conn = Connection {
             peer: "127.0.0.1:5000".parse().unwrap(),
             local: "127.0.0.1:8080".parse().unwrap(),
+            tls: false,
+            client_cert: None,
         };
         let d = describe(&parts, "id1", &conn, &[http::header::AUTHORIZATION]);
         assert_eq!(d.host, "crm.example.eu");
