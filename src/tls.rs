@@ -148,11 +148,11 @@ pub fn ingress(cfg: &ServerTlsConfig) -> anyhow::Result<Ingress> {
 }
 
 /// A client configuration trusting `ca` (or the built-in Mozilla roots),
-/// presenting the optional client certificate, offering `alpn`.
+/// presenting the optional client certificate. No ALPN here: the
+/// hyper-rustls connector offers what its HTTP client speaks.
 pub fn client_config(
     ca: Option<&Path>,
     client_cert: Option<(&Path, &Path)>,
-    alpn: &[&[u8]],
 ) -> anyhow::Result<ClientConfig> {
     let roots = match ca {
         Some(p) => read_roots(p)?,
@@ -164,7 +164,7 @@ pub fn client_config(
         .with_protocol_versions(VERSIONS)
         .context("TLS protocol versions")?
         .with_root_certificates(roots);
-    let mut config = match client_cert {
+    let config = match client_cert {
         Some((cert, key)) => builder
             .with_client_auth_cert(read_certs(cert)?, read_key(key)?)
             .with_context(|| {
@@ -176,15 +176,13 @@ pub fn client_config(
             })?,
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
 
-/// The client configuration towards the upstream (HTTP/1.1 only, as the
-/// upstream pool speaks it).
+/// The client configuration towards the upstream.
 pub fn upstream_client_config(cfg: &UpstreamTlsConfig) -> anyhow::Result<ClientConfig> {
     let pair = cfg.client_cert.as_deref().zip(cfg.client_key.as_deref());
-    client_config(cfg.ca.as_deref(), pair, &[b"http/1.1"]).context("[upstream.tls]")
+    client_config(cfg.ca.as_deref(), pair).context("[upstream.tls]")
 }
 
 /// What a verified client certificate says about its holder.

@@ -489,7 +489,7 @@ impl Fetcher {
         let uri: http::Uri = url
             .parse()
             .with_context(|| format!("[identity.jwt] jwks_url {url:?}"))?;
-        let tls = crate::tls::client_config(ca, None, &[b"http/1.1"])
+        let tls = crate::tls::client_config(ca, None)
             .context("[identity.jwt] jwks_ca")?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
