@@ -90,8 +90,15 @@ fn corpus() -> Vec<PolicyInput> {
                         Identity {
                             authenticated: false,
                             method: "none".into(),
-                            error: Some("expired".into()),
-                            sources: vec!["jwt".into()],
+                            // Some anonymous callers where a source is
+                            // configured (the unauthenticated rule fires),
+                            // most where none is (it stays inactive).
+                            error: (n % 5 == 1).then(|| "expired".into()),
+                            sources: if n % 5 == 1 {
+                                vec!["jwt".into()]
+                            } else {
+                                vec![]
+                            },
                             ..Identity::default()
                         }
                     },

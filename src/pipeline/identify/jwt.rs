@@ -207,7 +207,9 @@ pub struct KeyStore {
     last_kid_refetch_ms: AtomicU64,
     epoch: Instant,
     refetch: Option<mpsc::UnboundedSender<()>>,
-    generation: watch::Sender<u64>,
+    /// Counts finished fetch attempts (success or failure), so that a
+    /// request waiting for a refetch wakes up either way.
+    attempts: watch::Sender<u64>,
     file: Option<PathBuf>,
     metrics: Arc<Metrics>,
 }
@@ -225,7 +227,7 @@ impl KeyStore {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         self.metrics.jwks_last_success_timestamp.set(unix);
-        self.generation.send_modify(|g| *g += 1);
+        self.attempts.send_modify(|g| *g += 1);
         tracing::info!(keys = n, "JWKS loaded");
     }
 
@@ -258,8 +260,8 @@ impl KeyStore {
     }
 
     /// Asks the refresher for a fetch because of an unknown kid, if the
-    /// rate limit allows; returns a receiver that changes when new keys
-    /// are installed.
+    /// rate limit allows; returns a receiver that changes when the fetch
+    /// is over.
     fn ask_refetch(&self) -> Option<watch::Receiver<u64>> {
         let tx = self.refetch.as_ref()?;
         let now = self.epoch.elapsed().as_millis() as u64;
@@ -274,9 +276,9 @@ impl KeyStore {
             .is_err()
         {
             // Another request asked at the same moment: wait for its fetch.
-            return Some(self.generation.subscribe());
+            return Some(self.attempts.subscribe());
         }
-        let rx = self.generation.subscribe();
+        let rx = self.attempts.subscribe();
         tx.send(()).ok()?;
         Some(rx)
     }
@@ -318,7 +320,7 @@ impl JwtVerifier {
             last_kid_refetch_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             refetch: cfg.jwks_url.as_ref().map(|_| refetch_tx),
-            generation: watch::channel(0).0,
+            attempts: watch::channel(0).0,
             file: cfg.jwks_file.clone(),
             metrics,
         });
@@ -489,8 +491,7 @@ impl Fetcher {
         let uri: http::Uri = url
             .parse()
             .with_context(|| format!("[identity.jwt] jwks_url {url:?}"))?;
-        let tls = crate::tls::client_config(ca, None)
-            .context("[identity.jwt] jwks_ca")?;
+        let tls = crate::tls::client_config(ca, None).context("[identity.jwt] jwks_ca")?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -570,6 +571,7 @@ async fn fetch_once(store: &KeyStore, fetcher: &Fetcher) -> bool {
         }
         Err(e) => {
             store.metrics.jwks_refresh_failure.inc();
+            store.attempts.send_modify(|g| *g += 1);
             tracing::warn!(
                 url = %fetcher.uri,
                 "JWKS fetch failed, keeping the previous keys (if any, up to jwks_max_staleness): {e:#}"
