@@ -46,6 +46,7 @@ fn input() -> PolicyInput {
             port: 50123,
             scope: "private".into(),
             geo: Geo::local(Scope::Private),
+            workload: None,
         },
         destination: std::sync::Arc::new(Destination {
             host: "127.0.0.1".into(),
@@ -53,6 +54,7 @@ fn input() -> PolicyInput {
             port: 8000,
             scope: Some("loopback".into()),
             geo: Some(Geo::local(Scope::Loopback)),
+            addresses: Vec::new(),
         }),
         identity: Identity {
             authenticated: false,

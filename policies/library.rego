@@ -20,6 +20,7 @@ deny contains {
 	"code": "path_traversal",
 	"message": "the path tries to leave its directory",
 } if {
+	input.direction == "ingress"
 	some segment in input.request.segments
 	traversal_segment(segment)
 }
@@ -37,6 +38,7 @@ deny contains {
 	"code": "blocked_path",
 	"message": sprintf("path %s is blocked (segment %s)", [input.request.path, segment]),
 } if {
+	input.direction == "ingress"
 	some segment in input.request.segments
 	lower(segment) in blocked_segments
 }
@@ -57,6 +59,7 @@ warn contains {
 	"code": "plaintext_from_public",
 	"message": "plain HTTP request from a public address",
 } if {
+	input.direction == "ingress"
 	input.request.scheme == "http"
 	input.source.scope == "public"
 }

@@ -2,8 +2,10 @@
 #
 # They look at destination.geo (see docs/geo.md): the located country, and
 # the operator of the address with the jurisdiction of its controlling
-# company. They apply to public destinations only: loopback and private
-# addresses have no location to judge (the egress rules handle them).
+# company. They judge public destinations, and non-public ones that the
+# company's own geo data places somewhere ([geo] locate_non_public); other
+# private and loopback addresses have no location to judge (egress.rego
+# handles them).
 # Settings: data.settings.sovereignty (policies/data.json).
 package rempart
 
@@ -14,7 +16,14 @@ sovereignty := data.settings.sovereignty
 # The destination host is exempted by the DSI (exact host name or IP).
 sovereignty_exempt if input.destination.host in sovereignty.host_exceptions
 
+# An egress destination on the caller's allow-list (egress.rego).
+sovereignty_exempt if egress_allowlisted
+
 public_destination if input.destination.geo.scope == "public"
+
+located_destination if public_destination
+
+located_destination if input.destination.geo.country != null
 
 destination_country_allowed(geo) if geo.in_eea
 
@@ -37,7 +46,7 @@ deny contains {
 	"code": "destination_outside_eu",
 	"message": sprintf("destination %s is located in %s, outside the EU/EEA", [input.destination.host, input.destination.geo.country]),
 } if {
-	public_destination
+	located_destination
 	not sovereignty_exempt
 	input.destination.geo.country != null
 	not destination_country_allowed(input.destination.geo)
@@ -61,7 +70,7 @@ deny contains {
 		],
 	),
 } if {
-	public_destination
+	located_destination
 	not sovereignty_exempt
 	op := input.destination.geo.operator
 	op != null

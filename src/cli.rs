@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the policy-checked reverse proxy in front of a CRM.
+    /// Run the policy-checked reverse proxy in front of a CRM, and/or the
+    /// egress forward proxy for its outbound calls.
     Serve(ServeArgs),
     /// Validate a configuration file and the policies it names, then exit.
     Check {
@@ -116,6 +117,10 @@ struct ServeArgs {
     /// Admin address for /metrics, /healthz, /readyz [default: 127.0.0.1:9090]
     #[arg(long, value_name = "ADDR")]
     admin: Option<std::net::SocketAddr>,
+    /// Egress forward proxy address for the CRM's HTTP_PROXY/HTTPS_PROXY,
+    /// e.g. 127.0.0.1:3128 [default: none]
+    #[arg(long, value_name = "ADDR")]
+    egress: Option<std::net::SocketAddr>,
     /// Policy directory [default: ./policies if present, else the built-in set]
     #[arg(long, value_name = "DIR")]
     policies: Option<PathBuf>,
@@ -238,6 +243,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(v) = a.admin {
         cfg.admin.listen = v;
+    }
+    if let Some(v) = a.egress {
+        cfg.egress.listen = Some(v);
     }
     if let Some(v) = a.audit {
         cfg.audit.path = v;

@@ -24,6 +24,84 @@ pub struct Config {
     pub audit: AuditConfig,
     pub identity: IdentityConfig,
     pub geo: GeoConfig,
+    pub egress: EgressConfig,
+}
+
+/// The egress forward proxy: the listener the CRM reaches through
+/// `HTTP_PROXY` / `HTTPS_PROXY` for its own outbound calls.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// Address of the egress listener, e.g. `127.0.0.1:3128`. No egress
+    /// listener when absent.
+    pub listen: Option<SocketAddr>,
+    /// DNS servers (`ip:port`, UDP then TCP) used to resolve destinations.
+    /// Empty: the system resolver (`/etc/hosts`, `/etc/resolv.conf`).
+    pub dns_servers: Vec<SocketAddr>,
+    /// Bound on resolving one destination name.
+    pub dns_timeout: Seconds,
+    /// Bound on connecting to the chosen destination address.
+    pub connect_timeout: Seconds,
+    /// Bound on waiting for a plain HTTP destination's response head.
+    pub response_timeout: Seconds,
+    /// A tunnel with no byte moving either way for this long is closed.
+    pub tunnel_idle_timeout: Seconds,
+    /// A tunnel is closed after this long whatever it does.
+    pub tunnel_max_duration: Seconds,
+    /// Open tunnels and plain requests in flight, over all workers; more
+    /// are refused with `503`.
+    pub max_connections: usize,
+    /// Largest request head accepted, in bytes (hyper's minimum is 8192);
+    /// larger ones are refused with `431`.
+    pub max_header_bytes: usize,
+    /// How long a client may take to send its request head.
+    pub header_read_timeout: Seconds,
+    /// Names of the workloads that use this proxy, by source address.
+    pub workloads: Vec<WorkloadConfig>,
+    /// Require `Proxy-Authorization: Basic` from one of `users`; `407`
+    /// otherwise.
+    pub require_proxy_auth: bool,
+    /// Accounts for `Proxy-Authorization: Basic`.
+    pub users: Vec<ProxyUser>,
+}
+
+/// A workload name for the egress requests coming from `sources`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    pub name: String,
+    pub sources: Vec<Cidr>,
+}
+
+/// One `Proxy-Authorization: Basic` account. The password is stored as its
+/// SHA-256 (hex), never in clear.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyUser {
+    pub name: String,
+    pub password_sha256: String,
+    /// The workload this account stands for (overrides the source match).
+    pub workload: Option<String>,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        EgressConfig {
+            listen: None,
+            dns_servers: Vec::new(),
+            dns_timeout: Seconds(Duration::from_secs(2)),
+            connect_timeout: Seconds(Duration::from_secs(5)),
+            response_timeout: Seconds(Duration::from_secs(60)),
+            tunnel_idle_timeout: Seconds(Duration::from_secs(300)),
+            tunnel_max_duration: Seconds(Duration::from_secs(3600)),
+            max_connections: 4096,
+            max_header_bytes: 16 * 1024,
+            header_read_timeout: Seconds(Duration::from_secs(10)),
+            workloads: Vec::new(),
+            require_proxy_auth: false,
+            users: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -46,6 +124,10 @@ pub struct GeoConfig {
     pub optional: bool,
     /// How often the files are checked for changes; 0 disables.
     pub reload_interval: Seconds,
+    /// Also look up private, loopback and other non-public addresses in
+    /// the databases (for companies that map their internal networks to
+    /// sites in their own MMDB). Off: such addresses have no location.
+    pub locate_non_public: bool,
 }
 
 impl Default for GeoConfig {
@@ -58,6 +140,7 @@ impl Default for GeoConfig {
             countries: None,
             optional: false,
             reload_interval: Seconds(Duration::from_secs(60)),
+            locate_non_public: false,
         }
     }
 }
@@ -70,6 +153,7 @@ impl GeoConfig {
             as_country_db: self.as_country_db.clone(),
             operators: self.operators.clone(),
             countries: self.countries.clone(),
+            locate_non_public: self.locate_non_public,
         }
     }
 }
@@ -399,8 +483,33 @@ impl Config {
 
     /// Checks that need the whole configuration.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.upstream.url.is_none() {
-            bail!("no upstream: set [upstream] url in the config file (or pass --upstream URL to rempart serve)");
+        if self.upstream.url.is_none() && self.egress.listen.is_none() {
+            bail!("no upstream and no egress listener: set [upstream] url (or pass --upstream URL to rempart serve) for the ingress proxy, and/or [egress] listen for the egress proxy");
+        }
+        if let (Some(e), Some(u)) = (self.egress.listen, self.upstream.url.as_ref()) {
+            if e == self.server.listen {
+                bail!("[egress] listen {e} is the same address as [server] listen (the ingress proxy to {u})");
+            }
+        }
+        if self.egress.max_header_bytes < 8192 {
+            bail!("[egress] max_header_bytes must be at least 8192");
+        }
+        if self.egress.max_connections == 0 {
+            bail!("[egress] max_connections must be at least 1");
+        }
+        if self.egress.require_proxy_auth && self.egress.users.is_empty() {
+            bail!("[egress] require_proxy_auth is set but no [[egress.users]] is configured");
+        }
+        for u in &self.egress.users {
+            let h = &u.password_sha256;
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bail!("[[egress.users]] {:?}: password_sha256 must be 64 hex digits (e.g. `printf %s PASSWORD | sha256sum`)", u.name);
+            }
+        }
+        for w in &self.egress.workloads {
+            if w.name.is_empty() || w.sources.is_empty() {
+                bail!("[[egress.workloads]] entries need a name and at least one source network");
+            }
         }
         if self.identity.trusted_header.is_some() && self.identity.trusted_sources.is_empty() {
             bail!(

@@ -78,19 +78,46 @@ pub struct Endpoint {
     pub scope: String,
     /// Location and jurisdiction of `ip`.
     pub geo: Geo,
+    /// Egress: the workload the caller is (`[[egress.workloads]]`, or the
+    /// proxy account's), null when unknown. Always null for ingress.
+    pub workload: Option<String>,
 }
 
-/// Where a request goes (the upstream for ingress).
+/// Where a request goes: the upstream for ingress, the requested host for
+/// egress.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Destination {
+    /// Canonical host: lower-case ASCII name without trailing dot, or the
+    /// address literal.
     pub host: String,
-    /// The address connected to, or null when the host is a name resolved
-    /// by the connection pool.
+    /// The address this decision is about, which is the one connected to
+    /// if it is allowed; null when nothing could be resolved.
     pub ip: Option<String>,
     pub port: u16,
     pub scope: Option<String>,
     /// Location and jurisdiction of `ip`, or null when `ip` is null.
     pub geo: Option<Geo>,
+    /// Every address the host resolved to (once, before deciding), each
+    /// located; `ip` is one of them.
+    pub addresses: Vec<Address>,
+}
+
+/// One resolved address of a destination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Address {
+    pub ip: String,
+    pub scope: String,
+    pub geo: Geo,
+}
+
+impl Address {
+    pub fn to_value(&self) -> Value {
+        object([
+            ("ip", s(&self.ip)),
+            ("scope", s(&self.scope)),
+            ("geo", self.geo.to_value()),
+        ])
+    }
 }
 
 /// Who is asking (see `crate::pipeline::identify`).
@@ -183,6 +210,15 @@ impl Destination {
             ("port", Value::from(self.port as u64)),
             ("scope", opt(&self.scope)),
             ("geo", self.geo.as_ref().map_or(Value::Null, Geo::to_value)),
+            (
+                "addresses",
+                Value::from(
+                    self.addresses
+                        .iter()
+                        .map(Address::to_value)
+                        .collect::<Vec<_>>(),
+                ),
+            ),
         ])
     }
 }
@@ -226,6 +262,7 @@ impl PolicyInput {
             ("port", Value::from(self.source.port as u64)),
             ("scope", s(&self.source.scope)),
             ("geo", self.source.geo.to_value()),
+            ("workload", opt(&self.source.workload)),
         ]);
         let i = &self.identity;
         let claims = Value::from(
@@ -320,6 +357,7 @@ pub(crate) mod tests {
                 port: 50000,
                 scope: "loopback".into(),
                 geo: Geo::local(crate::pipeline::locate::Scope::Loopback),
+                workload: None,
             },
             destination: Arc::new(Destination {
                 host: "52.28.0.1".into(),
@@ -347,6 +385,11 @@ pub(crate) mod tests {
                     }),
                     sovereign: "non_eu_operator_in_eu".into(),
                 }),
+                addresses: vec![Address {
+                    ip: "52.28.0.1".into(),
+                    scope: "public".into(),
+                    geo: Geo::local(crate::pipeline::locate::Scope::Public),
+                }],
             }),
             identity: Identity {
                 authenticated: true,
@@ -397,6 +440,8 @@ pub(crate) mod tests {
         d.ip = None;
         d.scope = None;
         d.geo = None;
+        d.addresses.clear();
+        none.source.workload = Some("crm".into());
         let via_json = Value::from_json_str(&serde_json::to_string(&none).unwrap()).unwrap();
         assert_eq!(none.to_value(), via_json);
     }

@@ -68,6 +68,135 @@ pub struct Metrics {
     pub jwks_refresh_success: IntCounter,
     pub jwks_refresh_failure: IntCounter,
     pub jwks_last_success_timestamp: IntGauge,
+    pub egress: EgressMetrics,
+}
+
+/// Why the egress proxy refused a request before or instead of a policy
+/// decision (`rempart_egress_refusals_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    BadRequest,
+    ProxyAuth,
+    TooManyConnections,
+    DnsNotFound,
+    DnsTimeout,
+    DnsFailure,
+    ConnectFailed,
+    ConnectTimeout,
+    HeaderTooLarge,
+    HeaderTimeout,
+    Malformed,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 11] = [
+        Refusal::BadRequest,
+        Refusal::ProxyAuth,
+        Refusal::TooManyConnections,
+        Refusal::DnsNotFound,
+        Refusal::DnsTimeout,
+        Refusal::DnsFailure,
+        Refusal::ConnectFailed,
+        Refusal::ConnectTimeout,
+        Refusal::HeaderTooLarge,
+        Refusal::HeaderTimeout,
+        Refusal::Malformed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::BadRequest => "bad_request",
+            Refusal::ProxyAuth => "proxy_auth",
+            Refusal::TooManyConnections => "too_many_connections",
+            Refusal::DnsNotFound => "dns_not_found",
+            Refusal::DnsTimeout => "dns_timeout",
+            Refusal::DnsFailure => "dns_failure",
+            Refusal::ConnectFailed => "connect_failed",
+            Refusal::ConnectTimeout => "connect_timeout",
+            Refusal::HeaderTooLarge => "header_too_large",
+            Refusal::HeaderTimeout => "header_timeout",
+            Refusal::Malformed => "malformed",
+        }
+    }
+}
+
+/// The egress proxy's own metrics (its decisions are counted in
+/// `rempart_requests_total{direction="egress"}`).
+pub struct EgressMetrics {
+    refusals: Vec<IntCounter>,
+    pub tunnels_open: IntGauge,
+    pub in_flight: IntGauge,
+    pub bytes_to_destination: IntCounter,
+    pub bytes_from_destination: IntCounter,
+    pub tunnel_duration_seconds: Histogram,
+    pub dns_seconds: Histogram,
+}
+
+impl EgressMetrics {
+    fn new(registry: &Registry) -> Self {
+        let reg = |c: Box<dyn prometheus::core::Collector>| must(registry.register(c));
+        let refusals_vec = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_egress_refusals_total",
+                "Egress requests refused by rempart itself, by reason (bad_request, proxy_auth, too_many_connections, dns_*, connect_*, header_too_large, header_timeout, malformed).",
+            ),
+            &["reason"],
+        ));
+        reg(Box::new(refusals_vec.clone()));
+        let refusals = Refusal::ALL
+            .iter()
+            .map(|r| refusals_vec.with_label_values(&[r.as_str()]))
+            .collect();
+        let tunnels_open = must(IntGauge::new(
+            "rempart_egress_tunnels_open",
+            "CONNECT tunnels currently open.",
+        ));
+        reg(Box::new(tunnels_open.clone()));
+        let in_flight = must(IntGauge::new(
+            "rempart_egress_connections_in_use",
+            "Egress slots in use (open tunnels and plain requests in flight), bounded by [egress] max_connections.",
+        ));
+        reg(Box::new(in_flight.clone()));
+        let bytes = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_egress_bytes_total",
+                "Bytes carried by the egress proxy, by flow (to_destination, from_destination).",
+            ),
+            &["flow"],
+        ));
+        reg(Box::new(bytes.clone()));
+        let tunnel_duration_seconds = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "rempart_egress_tunnel_duration_seconds",
+                "Lifetime of CONNECT tunnels.",
+            )
+            .buckets(vec![
+                0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0,
+            ]),
+        ));
+        reg(Box::new(tunnel_duration_seconds.clone()));
+        let dns_seconds = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "rempart_egress_dns_seconds",
+                "Time to resolve an egress destination name.",
+            )
+            .buckets(vec![1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+        ));
+        reg(Box::new(dns_seconds.clone()));
+        EgressMetrics {
+            refusals,
+            tunnels_open,
+            in_flight,
+            bytes_to_destination: bytes.with_label_values(&["to_destination"]),
+            bytes_from_destination: bytes.with_label_values(&["from_destination"]),
+            tunnel_duration_seconds,
+            dns_seconds,
+        }
+    }
+
+    pub fn refusal(&self, r: Refusal) -> &IntCounter {
+        &self.refusals[r as usize]
+    }
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -249,7 +378,9 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
 
+        let egress = EgressMetrics::new(&registry);
         Metrics {
+            egress,
             registry,
             requests,
             policy_evaluation_seconds,

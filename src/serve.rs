@@ -20,6 +20,7 @@ use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::geo::GeoStore;
 use crate::metrics::Metrics;
+use crate::pipeline::egress::EgressGateway;
 use crate::pipeline::identify::jwt::JwtVerifier;
 use crate::pipeline::identify::Identifier;
 use crate::pipeline::{accept, Gateway, Security};
@@ -38,10 +39,13 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         Arc::clone(&metrics),
     )?;
 
-    let upstream_ip = match &cfg.upstream.url {
-        Some(url) => crate::pipeline::locate::resolve_upstream(url)?,
-        None => anyhow::bail!("no upstream configured"),
-    };
+    // The upstream's host is resolved once, here (see locate::resolve_upstream).
+    let upstream_ip = cfg
+        .upstream
+        .url
+        .as_ref()
+        .map(crate::pipeline::locate::resolve_upstream)
+        .transpose()?;
     // TLS and identity are set up once and shared by every worker: one
     // certificate to reload, one JWKS cache and refresher.
     let ingress_tls = cfg
@@ -67,31 +71,68 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
     let acceptor = ingress_tls
         .as_ref()
         .map(|t| tokio_rustls::TlsAcceptor::from(Arc::clone(&t.config)));
-
     let workers = cfg.worker_count();
-    let listeners = accept::bind_workers(cfg.server.listen, workers)?;
-    let ingress_addr = listeners
+    let ingress_listeners = match upstream_ip {
+        Some(_) => accept::bind_workers(cfg.server.listen, workers)?,
+        None => Vec::new(),
+    };
+    let egress_listeners = match cfg.egress.listen {
+        Some(addr) => accept::bind_workers(addr, workers)
+            .context("cannot start the egress proxy ([egress] listen)")?,
+        None => Vec::new(),
+    };
+    let ingress_addr = ingress_listeners
         .first()
         .map(|l| l.local_addr())
-        .transpose()?
-        .context("no listener")?;
+        .transpose()?;
+    let egress_addr = egress_listeners
+        .first()
+        .map(|l| l.local_addr())
+        .transpose()?;
     let admin_listener = std::net::TcpListener::bind(cfg.admin.listen)
         .with_context(|| format!("cannot listen on admin address {}", cfg.admin.listen))?;
     admin_listener.set_nonblocking(true)?;
     let admin_addr = admin_listener.local_addr()?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let egress_slots = Arc::new(crate::pipeline::egress::Slots::default());
+    let mut ingress_listeners = ingress_listeners.into_iter();
+    let mut egress_listeners = egress_listeners.into_iter();
     let mut threads = Vec::with_capacity(workers);
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let gateway = Arc::new(Gateway::new(
-            &cfg,
-            Arc::clone(&policies),
-            Arc::clone(&geo),
-            audit.clone(),
-            Arc::clone(&metrics),
-            upstream_ip,
-            &security,
-        )?);
+    for i in 0..workers {
+        let ingress = match (ingress_listeners.next(), upstream_ip) {
+            (Some(listener), Some(ip)) => Some((
+                listener,
+                Arc::new(Gateway::new(
+                    &cfg,
+                    Arc::clone(&policies),
+                    Arc::clone(&geo),
+                    audit.clone(),
+                    Arc::clone(&metrics),
+                    ip,
+                    &security,
+                )?),
+            )),
+            _ => None,
+        };
+        let egress = egress_listeners.next().map(|listener| {
+            let cfg = cfg.clone();
+            let (policies, geo, audit, metrics, slots) = (
+                Arc::clone(&policies),
+                Arc::clone(&geo),
+                audit.clone(),
+                Arc::clone(&metrics),
+                Arc::clone(&egress_slots),
+            );
+            // Built on the worker's own event loop (the resolver's sockets
+            // belong to it).
+            let make = move || {
+                Arc::new(EgressGateway::new(
+                    &cfg, policies, geo, audit, metrics, slots,
+                ))
+            };
+            (listener, make)
+        });
         let acceptor = acceptor.clone();
         let rx = shutdown_rx.clone();
         let header_timeout = cfg.server.header_read_timeout.0;
@@ -103,14 +144,34 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
                     .enable_all()
                     .build()
                     .context("cannot start worker event loop")?;
-                rt.block_on(accept::serve(
-                    listener,
-                    gateway,
-                    rx,
-                    header_timeout,
-                    drain,
-                    acceptor,
-                ))
+                rt.block_on(async move {
+                    let ingress = async {
+                        match ingress {
+                            Some((listener, gateway)) => {
+                                accept::serve(
+                                    listener,
+                                    gateway,
+                                    rx.clone(),
+                                    header_timeout,
+                                    drain,
+                                    acceptor,
+                                )
+                                .await
+                            }
+                            None => Ok(()),
+                        }
+                    };
+                    let egress = async {
+                        match egress {
+                            Some((listener, make)) => {
+                                accept::serve_egress(listener, make(), rx.clone(), drain).await
+                            }
+                            None => Ok(()),
+                        }
+                    };
+                    let (a, b) = tokio::join!(ingress, egress);
+                    a.and(b)
+                })
             })
             .context("cannot start worker thread")?;
         threads.push(handle);
@@ -184,8 +245,10 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let show = |a: Option<std::net::SocketAddr>| a.map_or_else(|| "none".to_string(), |a| a.to_string());
         tracing::info!(
-            ingress = %ingress_addr,
+            ingress = %show(ingress_addr),
+            egress = %show(egress_addr),
             admin = %admin_addr,
             workers,
             mode = %cfg.server.mode,

@@ -64,6 +64,7 @@ fn fixtures(dir: &Path) -> GeoFiles {
         as_country_db: Some(dir.join("as-country.mmdb")),
         operators: None,
         countries: None,
+        locate_non_public: false,
     };
     write(&country, files.country_db.as_ref().unwrap());
     write(&asn, files.asn_db.as_ref().unwrap());

@@ -69,6 +69,7 @@ fn corpus() -> Vec<PolicyInput> {
                         port: 1000,
                         scope: scope.to_string(),
                         geo: destination_geo(n + 1).unwrap_or_else(|| Geo::local(Scope::Private)),
+                        workload: None,
                     },
                     destination: std::sync::Arc::new(Destination {
                         host: "dest.example".into(),
@@ -76,6 +77,7 @@ fn corpus() -> Vec<PolicyInput> {
                         port: 443,
                         scope: Some(destination_geo(n).map_or("public".into(), |g| g.scope)),
                         geo: destination_geo(n),
+                        addresses: Vec::new(),
                     }),
                     identity: if n % 3 == 0 {
                         Identity {

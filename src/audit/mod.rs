@@ -17,7 +17,7 @@ mod record;
 pub mod verify;
 
 pub use record::{
-    AuditDecision, AuditEndpoint, AuditGeo, AuditIdentity, AuditRecord, AuditRequest,
+    AuditDecision, AuditEndpoint, AuditGeo, AuditIdentity, AuditRecord, AuditRequest, Transfer,
 };
 
 use std::fs::{File, OpenOptions};

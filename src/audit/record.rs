@@ -23,6 +23,22 @@ pub struct AuditRecord<'a> {
     /// From accepting the request to sending the response head.
     pub latency_ms: f64,
     pub policy_revision: &'a str,
+    /// Egress tunnels only, on the second record of a decision, written
+    /// when the tunnel closed: what it carried.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<Transfer>,
+}
+
+/// What an egress tunnel carried, counted when it closed.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Transfer {
+    /// Bytes from the CRM to the destination.
+    pub bytes_to_destination: u64,
+    /// Bytes from the destination back to the CRM.
+    pub bytes_from_destination: u64,
+    pub duration_ms: u64,
+    /// client_closed | destination_closed | idle_timeout | max_duration | error
+    pub closed_by: &'static str,
 }
 
 /// What was asked, without query values, bodies or credentials.
@@ -70,6 +86,16 @@ pub struct AuditEndpoint<'a> {
     pub port: u16,
     pub scope: Option<&'a str>,
     pub geo: Option<AuditGeo<'a>>,
+    /// Egress: every address the host resolved to, when there were several.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<AuditAddress<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AuditAddress<'a> {
+    pub ip: &'a str,
+    pub scope: &'a str,
+    pub geo: AuditGeo<'a>,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,6 +130,7 @@ impl<'a> From<&'a Endpoint> for AuditEndpoint<'a> {
             port: e.port,
             scope: Some(&e.scope),
             geo: Some(AuditGeo::of(&e.geo)),
+            addresses: Vec::new(),
         }
     }
 }
@@ -116,6 +143,18 @@ impl<'a> From<&'a Destination> for AuditEndpoint<'a> {
             port: d.port,
             scope: d.scope.as_deref(),
             geo: d.geo.as_ref().map(AuditGeo::of),
+            addresses: if d.addresses.len() > 1 {
+                d.addresses
+                    .iter()
+                    .map(|a| AuditAddress {
+                        ip: &a.ip,
+                        scope: &a.scope,
+                        geo: AuditGeo::of(&a.geo),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct GeoFiles {
     pub as_country_db: Option<PathBuf>,
     pub operators: Option<PathBuf>,
     pub countries: Option<PathBuf>,
+    /// Look up non-public addresses too (`[geo] locate_non_public`).
+    pub locate_non_public: bool,
 }
 
 impl GeoFiles {
@@ -105,6 +107,7 @@ pub struct GeoDb {
     pub asn: Option<Database>,
     pub as_country: Option<Database>,
     pub registry: Registry,
+    locate_non_public: bool,
 }
 
 impl GeoDb {
@@ -148,6 +151,7 @@ impl GeoDb {
             asn: open(&files.asn_db, "asn")?,
             as_country: open(&files.as_country_db, "as_country")?,
             registry: Registry::load(files.operators.as_deref(), files.countries.as_deref())?,
+            locate_non_public: files.locate_non_public,
         })
     }
 
@@ -156,7 +160,7 @@ impl GeoDb {
     pub fn lookup(&self, ip: IpAddr) -> Geo {
         let ip = crate::pipeline::locate::location_ip(canonical_ip(ip));
         let sc = scope(ip);
-        if sc != Scope::Public {
+        if sc != Scope::Public && !self.locate_non_public {
             return Geo::local(sc);
         }
         let ok = |r: anyhow::Result<Option<String>>| {
@@ -192,6 +196,10 @@ impl GeoDb {
             .as_deref()
             .and_then(|c| r.adequacy(c))
             .map(adequacy_of);
+        if sc != Scope::Public && country.is_none() && operator.is_none() {
+            // Not mapped to a site by the company's own database.
+            return Geo::local(sc);
+        }
         let sovereign = verdict(country.as_deref(), in_eea, operator.as_ref());
         Geo {
             scope: sc.as_str().to_string(),

@@ -5,10 +5,10 @@
 //! listening socket on the shared port (`SO_REUSEPORT`): the kernel spreads
 //! connections across workers and no request ever crosses threads. HTTP/1.1
 //! and HTTP/2 (prior knowledge, or ALPN `h2` over TLS) are served on the
-//! same port. With `[server.tls]` every connection first completes a TLS
-//! handshake (bounded by `header_read_timeout`); one that fails, e.g. a
-//! client without a required certificate, is counted and closed before any
-//! request is read.
+//! same port. With `[server.tls]` every ingress connection first completes
+//! a TLS handshake (bounded by `header_read_timeout`); one that fails, e.g.
+//! a client without a required certificate, is counted and closed before
+//! any request is read.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -20,12 +20,18 @@ use anyhow::Context;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use percent_encoding::percent_decode_str;
 use tokio::sync::watch;
 
+pub mod target;
+
+use super::egress::EgressGateway;
+use super::enforce::ProxyBody;
 use super::Gateway;
 use crate::input::RequestInfo;
+use crate::metrics::{Metrics, Refusal};
+use http::Response;
 
 /// What the connection tells about every request on it.
 #[derive(Debug, Clone)]
@@ -63,18 +69,16 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Runs one worker's accept loop until `shutdown` turns true, then lets
-/// open connections finish their requests for at most `drain`.
+/// Runs one worker's ingress accept loop until `shutdown` turns true, then
+/// lets open connections finish their requests for at most `drain`.
 pub async fn serve(
     listener: std::net::TcpListener,
     gateway: Arc<Gateway>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     header_read_timeout: Duration,
     drain: Duration,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    let local = listener.local_addr()?;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -82,8 +86,209 @@ pub async fn serve(
         .header_read_timeout(header_read_timeout)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    let metrics = Arc::clone(&gateway.metrics);
+    accept_loop(
+        listener,
+        shutdown,
+        drain,
+        metrics,
+        move |stream, conn, watcher| {
+            let gateway = Arc::clone(&gateway);
+            let builder = builder.clone();
+            let tls = tls.clone();
+            async move {
+                let peer = conn.peer;
+                let Some(acceptor) = tls else {
+                    let served = builder
+                        .serve_connection(TokioIo::new(stream), ingress_service(gateway, conn))
+                        .into_owned();
+                    ended(watcher.watch(served).await, peer, &|_, _| {}, None);
+                    return;
+                };
+                let metrics = Arc::clone(&gateway.metrics);
+                match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls_stream)) => {
+                        let client_cert = tls_stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .and_then(crate::tls::describe_client_cert)
+                            .map(Arc::new);
+                        let conn = Connection {
+                            tls: true,
+                            client_cert,
+                            ..conn
+                        };
+                        let served = builder
+                            .serve_connection(
+                                TokioIo::new(tls_stream),
+                                ingress_service(gateway, conn),
+                            )
+                            .into_owned();
+                        ended(watcher.watch(served).await, peer, &|_, _| {}, None);
+                    }
+                    Ok(Err(e)) => {
+                        let reason = crate::tls::handshake_failure_reason(&e);
+                        metrics.tls_handshake_failure(reason).inc();
+                        tracing::info!(%peer, reason, "TLS handshake failed: {e}");
+                    }
+                    Err(_) => {
+                        metrics.tls_handshake_failure("timeout").inc();
+                        tracing::info!(%peer, "TLS handshake timed out");
+                    }
+                }
+            }
+        },
+    )
+    .await
+}
 
+/// The request service of one ingress connection.
+fn ingress_service(
+    gateway: Arc<Gateway>,
+    conn: Connection,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = Response<ProxyBody>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
+       + Send
+       + 'static {
+    service_fn(move |req| {
+        let gw = Arc::clone(&gateway);
+        let conn = conn.clone();
+        async move {
+            // Each request runs in its own task: if the client hangs up
+            // while the upstream works, hyper drops this future but the
+            // task goes on, so the request the CRM received still gets
+            // its audit record and metrics.
+            let handled = tokio::spawn(async move { gw.handle(req, conn).await });
+            Ok::<_, Infallible>(settle(handled.await))
+        }
+    })
+}
+
+/// Logs (and lets `on_error` count) how a served connection ended.
+fn ended<E>(
+    result: Result<(), ConnError>,
+    peer: SocketAddr,
+    on_error: &E,
+    metrics: Option<&Metrics>,
+) where
+    E: Fn(&(dyn std::error::Error + 'static), &Metrics),
+{
+    if let Err(e) = result {
+        if let Some(m) = metrics {
+            on_error(&*e, m);
+        }
+        tracing::debug!(%peer, "connection ended: {e}");
+    }
+}
+
+/// Runs one worker's egress (forward proxy) accept loop: HTTP/1.1 only,
+/// with upgrades for `CONNECT` tunnels and a bounded request head.
+pub async fn serve_egress(
+    listener: std::net::TcpListener,
+    gateway: Arc<EgressGateway>,
+    shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(gateway.limits.header_read_timeout)
+        .max_buf_size(gateway.limits.max_header_bytes)
+        .keep_alive(true);
+    let metrics = Arc::clone(&gateway.metrics);
+    let gw_for_drain = Arc::clone(&gateway);
+    accept_loop(
+        listener,
+        shutdown,
+        drain,
+        metrics,
+        move |stream, conn, watcher| {
+            let peer = conn.peer;
+            let gw = Arc::clone(&gateway);
+            let metrics = Arc::clone(&gateway.metrics);
+            let service = service_fn(move |req| {
+                let gw = Arc::clone(&gw);
+                let conn = conn.clone();
+                async move {
+                    let handled = tokio::spawn(async move { gw.handle(req, conn).await });
+                    Ok::<_, Infallible>(settle(handled.await))
+                }
+            });
+            let served = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            async move {
+                ended(
+                    watcher.watch(served).await,
+                    peer,
+                    &count_egress_connection_error,
+                    Some(&metrics),
+                );
+            }
+        },
+    )
+    .await?;
+    // Tunnels outlive their HTTP connection: give them the rest of the drain.
+    gw_for_drain.wait_for_tunnels(drain).await;
+    Ok(())
+}
+
+/// Counts what made an egress client connection fail before a request
+/// could be handled (hyper answers 431 or 400 itself, or just closes).
+fn count_egress_connection_error(e: &(dyn std::error::Error + 'static), metrics: &Metrics) {
+    let Some(e) = e.downcast_ref::<hyper::Error>() else {
+        return;
+    };
+    let refusal = if e.is_parse_too_large() {
+        Refusal::HeaderTooLarge
+    } else if e.is_timeout() {
+        Refusal::HeaderTimeout
+    } else if e.is_parse() || e.is_incomplete_message() {
+        Refusal::Malformed
+    } else {
+        return;
+    };
+    metrics.egress.refusal(refusal).inc();
+}
+
+fn settle(handled: Result<Response<ProxyBody>, tokio::task::JoinError>) -> Response<ProxyBody> {
+    match handled {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::error!("request task failed: {e}");
+            super::enforce::internal_error()
+        }
+    }
+}
+
+type ConnError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The accept loop shared by the ingress and egress listeners: accepts
+/// until `shutdown`, runs `serve_conn` for each connection in its own task
+/// (it registers the connection with the `Watcher` it is given, after a
+/// TLS handshake if any), and on shutdown lets open connections finish
+/// their requests for at most `drain`.
+async fn accept_loop<F, Fut>(
+    listener: std::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+    metrics: Arc<Metrics>,
+    mut serve_conn: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(tokio::net::TcpStream, Connection, Watcher) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let local = listener.local_addr()?;
+    let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -102,56 +307,14 @@ pub async fn serve(
         let conn = Connection {
             peer,
             local,
-            tls: tls.is_some(),
+            tls: false,
             client_cert: None,
         };
-        let gateway = Arc::clone(&gateway);
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let tls = tls.clone();
+        let served = serve_conn(stream, conn, graceful.watcher());
+        let metrics = Arc::clone(&metrics);
+        metrics.connections_open.inc();
         tokio::spawn(async move {
-            let metrics = Arc::clone(&gateway.metrics);
-            metrics.connections_open.inc();
-            match tls {
-                None => {
-                    let io = TokioIo::new(stream);
-                    let served = builder.serve_connection(io, service(gateway, conn));
-                    if let Err(e) = watcher.watch(served.into_owned()).await {
-                        tracing::debug!(%peer, "connection ended: {e}");
-                    }
-                }
-                Some(acceptor) => {
-                    match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            let client_cert = tls_stream
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|chain| chain.first())
-                                .and_then(crate::tls::describe_client_cert)
-                                .map(Arc::new);
-                            let conn = Connection {
-                                client_cert,
-                                ..conn
-                            };
-                            let io = TokioIo::new(tls_stream);
-                            let served = builder.serve_connection(io, service(gateway, conn));
-                            if let Err(e) = watcher.watch(served.into_owned()).await {
-                                tracing::debug!(%peer, "connection ended: {e}");
-                            }
-                        }
-                        Ok(Err(e)) => {
-                            let reason = crate::tls::handshake_failure_reason(&e);
-                            metrics.tls_handshake_failure(reason).inc();
-                            tracing::info!(%peer, reason, "TLS handshake failed: {e}");
-                        }
-                        Err(_) => {
-                            metrics.tls_handshake_failure("timeout").inc();
-                            tracing::info!(%peer, "TLS handshake timed out");
-                        }
-                    }
-                }
-            }
+            served.await;
             metrics.connections_open.dec();
         });
     }
@@ -163,38 +326,6 @@ pub async fn serve(
         tracing::warn!("drain timeout reached with connections still open");
     }
     Ok(())
-}
-
-/// The per-connection request service.
-fn service(
-    gateway: Arc<Gateway>,
-    conn: Connection,
-) -> impl hyper::service::Service<
-    http::Request<hyper::body::Incoming>,
-    Response = http::Response<super::enforce::ProxyBody>,
-    Error = Infallible,
-    Future: Send + 'static,
-> + Clone
-       + Send
-       + 'static {
-    service_fn(move |req| {
-        let gw = Arc::clone(&gateway);
-        let conn = conn.clone();
-        async move {
-            // Each request runs in its own task: if the client hangs up
-            // while the upstream works, hyper drops this future but the
-            // task goes on, so the request the CRM received still gets
-            // its audit record and metrics.
-            let handled = tokio::spawn(async move { gw.handle(req, conn).await });
-            Ok::<_, Infallible>(match handled.await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    tracing::error!("request task failed: {e}");
-                    super::enforce::internal_error()
-                }
-            })
-        }
-    })
 }
 
 /// Describes a request for the policy: decoded path and query, lower-case
@@ -251,6 +382,27 @@ pub fn describe(
         headers,
         protocol: protocol_name(parts.version).to_string(),
     }
+}
+
+/// Describes an egress request for the policy: as [`describe`], with the
+/// canonical destination as host and port, and scheme `http` (plain proxy
+/// request) or `tunnel` (`CONNECT`, whose content rempart does not see).
+pub fn describe_egress(
+    parts: &http::request::Parts,
+    id: &str,
+    conn: &Connection,
+    redact: &[http::HeaderName],
+    target: &target::Target,
+) -> RequestInfo {
+    let mut info = describe(parts, id, conn, redact);
+    info.host = target.host.to_string();
+    info.port = target.port;
+    if parts.method == http::Method::CONNECT {
+        info.scheme = "tunnel".into();
+        info.path = String::new();
+        info.segments.clear();
+    }
+    info
 }
 
 pub fn protocol_name(v: http::Version) -> &'static str {

@@ -52,6 +52,19 @@ pub fn classify(method: &http::Method, segments: &[String]) -> Resource {
     }
 }
 
+/// Classifies an egress request. Without TLS interception a tunnel's
+/// content is unknown: `type` says how the data leaves (`tunnel` for
+/// `CONNECT`, `http` for a plain request), `operation` is `send`.
+pub fn classify_egress(tunnel: bool) -> Resource {
+    Resource {
+        crm: "egress".into(),
+        kind: if tunnel { "tunnel" } else { "http" }.into(),
+        id: None,
+        operation: "send".into(),
+        bulk: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

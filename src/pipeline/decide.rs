@@ -57,6 +57,27 @@ pub fn decide(
     rule(result, how, set.revision.clone(), metrics)
 }
 
+/// A ruling of rempart's own, when a request is refused before or instead
+/// of the policy's answer (egress: bad request, proxy authentication,
+/// limits, DNS): one reason, as a policy would give it.
+pub fn refusal(code: &str, message: &str, outcome: Outcome, revision: String) -> Ruling {
+    Ruling {
+        action: Action::Deny,
+        outcome,
+        enforced: true,
+        decision: Decision {
+            allow: false,
+            deny: vec![crate::policy::Reason {
+                code: code.into(),
+                message: message.into(),
+            }],
+            warn: Vec::new(),
+        },
+        error: None,
+        revision,
+    }
+}
+
 /// Turns an evaluation result into a ruling (kept apart from evaluation so
 /// that every branch is unit-tested).
 pub fn rule(

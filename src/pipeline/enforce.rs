@@ -3,6 +3,8 @@
 //! keep-alive connection and stream the answer back (502/504 when the
 //! upstream fails). Bodies are streamed both ways, never buffered whole.
 
+pub mod tunnel;
+
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};

@@ -16,6 +16,7 @@
 //! With `[identity] strip_credentials`, the token is removed from the
 //! request before it is forwarded.
 
+pub mod egress;
 pub mod jwt;
 
 use std::collections::BTreeMap;

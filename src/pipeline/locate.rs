@@ -4,10 +4,12 @@
 //! the upstream, and for public addresses their location and the
 //! jurisdiction of their operator ([`crate::geo`]).
 
+pub mod resolve;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::geo::GeoDb;
-use crate::input::{Destination, Endpoint};
+use crate::input::{Address, Destination, Endpoint};
 
 /// The special-purpose class of an address (IANA special-purpose registries).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +179,7 @@ pub fn locate_source(peer: std::net::SocketAddr, geo: &GeoDb) -> Endpoint {
         port: peer.port(),
         scope: geo.scope.clone(),
         geo,
+        workload: None,
     }
 }
 
@@ -208,13 +211,44 @@ pub fn locate_upstream(
 ) -> Destination {
     let host = upstream.authority.host();
     let literal = host.trim_start_matches('[').trim_end_matches(']');
-    let geo = geo.lookup(ip);
+    let located = locate_address(ip, geo);
     Destination {
         host: literal.to_ascii_lowercase(),
-        ip: Some(ip.to_string()),
+        ip: Some(located.ip.clone()),
         port: upstream.port(),
-        scope: Some(geo.scope.clone()),
-        geo: Some(geo),
+        scope: Some(located.scope.clone()),
+        geo: Some(located.geo.clone()),
+        addresses: vec![located],
+    }
+}
+
+/// One address with its scope, location and operator.
+pub fn locate_address(ip: IpAddr, geo: &GeoDb) -> Address {
+    let ip = canonical_ip(ip);
+    let geo = geo.lookup(ip);
+    Address {
+        ip: ip.to_string(),
+        scope: geo.scope.clone(),
+        geo,
+    }
+}
+
+/// An egress destination with every resolved address located; `chosen`
+/// indexes the address this decision is about (`None`: no address).
+pub fn egress_destination(
+    host: String,
+    port: u16,
+    addresses: Vec<Address>,
+    chosen: Option<usize>,
+) -> Destination {
+    let pick = chosen.and_then(|i| addresses.get(i));
+    Destination {
+        host,
+        ip: pick.map(|a| a.ip.clone()),
+        port,
+        scope: pick.map(|a| a.scope.clone()),
+        geo: pick.map(|a| a.geo.clone()),
+        addresses,
     }
 }
 

@@ -16,6 +16,7 @@ pub mod accept;
 pub mod classify;
 pub mod decide;
 pub mod decision_id;
+pub mod egress;
 pub mod enforce;
 pub mod identify;
 pub mod locate;
@@ -221,6 +222,7 @@ impl Gateway {
                 status: response.status().as_u16(),
                 accepted_at,
                 upstream_error: upstream_error.as_deref(),
+                transfer: None,
             },
             self.audit_scope,
             &self.audit,

@@ -20,11 +20,16 @@ pub struct Evidence<'a> {
     pub accepted_at: Instant,
     /// An upstream error, which overrides the ruling's error text.
     pub upstream_error: Option<&'a str>,
+    /// Set on the closing record of an egress tunnel (whose decision was
+    /// recorded and counted when it opened).
+    pub transfer: Option<crate::audit::Transfer>,
 }
 
 pub fn record(ev: &Evidence<'_>, scope: AuditRecordScope, audit: &AuditSink, metrics: &Metrics) {
     let input = ev.input;
-    metrics.request(input.direction, ev.outcome).inc();
+    if ev.transfer.is_none() {
+        metrics.request(input.direction, ev.outcome).inc();
+    }
     let d = &ev.ruling.decision;
     let worth_recording = match scope {
         AuditRecordScope::All => true,
@@ -64,5 +69,6 @@ pub fn record(ev: &Evidence<'_>, scope: AuditRecordScope, audit: &AuditSink, met
         status: ev.status,
         latency_ms: (ev.accepted_at.elapsed().as_secs_f64() * 1e6).round() / 1000.0,
         policy_revision: &ev.ruling.revision,
+        transfer: ev.transfer,
     });
 }

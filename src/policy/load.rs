@@ -41,6 +41,7 @@ const BUILTIN: &[(&str, &str)] = &[
         "sovereignty.rego",
         include_str!("../../policies/sovereignty.rego"),
     ),
+    ("egress.rego", include_str!("../../policies/egress.rego")),
     ("data.json", include_str!("../../policies/data.json")),
 ];
 
@@ -58,6 +59,10 @@ pub const BUILTIN_TESTS: &[(&str, &str)] = &[
     (
         "sovereignty_test.rego",
         include_str!("../../policies/sovereignty_test.rego"),
+    ),
+    (
+        "egress_test.rego",
+        include_str!("../../policies/egress_test.rego"),
     ),
 ];
 

@@ -1,0 +1,705 @@
+//! The egress road: the CRM's own outbound calls, through the forward
+//! proxy it reaches with `HTTP_PROXY` / `HTTPS_PROXY`. The same stages as
+//! ingress, in the same order, with `direction: "egress"`:
+//!
+//! 1. accept   — the proxy request and its destination, canonical;
+//! 2. identify — which workload is calling out;
+//! 3. classify — a tunnel or a plain HTTP request;
+//! 4. locate   — resolve the name **once**, locate every address;
+//! 5. decide   — each address in turn until one is allowed;
+//! 6. enforce  — refuse, or connect to that very address and tunnel or
+//!    forward;
+//! 7. record   — the decision, and for a tunnel a second record with what
+//!    it carried when it closed.
+//!
+//! Every refusal of rempart's own (bad request, proxy authentication,
+//! limits, DNS, connect) also goes through decide-shaped rulings and the
+//! record stage, each with its reason code, status and metric.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::sync::Notify;
+
+use super::accept::target::{self, Host, Target};
+use super::accept::{self, Connection};
+use super::decide::{self, Action, DecidePolicy, Ruling};
+use super::enforce::{self, tunnel, ProxyBody, DECISION_ID};
+use super::identify::egress::{Caller, EgressIdentifier};
+use super::locate::resolve::{ResolveError, Resolver};
+use super::record::{self, Evidence};
+use super::{classify, decision_id, locate};
+use crate::audit::{AuditSink, Transfer};
+use crate::config::{AuditRecordScope, Config};
+use crate::geo::GeoStore;
+use crate::input::{Address, Direction, Identity, PolicyInput};
+use crate::metrics::{Metrics, Outcome, Refusal};
+use crate::policy::{EvalLimits, PolicyStore};
+
+/// The egress limits, fixed for the process's life.
+#[derive(Debug, Clone, Copy)]
+pub struct EgressLimits {
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub tunnel_idle_timeout: Duration,
+    pub tunnel_max_duration: Duration,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+}
+
+/// Egress slots in use, shared by every worker.
+#[derive(Debug, Default)]
+pub struct Slots(AtomicUsize);
+
+/// One slot, given back when dropped.
+struct Slot {
+    slots: Arc<Slots>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.0.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.egress.in_flight.dec();
+    }
+}
+
+/// One worker's egress proxy.
+pub struct EgressGateway {
+    identifier: EgressIdentifier,
+    resolver: Resolver,
+    policies: Arc<PolicyStore>,
+    how: DecidePolicy,
+    geo: Arc<GeoStore>,
+    redact: Vec<http::HeaderName>,
+    audit: AuditSink,
+    audit_scope: AuditRecordScope,
+    pub(crate) limits: EgressLimits,
+    slots: Arc<Slots>,
+    tunnels: AtomicUsize,
+    tunnels_closed: Notify,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+/// A refusal of rempart's own, before or instead of the policy's answer.
+struct Refused {
+    refusal: Refusal,
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl EgressGateway {
+    pub fn new(
+        cfg: &Config,
+        policies: Arc<PolicyStore>,
+        geo: Arc<GeoStore>,
+        audit: AuditSink,
+        metrics: Arc<Metrics>,
+        slots: Arc<Slots>,
+    ) -> Self {
+        let e = &cfg.egress;
+        EgressGateway {
+            identifier: EgressIdentifier::new(e),
+            resolver: Resolver::new(&e.dns_servers, e.dns_timeout.0),
+            policies,
+            how: DecidePolicy {
+                mode: cfg.server.mode,
+                on_error: cfg.policy.on_error,
+                limits: EvalLimits {
+                    timeout: cfg.policy.eval_timeout.0,
+                    ..EvalLimits::default()
+                },
+            },
+            geo,
+            redact: crate::config::ALWAYS_REDACTED
+                .iter()
+                .map(|h| http::HeaderName::from_static(h))
+                .chain(cfg.policy.redact_headers.iter().map(|h| h.0.clone()))
+                .collect(),
+            audit,
+            audit_scope: cfg.audit.record,
+            limits: EgressLimits {
+                connect_timeout: e.connect_timeout.0,
+                response_timeout: e.response_timeout.0,
+                tunnel_idle_timeout: e.tunnel_idle_timeout.0,
+                tunnel_max_duration: e.tunnel_max_duration.0,
+                max_connections: e.max_connections,
+                max_header_bytes: e.max_header_bytes,
+                header_read_timeout: e.header_read_timeout.0,
+            },
+            slots,
+            tunnels: AtomicUsize::new(0),
+            tunnels_closed: Notify::new(),
+            metrics,
+        }
+    }
+
+    /// One proxy request, down the road.
+    pub async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        conn: Connection,
+    ) -> Response<ProxyBody> {
+        // 1. accept
+        let accepted_at = Instant::now();
+        let now = SystemTime::now();
+        let id = decision_id::next(now);
+        let is_tunnel = req.method() == Method::CONNECT;
+        let upgrade = is_tunnel.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let client_version = parts.version;
+        let target = target::of_proxy_request(&parts);
+        let shown_target = match &target {
+            Ok(t) => t.clone(),
+            // Recorded as written (bounded), so that the trail shows what
+            // was attempted.
+            Err(_) => Target {
+                host: Host::Name(
+                    parts
+                        .uri
+                        .authority()
+                        .map_or("", |a| a.as_str())
+                        .chars()
+                        .take(255)
+                        .collect(),
+                ),
+                port: parts.uri.port_u16().unwrap_or(0),
+            },
+        };
+
+        // 2. identify
+        let caller = self.identifier.identify(&parts.headers, conn.peer.ip());
+        let request = accept::describe_egress(&parts, &id, &conn, &self.redact, &shown_target);
+
+        // 3. classify
+        let resource = classify::classify_egress(is_tunnel);
+
+        // 4. locate (the source now; the destination once it is resolved)
+        let geo = self.geo.current();
+        let mut source = locate::locate_source(conn.peer, &geo);
+        let (identity, auth_failure) = match caller {
+            Ok(Caller { identity, workload }) => {
+                source.workload = workload;
+                (identity, None)
+            }
+            Err(f) => (Identity::anonymous(), Some(f)),
+        };
+        let host = shown_target.host.to_string();
+        let port = shown_target.port;
+        let mut input = PolicyInput {
+            direction: Direction::Egress,
+            request,
+            source,
+            destination: Arc::new(locate::egress_destination(
+                host.clone(),
+                port,
+                Vec::new(),
+                None,
+            )),
+            identity,
+            resource,
+            time: crate::input::time_info(now),
+        };
+        let refuse = |refused: Refused, input: &PolicyInput| {
+            self.refuse(refused, input, accepted_at, client_version)
+        };
+
+        let target = match target {
+            Ok(t) => t,
+            Err(e) => {
+                return refuse(
+                    Refused {
+                        refusal: Refusal::BadRequest,
+                        status: StatusCode::BAD_REQUEST,
+                        code: "egress_bad_request",
+                        message: e.to_string(),
+                    },
+                    &input,
+                )
+            }
+        };
+        if let Some(f) = auth_failure {
+            return refuse(
+                Refused {
+                    refusal: Refusal::ProxyAuth,
+                    status: StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                    code: "egress_proxy_auth",
+                    message: f.message().to_string(),
+                },
+                &input,
+            );
+        }
+        let Some(slot) = self.take_slot() else {
+            return refuse(
+                Refused {
+                    refusal: Refusal::TooManyConnections,
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    code: "egress_too_many_connections",
+                    message: format!(
+                        "{} egress connections are already open",
+                        self.limits.max_connections
+                    ),
+                },
+                &input,
+            );
+        };
+
+        let ips: Vec<IpAddr> = match &target.host {
+            Host::Ip(ip) => vec![*ip],
+            Host::Name(name) => {
+                let started = Instant::now();
+                let resolved = self.resolver.resolve(name, target.port).await;
+                self.metrics
+                    .egress
+                    .dns_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                match resolved {
+                    Ok(ips) => ips,
+                    Err(e) => {
+                        let (refusal, status) = match e {
+                            ResolveError::Timeout => {
+                                (Refusal::DnsTimeout, StatusCode::GATEWAY_TIMEOUT)
+                            }
+                            ResolveError::NotFound(_) => {
+                                (Refusal::DnsNotFound, StatusCode::BAD_GATEWAY)
+                            }
+                            ResolveError::Failed(_) => {
+                                (Refusal::DnsFailure, StatusCode::BAD_GATEWAY)
+                            }
+                        };
+                        return refuse(
+                            Refused {
+                                refusal,
+                                status,
+                                code: e.code(),
+                                message: e.to_string(),
+                            },
+                            &input,
+                        );
+                    }
+                }
+            }
+        };
+        let located: Vec<Address> = ips
+            .iter()
+            .map(|ip| locate::locate_address(*ip, &geo))
+            .collect();
+
+        // 5. decide: each address in the resolver's order until one is
+        //    allowed; the data goes to that address and no other.
+        let set = self.policies.current();
+        let mut first: Option<(Ruling, Arc<crate::input::Destination>)> = None;
+        let mut chosen: Option<(Ruling, Arc<crate::input::Destination>, IpAddr)> = None;
+        for (i, ip) in ips.iter().enumerate() {
+            input.destination = Arc::new(locate::egress_destination(
+                host.clone(),
+                port,
+                located.clone(),
+                Some(i),
+            ));
+            let ruling = decide::decide(&set, input.to_value(), &self.how, &self.metrics);
+            if ruling.action == Action::Forward {
+                chosen = Some((ruling, Arc::clone(&input.destination), *ip));
+                break;
+            }
+            if first.is_none() {
+                first = Some((ruling, Arc::clone(&input.destination)));
+            }
+        }
+
+        // 6. enforce
+        let Some((ruling, destination, ip)) = chosen else {
+            // Every address refused: the first one's reasons are the
+            // answer (`addresses` in the record shows them all).
+            let Some((ruling, destination)) = first else {
+                return enforce::internal_error();
+            };
+            input.destination = destination;
+            let response = match ruling.action {
+                Action::Unavailable => enforce::policy_unavailable(&id),
+                _ => enforce::forbidden(&id, &ruling.decision.deny),
+            };
+            return self.finish(
+                response,
+                &input,
+                &ruling,
+                ruling.outcome,
+                accepted_at,
+                None,
+                client_version,
+            );
+        };
+        input.destination = destination;
+        let addr = SocketAddr::new(ip, target.port);
+        let stream = match tokio::time::timeout(
+            self.limits.connect_timeout,
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return self.failed(
+                    Refused {
+                        refusal: Refusal::ConnectFailed,
+                        status: StatusCode::BAD_GATEWAY,
+                        code: "egress_connect_failed",
+                        message: format!("cannot connect to {addr}: {e}"),
+                    },
+                    &input,
+                    &ruling,
+                    accepted_at,
+                    client_version,
+                )
+            }
+            Err(_) => {
+                return self.failed(
+                    Refused {
+                        refusal: Refusal::ConnectTimeout,
+                        status: StatusCode::GATEWAY_TIMEOUT,
+                        code: "egress_connect_timeout",
+                        message: format!(
+                            "no connection to {addr} within {}",
+                            humantime::format_duration(self.limits.connect_timeout)
+                        ),
+                    },
+                    &input,
+                    &ruling,
+                    accepted_at,
+                    client_version,
+                )
+            }
+        };
+        let _ = stream.set_nodelay(true);
+
+        match upgrade {
+            Some(upgrade) => {
+                // The 200 goes out now; the tunnel starts once hyper hands
+                // over the connection, in its own task, and is recorded
+                // again when it closes.
+                let response = self.finish(
+                    Response::new(ProxyBody::Full(None)),
+                    &input,
+                    &ruling,
+                    ruling.outcome,
+                    accepted_at,
+                    None,
+                    client_version,
+                );
+                self.spawn_tunnel(upgrade, stream, input, ruling, slot, accepted_at);
+                response
+            }
+            None => {
+                let (response, error) = self.forward_plain(parts, body, &target, stream, &id).await;
+                drop(slot);
+                let outcome = if error.is_some() {
+                    Outcome::Error
+                } else {
+                    ruling.outcome
+                };
+                self.finish(
+                    response,
+                    &input,
+                    &ruling,
+                    outcome,
+                    accepted_at,
+                    error.as_deref(),
+                    client_version,
+                )
+            }
+        }
+    }
+
+    fn take_slot(&self) -> Option<Slot> {
+        let taken = self.slots.0.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot {
+            slots: Arc::clone(&self.slots),
+            metrics: Arc::clone(&self.metrics),
+        };
+        self.metrics.egress.in_flight.inc();
+        if taken >= self.limits.max_connections {
+            drop(slot);
+            return None;
+        }
+        Some(slot)
+    }
+
+    /// Sets the decision id and protocol version, then records.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        mut response: Response<ProxyBody>,
+        input: &PolicyInput,
+        ruling: &Ruling,
+        outcome: Outcome,
+        accepted_at: Instant,
+        error: Option<&str>,
+        client_version: http::Version,
+    ) -> Response<ProxyBody> {
+        if let Ok(v) = HeaderValue::from_str(&input.request.id) {
+            response.headers_mut().insert(DECISION_ID, v);
+        }
+        *response.version_mut() = client_version;
+        // 7. record
+        record::record(
+            &Evidence {
+                input,
+                ruling,
+                outcome,
+                status: response.status().as_u16(),
+                accepted_at,
+                upstream_error: error,
+                transfer: None,
+            },
+            self.audit_scope,
+            &self.audit,
+            &self.metrics,
+        );
+        response
+    }
+
+    /// Refuses before any policy answer, with rempart's own reason.
+    fn refuse(
+        &self,
+        refused: Refused,
+        input: &PolicyInput,
+        accepted_at: Instant,
+        client_version: http::Version,
+    ) -> Response<ProxyBody> {
+        self.metrics.egress.refusal(refused.refusal).inc();
+        let outcome = match refused.refusal {
+            Refusal::BadRequest | Refusal::ProxyAuth => Outcome::Denied,
+            _ => Outcome::Error,
+        };
+        let ruling = decide::refusal(
+            refused.code,
+            &refused.message,
+            outcome,
+            self.policies.current().revision.clone(),
+        );
+        let id = &input.request.id;
+        let mut response = enforce::json_response(
+            refused.status,
+            id,
+            serde_json::json!({"error": refused.code, "decision_id": id, "message": refused.message}),
+        );
+        if refused.refusal == Refusal::ProxyAuth {
+            response.headers_mut().insert(
+                http::header::PROXY_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"rempart egress\""),
+            );
+        }
+        self.finish(
+            response,
+            input,
+            &ruling,
+            outcome,
+            accepted_at,
+            None,
+            client_version,
+        )
+    }
+
+    /// The policy allowed the destination but it could not be reached.
+    fn failed(
+        &self,
+        refused: Refused,
+        input: &PolicyInput,
+        ruling: &Ruling,
+        accepted_at: Instant,
+        client_version: http::Version,
+    ) -> Response<ProxyBody> {
+        self.metrics.egress.refusal(refused.refusal).inc();
+        tracing::warn!(decision_id = %input.request.id, "egress: {}", refused.message);
+        let id = &input.request.id;
+        let response = enforce::json_response(
+            refused.status,
+            id,
+            serde_json::json!({"error": refused.code, "decision_id": id, "message": refused.message}),
+        );
+        self.finish(
+            response,
+            input,
+            ruling,
+            Outcome::Error,
+            accepted_at,
+            Some(&refused.message),
+            client_version,
+        )
+    }
+
+    fn spawn_tunnel(
+        self: &Arc<Self>,
+        upgrade: hyper::upgrade::OnUpgrade,
+        destination: tokio::net::TcpStream,
+        input: PolicyInput,
+        ruling: Ruling,
+        slot: Slot,
+        accepted_at: Instant,
+    ) {
+        self.tunnels.fetch_add(1, Ordering::AcqRel);
+        self.metrics.egress.tunnels_open.inc();
+        let gw = Arc::clone(self);
+        tokio::spawn(async move {
+            let carried = match upgrade.await {
+                Ok(client) => {
+                    tunnel::carry(
+                        TokioIo::new(client),
+                        destination,
+                        gw.limits.tunnel_idle_timeout,
+                        gw.limits.tunnel_max_duration,
+                    )
+                    .await
+                }
+                Err(e) => {
+                    tracing::debug!(decision_id = %input.request.id, "CONNECT upgrade failed: {e}");
+                    tunnel::Carried {
+                        to_destination: 0,
+                        from_destination: 0,
+                        duration: Duration::ZERO,
+                        closed: tunnel::Closed::Error,
+                    }
+                }
+            };
+            let m = &gw.metrics.egress;
+            m.bytes_to_destination.inc_by(carried.to_destination);
+            m.bytes_from_destination.inc_by(carried.from_destination);
+            m.tunnel_duration_seconds
+                .observe(carried.duration.as_secs_f64());
+            record::record(
+                &Evidence {
+                    input: &input,
+                    ruling: &ruling,
+                    outcome: ruling.outcome,
+                    status: 200,
+                    accepted_at,
+                    upstream_error: None,
+                    transfer: Some(Transfer {
+                        bytes_to_destination: carried.to_destination,
+                        bytes_from_destination: carried.from_destination,
+                        duration_ms: u64::try_from(carried.duration.as_millis())
+                            .unwrap_or(u64::MAX),
+                        closed_by: carried.closed.as_str(),
+                    }),
+                },
+                gw.audit_scope,
+                &gw.audit,
+                &gw.metrics,
+            );
+            drop(slot);
+            m.tunnels_open.dec();
+            gw.tunnels.fetch_sub(1, Ordering::AcqRel);
+            gw.tunnels_closed.notify_waiters();
+        });
+    }
+
+    /// Sends a plain HTTP proxy request on the connection to the checked
+    /// address, in origin form, and returns the destination's response.
+    async fn forward_plain(
+        &self,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        target: &Target,
+        stream: tokio::net::TcpStream,
+        id: &str,
+    ) -> (Response<ProxyBody>, Option<String>) {
+        let fail = |status: StatusCode, code: &str, message: String| {
+            (
+                enforce::json_response(
+                    status,
+                    id,
+                    serde_json::json!({"error": code, "decision_id": id, "message": message}),
+                ),
+                Some(message),
+            )
+        };
+        // RFC 9112 §3.2.2: a proxy sets Host from the absolute URI.
+        let host = match target.port {
+            80 => target.host_for_header(),
+            p => format!("{}:{p}", target.host_for_header()),
+        };
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        parts.uri = match path.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                return fail(
+                    StatusCode::BAD_REQUEST,
+                    "egress_bad_request",
+                    format!("bad path: {e}"),
+                )
+            }
+        };
+        enforce::strip_hop_by_hop(&mut parts.headers);
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            parts.headers.insert(http::header::HOST, v);
+        }
+        parts.version = http::Version::HTTP_11;
+        let (mut sender, connection) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                Ok(x) => x,
+                Err(e) => {
+                    return fail(
+                        StatusCode::BAD_GATEWAY,
+                        "egress_destination_failed",
+                        format!("HTTP handshake with the destination failed: {e}"),
+                    )
+                }
+            };
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("egress destination connection: {e}");
+            }
+        });
+        let sent = tokio::time::timeout(
+            self.limits.response_timeout,
+            sender.send_request(Request::from_parts(parts, body)),
+        )
+        .await;
+        match sent {
+            Ok(Ok(mut resp)) => {
+                enforce::strip_hop_by_hop(resp.headers_mut());
+                (resp.map(ProxyBody::Upstream), None)
+            }
+            Ok(Err(e)) => fail(
+                StatusCode::BAD_GATEWAY,
+                "egress_destination_failed",
+                format!("the destination failed: {e}"),
+            ),
+            Err(_) => fail(
+                StatusCode::GATEWAY_TIMEOUT,
+                "egress_destination_timeout",
+                format!(
+                    "no response head within {}",
+                    humantime::format_duration(self.limits.response_timeout)
+                ),
+            ),
+        }
+    }
+
+    /// Waits (at most `drain`) for the open tunnels to close.
+    pub async fn wait_for_tunnels(&self, drain: Duration) {
+        let deadline = tokio::time::Instant::now() + drain;
+        loop {
+            let closed = self.tunnels_closed.notified();
+            let open = self.tunnels.load(Ordering::Acquire);
+            if open == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, closed).await.is_err() {
+                tracing::warn!(open, "drain timeout reached with egress tunnels still open");
+                return;
+            }
+        }
+    }
+}
