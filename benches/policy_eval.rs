@@ -9,7 +9,9 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use rempart::geo::Geo;
-use rempart::input::{Destination, Direction, Endpoint, Identity, PolicyInput, RequestInfo};
+use rempart::input::{
+    Address, Destination, Direction, Endpoint, Identity, PolicyInput, RequestInfo,
+};
 use rempart::pipeline::locate::Scope;
 use rempart::policy::{self, Decision, EvalLimits, PolicySource};
 
@@ -54,7 +56,11 @@ fn input() -> PolicyInput {
             port: 8000,
             scope: Some("loopback".into()),
             geo: Some(Geo::local(Scope::Loopback)),
-            addresses: Vec::new(),
+            addresses: vec![Address {
+                ip: "127.0.0.1".into(),
+                scope: "loopback".into(),
+                geo: Geo::local(Scope::Loopback),
+            }],
         }),
         identity: Identity {
             authenticated: false,

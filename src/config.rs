@@ -292,6 +292,18 @@ impl Default for PolicyConfig {
     }
 }
 
+impl PolicyConfig {
+    /// Every header whose value policies never see: the credentials
+    /// always redacted, then the configured ones.
+    pub fn redacted_headers(&self) -> Vec<http::HeaderName> {
+        ALWAYS_REDACTED
+            .iter()
+            .map(|h| http::HeaderName::from_static(h))
+            .chain(self.redact_headers.iter().map(|h| h.0.clone()))
+            .collect()
+    }
+}
+
 /// Credential headers whose values never reach a policy.
 pub const ALWAYS_REDACTED: &[&str] = &[
     "authorization",

@@ -245,7 +245,9 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let show = |a: Option<std::net::SocketAddr>| a.map_or_else(|| "none".to_string(), |a| a.to_string());
+        let show = |a: Option<std::net::SocketAddr>| {
+            a.map_or_else(|| "none".to_string(), |a| a.to_string())
+        };
         tracing::info!(
             ingress = %show(ingress_addr),
             egress = %show(egress_addr),

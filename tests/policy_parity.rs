@@ -8,7 +8,7 @@ mod common;
 
 use rempart::geo::{Geo, GeoDb, GeoFiles};
 use rempart::input::{
-    Destination, Direction, Endpoint, Identity, PolicyInput, RequestInfo, Resource,
+    Address, Destination, Direction, Endpoint, Identity, PolicyInput, RequestInfo, Resource,
 };
 use rempart::pipeline::locate::Scope;
 use rempart::policy::{self, EvalLimits, PolicySource};
@@ -69,7 +69,7 @@ fn corpus() -> Vec<PolicyInput> {
                         port: 1000,
                         scope: scope.to_string(),
                         geo: destination_geo(n + 1).unwrap_or_else(|| Geo::local(Scope::Private)),
-                        workload: None,
+                        workload: (n % 5 == 0).then(|| "creme".to_string()),
                     },
                     destination: std::sync::Arc::new(Destination {
                         host: "dest.example".into(),
@@ -77,7 +77,14 @@ fn corpus() -> Vec<PolicyInput> {
                         port: 443,
                         scope: Some(destination_geo(n).map_or("public".into(), |g| g.scope)),
                         geo: destination_geo(n),
-                        addresses: Vec::new(),
+                        addresses: destination_geo(n)
+                            .map(|g| Address {
+                                ip: "203.0.113.7".into(),
+                                scope: g.scope.clone(),
+                                geo: g,
+                            })
+                            .into_iter()
+                            .collect(),
                     }),
                     identity: if n % 3 == 0 {
                         Identity {

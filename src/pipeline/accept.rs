@@ -92,19 +92,19 @@ pub async fn serve(
         shutdown,
         drain,
         metrics,
+        header_read_timeout,
         move |stream, conn, watcher| {
             let gateway = Arc::clone(&gateway);
             let builder = builder.clone();
             let tls = tls.clone();
             async move {
-                let peer = conn.peer;
                 let Some(acceptor) = tls else {
                     let served = builder
                         .serve_connection(TokioIo::new(stream), ingress_service(gateway, conn))
                         .into_owned();
-                    ended(watcher.watch(served).await, peer, &|_, _| {}, None);
-                    return;
+                    return watcher.watch(served).await;
                 };
+                let peer = conn.peer;
                 let metrics = Arc::clone(&gateway.metrics);
                 match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(tls_stream)) => {
@@ -126,20 +126,24 @@ pub async fn serve(
                                 ingress_service(gateway, conn),
                             )
                             .into_owned();
-                        ended(watcher.watch(served).await, peer, &|_, _| {}, None);
+                        watcher.watch(served).await
                     }
                     Ok(Err(e)) => {
                         let reason = crate::tls::handshake_failure_reason(&e);
                         metrics.tls_handshake_failure(reason).inc();
                         tracing::info!(%peer, reason, "TLS handshake failed: {e}");
+                        Ok(())
                     }
                     Err(_) => {
                         metrics.tls_handshake_failure("timeout").inc();
                         tracing::info!(%peer, "TLS handshake timed out");
+                        Ok(())
                     }
                 }
             }
         },
+        |_, _| {},
+        |_| {},
     )
     .await
 }
@@ -170,23 +174,6 @@ fn ingress_service(
     })
 }
 
-/// Logs (and lets `on_error` count) how a served connection ended.
-fn ended<E>(
-    result: Result<(), ConnError>,
-    peer: SocketAddr,
-    on_error: &E,
-    metrics: Option<&Metrics>,
-) where
-    E: Fn(&(dyn std::error::Error + 'static), &Metrics),
-{
-    if let Err(e) = result {
-        if let Some(m) = metrics {
-            on_error(&*e, m);
-        }
-        tracing::debug!(%peer, "connection ended: {e}");
-    }
-}
-
 /// Runs one worker's egress (forward proxy) accept loop: HTTP/1.1 only,
 /// with upgrades for `CONNECT` tunnels and a bounded request head.
 pub async fn serve_egress(
@@ -204,15 +191,15 @@ pub async fn serve_egress(
         .keep_alive(true);
     let metrics = Arc::clone(&gateway.metrics);
     let gw_for_drain = Arc::clone(&gateway);
+    let first_byte = gateway.limits.header_read_timeout;
     accept_loop(
         listener,
         shutdown,
         drain,
         metrics,
+        first_byte,
         move |stream, conn, watcher| {
-            let peer = conn.peer;
             let gw = Arc::clone(&gateway);
-            let metrics = Arc::clone(&gateway.metrics);
             let service = service_fn(move |req| {
                 let gw = Arc::clone(&gw);
                 let conn = conn.clone();
@@ -224,15 +211,10 @@ pub async fn serve_egress(
             let served = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .into_owned();
-            async move {
-                ended(
-                    watcher.watch(served).await,
-                    peer,
-                    &count_egress_connection_error,
-                    Some(&metrics),
-                );
-            }
+            watcher.watch(served)
         },
+        count_egress_connection_error,
+        |m| m.egress.refusal(Refusal::HeaderTimeout).inc(),
     )
     .await?;
     // Tunnels outlive their HTTP connection: give them the rest of the drain.
@@ -271,20 +253,28 @@ fn settle(handled: Result<Response<ProxyBody>, tokio::task::JoinError>) -> Respo
 type ConnError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The accept loop shared by the ingress and egress listeners: accepts
-/// until `shutdown`, runs `serve_conn` for each connection in its own task
-/// (it registers the connection with the `Watcher` it is given, after a
-/// TLS handshake if any), and on shutdown lets open connections finish
-/// their requests for at most `drain`.
-async fn accept_loop<F, Fut>(
+/// until `shutdown`, serves each connection with `serve_conn`, and on
+/// shutdown lets open connections finish their requests for at most
+/// `drain`.
+///
+/// A client that sends no byte within `first_byte_timeout` is dropped
+/// before any HTTP machinery runs (hyper's header timeout only starts with
+/// the first byte of a request), and `on_silent` counts it.
+#[allow(clippy::too_many_arguments)]
+async fn accept_loop<Fut, F, E>(
     listener: std::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
     metrics: Arc<Metrics>,
-    mut serve_conn: F,
+    first_byte_timeout: Duration,
+    serve_conn: F,
+    on_error: E,
+    on_silent: fn(&Metrics),
 ) -> anyhow::Result<()>
 where
-    F: FnMut(tokio::net::TcpStream, Connection, Watcher) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
+    F: Fn(tokio::net::TcpStream, Connection, Watcher) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), ConnError>> + Send + 'static,
+    E: Fn(&(dyn std::error::Error + 'static), &Metrics) + Copy + Send + 'static,
 {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let local = listener.local_addr()?;
@@ -304,17 +294,32 @@ where
             },
         };
         let _ = stream.set_nodelay(true);
-        let conn = Connection {
-            peer,
-            local,
-            tls: false,
-            client_cert: None,
-        };
-        let served = serve_conn(stream, conn, graceful.watcher());
+        let serve_conn = serve_conn.clone();
+        let watcher = graceful.watcher();
         let metrics = Arc::clone(&metrics);
         metrics.connections_open.inc();
         tokio::spawn(async move {
-            served.await;
+            // peek, not readable(): a fresh socket may report readiness
+            // before any byte arrived.
+            let mut first = [0u8; 1];
+            let spoke = tokio::time::timeout(first_byte_timeout, stream.peek(&mut first)).await;
+            if spoke.is_ok() {
+                let conn = Connection {
+                    peer,
+                    local,
+                    tls: false,
+                    client_cert: None,
+                };
+                // serve_conn registers the connection with the watcher
+                // (after its TLS handshake, if any).
+                if let Err(e) = serve_conn(stream, conn, watcher).await {
+                    on_error(&*e, &metrics);
+                    tracing::debug!(%peer, "connection ended: {e}");
+                }
+            } else {
+                on_silent(&metrics);
+                tracing::debug!(%peer, "client sent nothing; closed");
+            }
             metrics.connections_open.dec();
         });
     }

@@ -41,6 +41,19 @@ pub struct DecidePolicy {
     pub limits: EvalLimits,
 }
 
+impl DecidePolicy {
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        DecidePolicy {
+            mode: cfg.server.mode,
+            on_error: cfg.policy.on_error,
+            limits: EvalLimits {
+                timeout: cfg.policy.eval_timeout.0,
+                ..EvalLimits::default()
+            },
+        }
+    }
+}
+
 /// Evaluates `input`, the regorus value of a [`crate::input::PolicyInput`] (see
 /// [`crate::input::PolicyInput::to_value`]).
 pub fn decide(

@@ -39,7 +39,7 @@ use crate::config::{AuditRecordScope, Config};
 use crate::geo::GeoStore;
 use crate::input::{Address, Direction, Identity, PolicyInput};
 use crate::metrics::{Metrics, Outcome, Refusal};
-use crate::policy::{EvalLimits, PolicyStore};
+use crate::policy::PolicyStore;
 
 /// The egress limits, fixed for the process's life.
 #[derive(Debug, Clone, Copy)]
@@ -109,20 +109,9 @@ impl EgressGateway {
             identifier: EgressIdentifier::new(e),
             resolver: Resolver::new(&e.dns_servers, e.dns_timeout.0),
             policies,
-            how: DecidePolicy {
-                mode: cfg.server.mode,
-                on_error: cfg.policy.on_error,
-                limits: EvalLimits {
-                    timeout: cfg.policy.eval_timeout.0,
-                    ..EvalLimits::default()
-                },
-            },
+            how: DecidePolicy::from_config(cfg),
             geo,
-            redact: crate::config::ALWAYS_REDACTED
-                .iter()
-                .map(|h| http::HeaderName::from_static(h))
-                .chain(cfg.policy.redact_headers.iter().map(|h| h.0.clone()))
-                .collect(),
+            redact: cfg.policy.redacted_headers(),
             audit,
             audit_scope: cfg.audit.record,
             limits: EgressLimits {

@@ -35,7 +35,7 @@ use arc_swap::ArcSwap;
 use crate::geo::{GeoDb, GeoStore};
 use crate::input::{Destination, Direction, PolicyInput};
 use crate::metrics::{Metrics, Outcome};
-use crate::policy::{EvalLimits, PolicyStore};
+use crate::policy::PolicyStore;
 use accept::Connection;
 use decide::{Action, DecidePolicy};
 use enforce::{Forwarded, ProxyBody, Upstream, DECISION_ID};
@@ -86,22 +86,11 @@ impl Gateway {
         let Some(url) = cfg.upstream.url.clone() else {
             anyhow::bail!("no upstream configured");
         };
-        let redact = crate::config::ALWAYS_REDACTED
-            .iter()
-            .map(|h| http::HeaderName::from_static(h))
-            .chain(cfg.policy.redact_headers.iter().map(|h| h.0.clone()))
-            .collect();
+        let redact = cfg.policy.redacted_headers();
         Ok(Gateway {
             identifier: Arc::clone(&security.identifier),
             policies,
-            how: DecidePolicy {
-                mode: cfg.server.mode,
-                on_error: cfg.policy.on_error,
-                limits: EvalLimits {
-                    timeout: cfg.policy.eval_timeout.0,
-                    ..EvalLimits::default()
-                },
-            },
+            how: DecidePolicy::from_config(cfg),
             upstream: Upstream::new(
                 &cfg.upstream,
                 url.clone(),

@@ -179,7 +179,10 @@ impl hyper::body::Body for ChannelBody {
 /// A running `rempart serve` process.
 pub struct Rempart {
     pub child: Option<Child>,
+    /// The ingress address (0.0.0.0:0 when there is no ingress listener).
     pub addr: SocketAddr,
+    /// The egress proxy address, when configured.
+    pub egress: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub audit: PathBuf,
     pub log: Arc<Mutex<Vec<String>>>,
@@ -265,11 +268,15 @@ impl Rempart {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(line) = rx.recv_timeout(Duration::from_millis(50)) {
-                let addr = field(&line, "ingress").unwrap().parse().unwrap();
+                let addr = field(&line, "ingress")
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+                let egress = field(&line, "egress").and_then(|a| a.parse().ok());
                 let admin = field(&line, "admin").unwrap().parse().unwrap();
                 return Ok(Rempart {
                     child: Some(child),
                     addr,
+                    egress,
                     admin,
                     audit,
                     log,

@@ -1,0 +1,1023 @@
+//! The egress forward proxy, over real sockets: a real rempart process, a
+//! real DNS server (UDP, on loopback), real destination servers (HTTP, TLS,
+//! echo) on loopback addresses that generated GeoIP fixtures place in
+//! chosen countries and operators, and real clients (curl, Python
+//! requests, raw TCP).
+//!
+//! The loopback map (see `geo_fixtures`):
+//! - 127.0.0.2 — France, OVHcloud (EU operator in the EU): allowed;
+//! - 127.0.0.3 — United States, an operator not in the registry: outside the EU;
+//! - 127.0.0.4 — Germany, Amazon (US operator in the EU): non-EU jurisdiction;
+//! - 127.0.0.1 and others — not located (loopback, lifted for the tests by
+//!   `internal_networks`).
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::Rempart;
+use mmdb_writer::{Value, Writer};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+const EU: &str = "127.0.0.2";
+const US: &str = "127.0.0.3";
+const US_OPERATOR_IN_EU: &str = "127.0.0.4";
+
+// ---------------------------------------------------------------- DNS
+
+/// A real DNS server on UDP loopback answering A/AAAA from a table.
+/// `silent.test` never gets an answer; names not in the table get NXDOMAIN.
+struct Dns {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Dns {
+    async fn start(records: &[(&str, &[&str])]) -> Dns {
+        let table: HashMap<String, Vec<IpAddr>> = records
+            .iter()
+            .map(|(n, ips)| {
+                (
+                    n.to_string(),
+                    ips.iter().map(|i| i.parse().unwrap()).collect(),
+                )
+            })
+            .collect();
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                    return;
+                };
+                if let Some(reply) = dns_answer(&buf[..n], &table) {
+                    let _ = socket.send_to(&reply, from).await;
+                }
+            }
+        });
+        Dns { addr, task }
+    }
+}
+
+fn dns_answer(q: &[u8], table: &HashMap<String, Vec<IpAddr>>) -> Option<Vec<u8>> {
+    if q.len() < 12 {
+        return None;
+    }
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = *q.get(i)? as usize;
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(q.get(i..i + len)?).to_ascii_lowercase());
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
+    let question_end = i + 4;
+    let name = labels.join(".");
+    if name == "silent.test" {
+        return None;
+    }
+    let found = table.get(&name);
+    let answers: Vec<&IpAddr> = found
+        .map(|ips| {
+            ips.iter()
+                .filter(|ip| matches!((ip, qtype), (IpAddr::V4(_), 1) | (IpAddr::V6(_), 28)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut r = Vec::new();
+    r.extend_from_slice(&q[0..2]);
+    r.push(0x80 | (q[2] & 0x01)); // response, recursion desired copied
+    r.push(0x80 | if found.is_some() { 0 } else { 3 }); // RA, NOERROR/NXDOMAIN
+    r.extend_from_slice(&1u16.to_be_bytes());
+    r.extend_from_slice(&(answers.len() as u16).to_be_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0]);
+    r.extend_from_slice(&q[12..question_end]);
+    for ip in answers {
+        r.extend_from_slice(&[0xc0, 0x0c]);
+        let (t, data) = match ip {
+            IpAddr::V4(v4) => (1u16, v4.octets().to_vec()),
+            IpAddr::V6(v6) => (28u16, v6.octets().to_vec()),
+        };
+        r.extend_from_slice(&t.to_be_bytes());
+        r.extend_from_slice(&1u16.to_be_bytes());
+        r.extend_from_slice(&60u32.to_be_bytes());
+        r.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        r.extend_from_slice(&data);
+    }
+    Some(r)
+}
+
+// -------------------------------------------------------- destinations
+
+#[derive(Clone, Copy)]
+enum Kind {
+    /// Answers every HTTP/1.1 request with "hello from <ip>".
+    Http,
+    /// Echoes every byte back.
+    Echo,
+}
+
+/// A destination server on one loopback address, counting connections.
+struct Server {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Server {
+    async fn start(ip: &str, kind: Kind) -> Server {
+        Self::start_with(ip, move |stream| async move {
+            match kind {
+                Kind::Http => serve_http(stream).await,
+                Kind::Echo => {
+                    let (mut r, mut w) = stream.into_split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            }
+        })
+        .await
+    }
+
+    async fn start_with<F, Fut>(ip: &str, serve: F) -> Server
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let serve = Arc::new(serve);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let serve = serve.clone();
+                tokio::spawn(async move { serve(stream).await });
+            }
+        });
+        Server {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve_http(stream: TcpStream) {
+    let ip = stream.local_addr().unwrap().ip();
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let body = format!("hello from {ip}\n{head}");
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{body}",
+            body.len()
+        );
+        if reader.get_mut().write_all(resp.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A TLS server (certificate for `name`, self-signed) answering one
+/// HTTP request per connection with "secure hello".
+async fn tls_server(ip: &str, name: &str, dir: &Path) -> (Server, PathBuf) {
+    use tokio_rustls::rustls;
+    let cert = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    let ca = dir.join(format!("{name}.pem"));
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        cert.signing_key.serialize_der(),
+    ));
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let server = Server::start_with(ip, move |stream| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(mut tls) = acceptor.accept(stream).await else {
+                return;
+            };
+            let mut buf = vec![0u8; 4096];
+            let mut seen = Vec::new();
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = "secure hello\n";
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tls.write_all(resp.as_bytes()).await;
+            let _ = tls.shutdown().await;
+        }
+    })
+    .await;
+    (server, ca)
+}
+
+// ------------------------------------------------------------- rempart
+
+/// Country and ASN databases placing the loopback test addresses.
+fn geo_fixtures(dir: &Path) -> (PathBuf, PathBuf) {
+    let mut country = Writer::new("ip-location-db-country");
+    let mut asn = Writer::new("GeoLite2-ASN");
+    for (ip, cc, n, org) in [
+        (EU, "FR", 16276, "OVH SAS"),
+        // A US address whose operator is not in the registry: refused for
+        // its location alone.
+        (US, "US", 64496, "EXAMPLE-US"),
+        (US_OPERATOR_IN_EU, "DE", 16509, "AMAZON-02"),
+    ] {
+        let net: mmdb_writer::ipnet::IpNet = format!("{ip}/32").parse().unwrap();
+        country
+            .insert_value(
+                net,
+                Value::map([("country_code", Value::String(cc.into()))]),
+            )
+            .unwrap();
+        asn.insert_value(
+            net,
+            Value::map([
+                ("autonomous_system_number", Value::U32(n)),
+                ("autonomous_system_organization", Value::String(org.into())),
+            ]),
+        )
+        .unwrap();
+    }
+    let (c, a) = (dir.join("country.mmdb"), dir.join("asn.mmdb"));
+    country
+        .write_to(std::fs::File::create(&c).unwrap())
+        .unwrap();
+    asn.write_to(std::fs::File::create(&a).unwrap()).unwrap();
+    (c, a)
+}
+
+/// The repository's policies with `internal_networks` opened to loopback
+/// (the test destinations) and any other data changes.
+fn policies(dir: &Path, patch: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let out = dir.join("policies");
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in std::fs::read_dir(common::repo_policies()).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, out.join(p.file_name().unwrap())).unwrap();
+    }
+    let data_path = out.join("data.json");
+    let mut data: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&data_path).unwrap()).unwrap();
+    data["settings"]["egress"]["internal_networks"] = serde_json::json!(["127.0.0.0/8"]);
+    patch(&mut data);
+    std::fs::write(&data_path, serde_json::to_string_pretty(&data).unwrap()).unwrap();
+    out
+}
+
+struct Setup {
+    rempart: Rempart,
+    dir: tempfile::TempDir,
+    proxy: SocketAddr,
+}
+
+fn start(dns: Option<SocketAddr>, extra_toml: &str) -> Setup {
+    start_with(dns, extra_toml, |_| {})
+}
+
+fn start_with(
+    dns: Option<SocketAddr>,
+    extra_toml: &str,
+    patch: impl FnOnce(&mut serde_json::Value),
+) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let (country, asn) = geo_fixtures(dir.path());
+    let policies = policies(dir.path(), patch);
+    let dns_line = dns.map_or(String::new(), |a| format!("dns_servers = [\"{a}\"]\n"));
+    let toml = format!(
+        "[egress]\nlisten = \"127.0.0.1:0\"\n{dns_line}dns_timeout = \"700ms\"\nheader_read_timeout = \"1s\"\n{extra_toml}\n\
+         [geo]\ncountry_db = \"{}\"\nasn_db = \"{}\"\nlocate_non_public = true\n",
+        country.display(),
+        asn.display()
+    );
+    let cfg = dir.path().join("rempart.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let rempart = Rempart::try_start(
+        "",
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--policies",
+            policies.to_str().unwrap(),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("rempart did not start: {e}"));
+    let proxy = rempart.egress.expect("egress listener");
+    Setup {
+        rempart,
+        dir,
+        proxy,
+    }
+}
+
+/// Sends a raw request head to the proxy; returns the status code, the
+/// whole head, and the stream (positioned after the head).
+async fn raw(proxy: SocketAddr, head: &str) -> (u16, String, BufReader<TcpStream>) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut r = BufReader::new(s);
+    let mut text = String::new();
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
+            .await
+            .expect("proxy answered in time")
+            .unwrap();
+        if n == 0 || line == "\r\n" {
+            break;
+        }
+        text.push_str(&line);
+    }
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text, r)
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+async fn connect(proxy: SocketAddr, target: &str) -> (u16, String, BufReader<TcpStream>) {
+    raw(
+        proxy,
+        &format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"),
+    )
+    .await
+}
+
+async fn body_of(r: &mut BufReader<TcpStream>, head: &str) -> String {
+    let len: usize = header(head, "content-length").unwrap().parse().unwrap();
+    let mut b = vec![0u8; len];
+    r.read_exact(&mut b).await.unwrap();
+    String::from_utf8(b).unwrap()
+}
+
+fn deny_codes(record: &serde_json::Value) -> Vec<String> {
+    record["decision"]["deny"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn curl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "15"])
+        .args(args)
+        .env_remove("no_proxy")
+        .env_remove("NO_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .output()
+        .expect("curl is installed (see .ci/run)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// --------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eu_destination_passes_non_eu_and_us_operator_are_refused_before_connect() {
+    let eu = Server::start(EU, Kind::Http).await;
+    let us = Server::start(US, Kind::Http).await;
+    let us_op = Server::start(US_OPERATOR_IN_EU, Kind::Http).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, ca) = tls_server(EU, "eu.test", dir.path()).await;
+    let (tls_us, ca_us) = tls_server(US, "us.test", dir.path()).await;
+    let dns = Dns::start(&[
+        ("eu.test", &[EU]),
+        ("us.test", &[US]),
+        ("frankfurt.amazon.test", &[US_OPERATOR_IN_EU]),
+    ])
+    .await;
+    let s = start(Some(dns.addr), "");
+
+    // Plain HTTP to the EU destination, by name: forwarded, Host set from
+    // the absolute URI.
+    let url = format!("http://eu.test:{}/hook?x=1", eu.addr.port());
+    let (code, out, err) = curl(&["--proxy", &format!("http://{}", s.proxy), &url]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("hello from 127.0.0.2"), "{out}");
+    assert!(
+        out.to_ascii_lowercase()
+            .contains(&format!("host: eu.test:{}", eu.addr.port())),
+        "{out}"
+    );
+    assert!(
+        !out.to_ascii_lowercase().contains("proxy-connection"),
+        "{out}"
+    );
+
+    // HTTPS through a CONNECT tunnel to a real TLS server, with curl.
+    let url = format!("https://eu.test:{}/", tls.addr.port());
+    let (code, out, err) = curl(&[
+        "--proxy",
+        &format!("http://{}", s.proxy),
+        "--cacert",
+        ca.to_str().unwrap(),
+        &url,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "secure hello\n");
+
+    // Outside the EU: refused with 403 before any connection is made,
+    // for CONNECT and for plain HTTP alike.
+    let url = format!("https://us.test:{}/", tls_us.addr.port());
+    let (code, _, err) = curl(&[
+        "--proxy",
+        &format!("http://{}", s.proxy),
+        "--cacert",
+        ca_us.to_str().unwrap(),
+        &url,
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("403"), "{err}");
+    let (status, head, mut r) = raw(
+        s.proxy,
+        &format!(
+            "GET http://us.test:{}/ HTTP/1.1\r\nHost: us.test\r\n\r\n",
+            us.addr.port()
+        ),
+    )
+    .await;
+    assert_eq!(status, 403, "{head}");
+    let body: serde_json::Value = serde_json::from_str(&body_of(&mut r, &head).await).unwrap();
+    assert_eq!(body["reasons"][0]["code"], "destination_outside_eu");
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    assert_eq!(body["decision_id"], id.as_str());
+
+    // The EU datacenter of a US operator: refused for its jurisdiction.
+    let (status, head, _) = connect(
+        s.proxy,
+        &format!("frankfurt.amazon.test:{}", us_op.addr.port()),
+    )
+    .await;
+    assert_eq!(status, 403, "{head}");
+    let us_op_id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+
+    assert_eq!(
+        us.connections(),
+        0,
+        "a refused destination was connected to"
+    );
+    assert_eq!(
+        tls_us.connections(),
+        0,
+        "a refused destination was connected to"
+    );
+    assert_eq!(
+        us_op.connections(),
+        0,
+        "a refused destination was connected to"
+    );
+    assert_eq!(eu.connections(), 1);
+    assert_eq!(tls.connections(), 1);
+
+    // The trail says where each call went and under which law.
+    let denied = s.rempart.audit_record(&id).await;
+    assert_eq!(denied["direction"], "egress");
+    assert_eq!(denied["status"], 403);
+    assert_eq!(denied["destination"]["host"], "us.test");
+    assert_eq!(denied["destination"]["ip"], US);
+    assert_eq!(denied["destination"]["geo"]["country"], "US");
+    assert_eq!(denied["source"]["ip"], "127.0.0.1");
+    let r = s.rempart.audit_record(&us_op_id).await;
+    assert_eq!(deny_codes(&r), vec!["destination_non_eu_jurisdiction"]);
+    assert_eq!(r["destination"]["geo"]["operator"], "amazon");
+    assert_eq!(r["destination"]["geo"]["jurisdiction"], "US");
+    assert_eq!(r["request"]["method"], "CONNECT");
+
+    // Allowed tunnel: a decision record, then a closing one with bytes.
+    let records = s.rempart.audit_records();
+    let tunnel: Vec<_> = records
+        .iter()
+        .filter(|r| r["request"]["method"] == "CONNECT" && r["destination"]["ip"] == EU)
+        .collect();
+    assert_eq!(tunnel.len(), 2, "{tunnel:?}");
+    assert!(tunnel[0].get("transfer").is_none());
+    let t = &tunnel[1]["transfer"];
+    assert!(t["bytes_to_destination"].as_u64().unwrap() > 100, "{t}");
+    assert!(t["bytes_from_destination"].as_u64().unwrap() > 100, "{t}");
+    assert_eq!(t["closed_by"], "completed");
+    assert_eq!(tunnel[0]["decision_id"], tunnel[1]["decision_id"]);
+
+    assert_eq!(
+        s.rempart
+            .metric("rempart_requests_total{direction=\"egress\",outcome=\"denied\"}")
+            .await,
+        3.0
+    );
+    assert_eq!(
+        s.rempart
+            .metric("rempart_requests_total{direction=\"egress\",outcome=\"allowed\"}")
+            .await,
+        2.0
+    );
+    assert!(
+        s.rempart
+            .metric("rempart_egress_bytes_total{flow=\"from_destination\"}")
+            .await
+            > 100.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spelling_of_a_destination_gets_the_same_decision() {
+    let eu = Server::start(EU, Kind::Http).await;
+    let us = Server::start(US, Kind::Http).await;
+    let s = start(None, "");
+    let spellings = |ip: &str, port: u16| -> Vec<String> {
+        let v4: std::net::Ipv4Addr = ip.parse().unwrap();
+        let n = u32::from(v4);
+        let o = v4.octets();
+        vec![
+            format!("{ip}:{port}"),
+            format!("{ip}.:{port}"),
+            format!("{n}:{port}"),
+            format!("0x{n:x}:{port}"),
+            format!("0x{n:X}:{port}"),
+            format!("0{:o}.0{:o}.0{:o}.0{:o}:{port}", o[0], o[1], o[2], o[3]),
+            format!("0x{:x}.0x{:x}.0x{:x}.0x{:x}:{port}", o[0], o[1], o[2], o[3]),
+            format!("{}.{}:{port}", o[0], (n & 0x00ff_ffff)),
+            format!("[::ffff:{ip}]:{port}"),
+            format!(
+                "[::ffff:{:x}{:02x}:{:x}{:02x}]:{port}",
+                o[0], o[1], o[2], o[3]
+            ),
+        ]
+    };
+    for form in spellings(US, us.addr.port()) {
+        let (status, head, _) = connect(s.proxy, &form).await;
+        assert_eq!(status, 403, "{form}: {head}");
+        let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+        let r = s.rempart.audit_record(&id).await;
+        assert_eq!(r["destination"]["ip"], US, "{form}");
+        assert_eq!(deny_codes(&r), vec!["destination_outside_eu"], "{form}");
+        // Plain HTTP with the same spelling in the absolute URI.
+        let (status, head, _) = raw(
+            s.proxy,
+            &format!("GET http://{form}/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(status, 403, "GET {form}: {head}");
+    }
+    for form in spellings(EU, eu.addr.port()) {
+        let (status, head, _) = connect(s.proxy, &form).await;
+        assert_eq!(status, 200, "{form}: {head}");
+    }
+    assert_eq!(us.connections(), 0);
+    // (a server counts a connection when it accepts it, just after the
+    // proxy's connect returned)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while eu.connections() < 10 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(eu.connections(), 10);
+
+    // Metadata service spellings, and the same with a port.
+    for form in [
+        "169.254.169.254:80",
+        "0xa9fea9fe:80",
+        "2852039166:80",
+        "0251.0376.0251.0376:80",
+        "169.254.43518:80",
+        "[::ffff:a9fe:a9fe]:80",
+    ] {
+        let (status, head, _) = connect(s.proxy, form).await;
+        assert_eq!(status, 403, "{form}: {head}");
+        let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+        let r = s.rempart.audit_record(&id).await;
+        assert_eq!(deny_codes(&r), vec!["egress_metadata_service"], "{form}");
+        assert_eq!(r["destination"]["ip"], "169.254.169.254", "{form}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_with_several_addresses_connects_only_to_an_allowed_one() {
+    let eu = Server::start(EU, Kind::Http).await;
+    // A name has one port for all its addresses: listen on the forbidden
+    // addresses at the EU server's port too, to catch any connection.
+    let port = eu.addr.port();
+    let us_same = TcpListener::bind((US, port)).await.unwrap();
+    let us_op_same = TcpListener::bind((US_OPERATOR_IN_EU, port)).await.unwrap();
+    let dns = Dns::start(&[
+        ("mixed.test", &[US, EU]),
+        ("rebind.test", &["169.254.169.254", EU]),
+        ("allbad.test", &[US, US_OPERATOR_IN_EU]),
+    ])
+    .await;
+    let s = start(Some(dns.addr), "");
+
+    let (status, head, mut r) = raw(
+        s.proxy,
+        &format!("GET http://mixed.test:{port}/ HTTP/1.1\r\nHost: mixed.test\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    assert!(body_of(&mut r, &head)
+        .await
+        .starts_with("hello from 127.0.0.2"));
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    let rec = s.rempart.audit_record(&id).await;
+    assert_eq!(rec["destination"]["ip"], EU);
+    let listed: Vec<&str> = rec["destination"]["addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["ip"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, vec![US, EU]);
+    assert_eq!(rec["destination"]["addresses"][0]["geo"]["country"], "US");
+
+    let (status, head, _) = connect(s.proxy, &format!("rebind.test:{port}")).await;
+    assert_eq!(status, 200, "{head}");
+
+    let (status, head, mut r) = connect(s.proxy, &format!("allbad.test:{port}")).await;
+    assert_eq!(status, 403, "{head}");
+    let body: serde_json::Value = serde_json::from_str(&body_of(&mut r, &head).await).unwrap();
+    assert_eq!(body["reasons"][0]["code"], "destination_outside_eu");
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    let rec = s.rempart.audit_record(&id).await;
+    assert_eq!(rec["destination"]["addresses"].as_array().unwrap().len(), 2);
+
+    for l in [us_same, us_op_same] {
+        let pending = tokio::time::timeout(Duration::from_millis(100), l.accept()).await;
+        assert!(pending.is_err(), "a forbidden address was connected to");
+    }
+    assert_eq!(eu.connections(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolver_failures_and_timeouts_fail_closed() {
+    let dns = Dns::start(&[("eu.test", &[EU])]).await;
+    let s = start(Some(dns.addr), "");
+    let started = Instant::now();
+    let (status, head, mut r) = connect(s.proxy, "no-such-name.test:443").await;
+    assert_eq!(status, 502, "{head}");
+    let body: serde_json::Value = serde_json::from_str(&body_of(&mut r, &head).await).unwrap();
+    assert_eq!(body["error"], "dns_not_found");
+
+    let (status, head, mut r) = connect(s.proxy, "silent.test:443").await;
+    assert_eq!(status, 504, "{head}");
+    let body: serde_json::Value = serde_json::from_str(&body_of(&mut r, &head).await).unwrap();
+    assert_eq!(body["error"], "dns_timeout");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    let rec = s.rempart.audit_record(&id).await;
+    assert_eq!(rec["decision"]["outcome"], "error");
+    assert_eq!(deny_codes(&rec), vec!["dns_timeout"]);
+    assert_eq!(
+        s.rempart
+            .metric("rempart_egress_refusals_total{reason=\"dns_timeout\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        s.rempart
+            .metric("rempart_egress_refusals_total{reason=\"dns_not_found\"}")
+            .await,
+        1.0
+    );
+
+    // The DNS server goes away: refused, never let through.
+    drop(dns);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (status, head, _) = connect(s.proxy, "eu.test:443").await;
+    assert!(status == 502 || status == 504, "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_send_nothing_half_a_request_or_junk_get_bounded_answers() {
+    let s = start(None, "max_header_bytes = 8192\n");
+    // Nothing at all: closed after header_read_timeout (1s).
+    let mut silent = TcpStream::connect(s.proxy).await.unwrap();
+    // Half a request head.
+    let mut half = TcpStream::connect(s.proxy).await.unwrap();
+    half.write_all(b"CONNECT 127.0.0.2:443 HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    for stream in [&mut silent, &mut half] {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "connection not closed in time");
+    }
+    // A head larger than max_header_bytes: 431.
+    let big = "x".repeat(10_000);
+    let (status, head, _) = raw(
+        s.proxy,
+        &format!("GET http://127.0.0.2/ HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 431, "{head}");
+    // Not a proxy request, https in the clear, CONNECT without port, junk.
+    for (req, want) in [
+        ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("GET https://127.0.0.2/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("CONNECT 127.0.0.2 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (
+            "CONNECT exa_mple..test:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+        ),
+        ("NOT A REQUEST\r\n\r\n", 400),
+    ] {
+        let (status, head, _) = raw(s.proxy, req).await;
+        assert_eq!(status, want, "{req:?}: {head}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = |r: &'static str| {
+        let rp = &s.rempart;
+        async move {
+            rp.metric(&format!("rempart_egress_refusals_total{{reason=\"{r}\"}}"))
+                .await
+        }
+    };
+    assert_eq!(m("header_too_large").await, 1.0);
+    assert!(m("header_timeout").await >= 2.0);
+    assert_eq!(m("bad_request").await, 4.0);
+    assert!(m("malformed").await >= 1.0);
+    // The refusals with a decision id are in the trail with their reason.
+    let bad: Vec<_> = s
+        .rempart
+        .audit_records()
+        .into_iter()
+        .filter(|r| deny_codes(r) == vec!["egress_bad_request"])
+        .collect();
+    assert_eq!(bad.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_carries_a_large_transfer_both_ways_intact() {
+    let echo = Server::start(EU, Kind::Echo).await;
+    let s = start(None, "");
+    let (status, head, stream) = connect(s.proxy, &echo.addr.to_string()).await;
+    assert_eq!(status, 200, "{head}");
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    let stream = stream.into_inner();
+    let (mut rd, mut wr) = stream.into_split();
+    const SIZE: usize = 24 * 1024 * 1024;
+    let writer = tokio::spawn(async move {
+        let mut hash = Sha256::new();
+        let mut sent = 0usize;
+        let mut block = vec![0u8; 64 * 1024];
+        let mut x: u32 = 12345;
+        while sent < SIZE {
+            for b in block.iter_mut() {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                *b = (x >> 16) as u8;
+            }
+            wr.write_all(&block).await.unwrap();
+            hash.update(&block);
+            sent += block.len();
+        }
+        wr.shutdown().await.unwrap();
+        hash.finalize()
+    });
+    let mut hash = Sha256::new();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), rd.read(&mut buf))
+            .await
+            .expect("tunnel stalled")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        got += n;
+    }
+    let sent_hash = writer.await.unwrap();
+    assert_eq!(got, SIZE);
+    assert_eq!(hash.finalize(), sent_hash, "bytes changed in the tunnel");
+    drop(rd);
+    // The closing record counts every byte, both ways.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let closing = loop {
+        if let Some(r) = s
+            .rempart
+            .audit_records()
+            .into_iter()
+            .find(|r| r["decision_id"] == id.as_str() && r.get("transfer").is_some())
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no closing record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(closing["transfer"]["bytes_to_destination"], SIZE as u64);
+    assert_eq!(closing["transfer"]["bytes_from_destination"], SIZE as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_requests_goes_through_http_and_https_proxy_settings() {
+    let eu = Server::start(EU, Kind::Http).await;
+    let us = Server::start(US, Kind::Http).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, ca) = tls_server(EU, "eu.test", dir.path()).await;
+    let dns = Dns::start(&[("eu.test", &[EU]), ("us.test", &[US])]).await;
+    let s = start(Some(dns.addr), "");
+    let script = r#"
+import sys, requests
+session = requests.Session()
+out = []
+for url in sys.argv[2:]:
+    try:
+        r = session.get(url, verify=sys.argv[1], timeout=10)
+        out.append(f"{r.status_code} {r.text.splitlines()[0] if r.text else ''}")
+    except requests.exceptions.ProxyError as e:
+        out.append("proxy-error " + ("403" if "403" in str(e) else str(e)))
+print("\n".join(out))
+"#;
+    let python = std::env::var("REMPART_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let proxy = format!("http://{}", s.proxy);
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .arg(&ca)
+        .arg(format!("https://eu.test:{}/", tls.addr.port()))
+        .arg(format!("http://eu.test:{}/", eu.addr.port()))
+        .arg(format!("http://us.test:{}/", us.addr.port()))
+        .env("HTTPS_PROXY", &proxy)
+        .env("HTTP_PROXY", &proxy)
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .expect("python3 with requests (see .ci/run)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert_eq!(lines[0], "200 secure hello", "{stdout}");
+    assert_eq!(lines[1], "200 hello from 127.0.0.2", "{stdout}");
+    assert!(lines[2].starts_with("403 {"), "{stdout}");
+    assert_eq!(us.connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_accounts_workloads_allow_lists_and_the_connection_limit() {
+    let eu = Server::start(EU, Kind::Echo).await;
+    let us = Server::start(US, Kind::Http).await;
+    let hash = hex::encode(Sha256::digest(b"s3cret"));
+    let s = start_with(
+        None,
+        &format!(
+            "require_proxy_auth = true\nmax_connections = 1\n\
+             [[egress.users]]\nname = \"billing\"\npassword_sha256 = \"{hash}\"\nworkload = \"billing-crm\"\n"
+        ),
+        |data| {
+            // billing-crm may call the US address (a DSI's recorded exception).
+            data["settings"]["egress"]["allow"]["billing-crm"] =
+                serde_json::json!({"networks": [format!("{US}/32")]});
+        },
+    );
+    let target = us.addr.to_string();
+    // No credentials: 407 with a challenge, recorded.
+    let (status, head, _) = connect(s.proxy, &target).await;
+    assert_eq!(status, 407, "{head}");
+    assert!(header(&head, "proxy-authenticate")
+        .unwrap()
+        .starts_with("Basic"));
+    // Wrong password: 407.
+    let bad = base64_basic("billing", "guess");
+    let (status, _, _) = raw(
+        s.proxy,
+        &format!("CONNECT {target} HTTP/1.1\r\nProxy-Authorization: {bad}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 407);
+    // Right account: the workload's allow-list lets the US address through.
+    let good = base64_basic("billing", "s3cret");
+    let (status, head, held) = raw(
+        s.proxy,
+        &format!("CONNECT {target} HTTP/1.1\r\nProxy-Authorization: {good}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    let rec = s.rempart.audit_record(&id).await;
+    assert_eq!(rec["identity"]["method"], "proxy_basic");
+    assert_eq!(rec["identity"]["subject"], "billing");
+    assert_eq!(rec["source"]["geo"]["sovereign"], "local");
+    // The one slot is held by that tunnel: the next is refused with 503.
+    let (status, head, _) = raw(
+        s.proxy,
+        &format!(
+            "CONNECT {} HTTP/1.1\r\nProxy-Authorization: {good}\r\n\r\n",
+            eu.addr
+        ),
+    )
+    .await;
+    assert_eq!(status, 503, "{head}");
+    assert!(head.contains("x-rempart-decision-id"));
+    drop(held);
+    // Once the tunnel closed, the slot is free again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, _) = raw(
+            s.proxy,
+            &format!(
+                "CONNECT {} HTTP/1.1\r\nProxy-Authorization: {good}\r\n\r\n",
+                eu.addr
+            ),
+        )
+        .await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot not released: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        s.rempart
+            .metric("rempart_egress_refusals_total{reason=\"proxy_auth\"}")
+            .await,
+        2.0
+    );
+    assert!(
+        s.rempart
+            .metric("rempart_egress_refusals_total{reason=\"too_many_connections\"}")
+            .await
+            >= 1.0
+    );
+    let _ = &s.dir;
+}
+
+fn base64_basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
