@@ -54,6 +54,10 @@ pub struct AuditRequest<'a> {
 pub struct AuditIdentity<'a> {
     pub method: &'a str,
     pub subject: Option<&'a str>,
+    /// Why a presented credential was refused (e.g. "expired"); absent
+    /// when there was nothing to refuse.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
 }
 
 #[derive(Debug, Serialize)]

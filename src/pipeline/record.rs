@@ -56,6 +56,7 @@ pub fn record(ev: &Evidence<'_>, scope: AuditRecordScope, audit: &AuditSink, met
         identity: AuditIdentity {
             method: &input.identity.method,
             subject: input.identity.subject.as_deref(),
+            error: input.identity.error.as_deref(),
         },
         decision: AuditDecision {
             outcome: ev.outcome.as_str(),
