@@ -65,8 +65,7 @@ fn input() -> PolicyInput {
         identity: Identity {
             authenticated: false,
             method: "none".into(),
-            subject: None,
-            roles: vec![],
+            ..Identity::default()
         },
         resource,
         time: rempart::input::time_info(std::time::SystemTime::now()),

@@ -379,6 +379,7 @@ fn check(path: &Path, policies: Option<&Path>) -> anyhow::Result<ExitCode> {
         crate::geo::GeoDb::open(&cfg.geo.files())
     }
     .map_err(|e| anyhow!("{}: [geo] {e:#}", path.display()))?;
+    check_identity_and_tls(&cfg).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
     if geo.country.is_none() {
         eprintln!(
             "warning: no country database ([geo] country_db): every public address is \
@@ -399,6 +400,36 @@ fn check(path: &Path, policies: Option<&Path>) -> anyhow::Result<ExitCode> {
         set.files.len()
     ))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Opens the certificate, key, CA and JWKS files as serve would, and warns
+/// when no identity source is configured.
+fn check_identity_and_tls(cfg: &Config) -> anyhow::Result<()> {
+    if let Some(tls) = &cfg.server.tls {
+        crate::tls::ingress(tls).context("[server.tls]")?;
+    }
+    crate::tls::upstream_client_config(&cfg.upstream.tls)?;
+    if let Some(jwt) = &cfg.identity.jwt {
+        if let Some(file) = &jwt.jwks_file {
+            crate::pipeline::identify::jwt::read_jwks_file(file).context("[identity.jwt]")?;
+        }
+        if let Some(ca) = &jwt.jwks_ca {
+            crate::tls::read_roots(ca).context("[identity.jwt] jwks_ca")?;
+        }
+    }
+    let mtls = cfg
+        .server
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_ca.is_some());
+    if cfg.identity.jwt.is_none() && !mtls && cfg.identity.trusted_header.is_none() {
+        eprintln!(
+            "warning: no identity source ([identity.jwt], [server.tls] client_ca or \
+             [identity] trusted_header): every request is anonymous and the shipped \
+             authentication rules stay inactive; see docs/configuration.md"
+        );
+    }
+    Ok(())
 }
 
 fn eval(policies: Option<&Path>, input: &Path, interpreter: bool) -> anyhow::Result<ExitCode> {

@@ -187,8 +187,11 @@ pub struct ServerConfig {
     pub workers: usize,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub drain_timeout: Seconds,
-    /// Timeout for reading a client's request head.
+    /// Timeout for reading a client's request head (and for the TLS
+    /// handshake when `[server.tls]` is set).
     pub header_read_timeout: Seconds,
+    /// TLS termination on the ingress listener; plain HTTP when absent.
+    pub tls: Option<ServerTlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -199,6 +202,7 @@ impl Default for ServerConfig {
             workers: 0,
             drain_timeout: Seconds(Duration::from_secs(30)),
             header_read_timeout: Seconds(Duration::from_secs(30)),
+            tls: None,
         }
     }
 }
@@ -217,6 +221,8 @@ pub struct UpstreamConfig {
     pub pool_max_idle: usize,
     /// Forward the client's `Host` header unchanged (CRMs check it for CSRF).
     pub preserve_host: bool,
+    /// TLS to an `https://` upstream.
+    pub tls: UpstreamTlsConfig,
 }
 
 impl Default for UpstreamConfig {
@@ -228,6 +234,7 @@ impl Default for UpstreamConfig {
             pool_idle_timeout: Seconds(Duration::from_secs(90)),
             pool_max_idle: 256,
             preserve_host: true,
+            tls: UpstreamTlsConfig::default(),
         }
     }
 }
@@ -467,6 +474,12 @@ pub struct IdentityConfig {
     pub roles_header: Option<HeaderName>,
     /// Source networks allowed to set the trusted headers.
     pub trusted_sources: Vec<Cidr>,
+    /// Remove the bearer token (the `Authorization` header, or the
+    /// `[identity.jwt] cookie`) before forwarding, for a CRM that must not
+    /// see it.
+    pub strip_credentials: bool,
+    /// JWT / OIDC bearer tokens.
+    pub jwt: Option<JwtConfig>,
 }
 
 /// A duration written as `"250ms"`, `"5s"`, `"2m"`.
@@ -500,10 +513,8 @@ impl UpstreamUrl {
             .with_context(|| format!("invalid upstream URL {s:?}"))?;
         let scheme = match uri.scheme() {
             Some(s) if *s == http::uri::Scheme::HTTP => s.clone(),
-            Some(s) if *s == http::uri::Scheme::HTTPS => {
-                bail!("upstream URL {s:?}: https upstreams are not supported yet, use http://")
-            }
-            _ => bail!("upstream URL {s:?} must start with http://"),
+            Some(s) if *s == http::uri::Scheme::HTTPS => s.clone(),
+            _ => bail!("upstream URL {s:?} must start with http:// or https://"),
         };
         let Some(authority) = uri.authority().cloned() else {
             bail!("upstream URL {s:?} has no host");
@@ -520,7 +531,13 @@ impl UpstreamUrl {
     }
 
     pub fn port(&self) -> u16 {
-        self.authority.port_u16().unwrap_or(80)
+        self.authority
+            .port_u16()
+            .unwrap_or(if self.is_https() { 443 } else { 80 })
+    }
+
+    pub fn is_https(&self) -> bool {
+        self.scheme == http::uri::Scheme::HTTPS
     }
 }
 
@@ -636,6 +653,19 @@ impl Config {
                  believed together with a trusted user header"
             );
         }
+        if let Some(tls) = &self.server.tls {
+            tls.validate()?;
+        }
+        self.upstream.tls.validate()?;
+        if let Some(jwt) = &self.identity.jwt {
+            jwt.validate()?;
+        }
+        if self.identity.strip_credentials && self.identity.jwt.is_none() {
+            bail!(
+                "[identity] strip_credentials is set without [identity.jwt]: there is no \
+                 token to strip"
+            );
+        }
         if self.audit.queue_capacity == 0 {
             bail!("[audit] queue_capacity must be at least 1");
         }
@@ -689,6 +719,227 @@ impl Config {
                 .map(|n| n.get())
                 .unwrap_or(1)
         }
+    }
+}
+
+/// Whether the ingress listener asks for client certificates (mTLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// No client certificate is asked for.
+    #[default]
+    None,
+    /// A certificate is asked for; a client without one still connects
+    /// (identity method "none"), a client with an invalid one does not.
+    Optional,
+    /// A client without a valid certificate fails the handshake.
+    Required,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// How often `cert` and `key` are checked for changes (also on
+    /// SIGHUP); 0 disables polling.
+    #[serde(default = "default_tls_reload")]
+    pub reload_interval: Seconds,
+    /// PEM bundle of the CAs that sign client certificates (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+}
+
+fn default_tls_reload() -> Seconds {
+    Seconds(Duration::from_secs(10))
+}
+
+impl ServerTlsConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        match (self.client_auth, &self.client_ca) {
+            (ClientAuth::None, Some(_)) => bail!(
+                "[server.tls] client_ca is set but client_auth = \"none\": \
+                 say \"optional\" or \"required\""
+            ),
+            (ClientAuth::Optional | ClientAuth::Required, None) => bail!(
+                "[server.tls] client_auth = \"{}\" needs client_ca (the CA bundle that \
+                 signs client certificates)",
+                if self.client_auth == ClientAuth::Required {
+                    "required"
+                } else {
+                    "optional"
+                }
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamTlsConfig {
+    /// PEM bundle of the CAs trusted for the upstream's certificate; the
+    /// built-in Mozilla roots when absent.
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) presented to the upstream.
+    pub client_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub client_key: Option<PathBuf>,
+}
+
+impl UpstreamTlsConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            bail!("[upstream.tls] client_cert and client_key go together: set both or neither");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Expected `iss` claim. Required.
+    pub issuer: String,
+    /// Accepted `aud` values (one must match). Required.
+    pub audiences: Vec<String>,
+    /// JWKS from a file (reloaded on change)…
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// …or fetched from a URL (http:// or https://).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// PEM CA bundle for an https `jwks_url`; the built-in roots when absent.
+    #[serde(default)]
+    pub jwks_ca: Option<PathBuf>,
+    /// How often the JWKS is fetched again (or the file checked).
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_interval: Seconds,
+    /// Least time between two fetches caused by an unknown `kid`.
+    #[serde(default = "default_jwks_min_refetch")]
+    pub jwks_min_refetch_interval: Seconds,
+    /// How long the last good keys are used after fetches start failing;
+    /// past it every token is refused (`jwks_unavailable`).
+    #[serde(default = "default_jwks_max_staleness")]
+    pub jwks_max_staleness: Seconds,
+    /// Time allowed for one JWKS fetch.
+    #[serde(default = "default_jwks_timeout")]
+    pub jwks_fetch_timeout: Seconds,
+    /// Tolerance on `exp` and `nbf`; at most 5 minutes.
+    #[serde(default = "default_clock_skew")]
+    pub clock_skew: Seconds,
+    /// Longer tokens are refused without being parsed.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
+    /// Read the token from this cookie when there is no
+    /// `Authorization: Bearer` header.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// Accepted signature algorithms (asymmetric only).
+    #[serde(default = "default_jwt_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Dotted path of the roles claim, e.g. `realm_access.roles`.
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    /// Dotted path of the groups claim.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+}
+
+fn default_jwks_refresh() -> Seconds {
+    Seconds(Duration::from_secs(300))
+}
+fn default_jwks_min_refetch() -> Seconds {
+    Seconds(Duration::from_secs(30))
+}
+fn default_jwks_max_staleness() -> Seconds {
+    Seconds(Duration::from_secs(86_400))
+}
+fn default_jwks_timeout() -> Seconds {
+    Seconds(Duration::from_secs(5))
+}
+fn default_clock_skew() -> Seconds {
+    Seconds(Duration::from_secs(60))
+}
+fn default_max_token_bytes() -> usize {
+    8192
+}
+fn default_jwt_algorithms() -> Vec<String> {
+    [
+        "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_roles_claim() -> String {
+    "roles".into()
+}
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+
+/// The most clock skew a JWT check tolerates.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+impl JwtConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        match (&self.jwks_file, &self.jwks_url) {
+            (None, None) => bail!("[identity.jwt] needs jwks_file or jwks_url"),
+            (Some(_), Some(_)) => bail!("[identity.jwt] set jwks_file or jwks_url, not both"),
+            _ => {}
+        }
+        if let Some(url) = &self.jwks_url {
+            let uri: http::Uri = url
+                .parse()
+                .with_context(|| format!("[identity.jwt] jwks_url {url:?} is not a URL"))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                bail!("[identity.jwt] jwks_url {url:?} must be an http:// or https:// URL");
+            }
+        }
+        if self.issuer.trim().is_empty() {
+            bail!("[identity.jwt] issuer must not be empty");
+        }
+        if self.audiences.is_empty() {
+            bail!("[identity.jwt] audiences must name at least one accepted audience");
+        }
+        if self.clock_skew.0 > MAX_CLOCK_SKEW {
+            bail!("[identity.jwt] clock_skew must be at most 5m");
+        }
+        if self.max_token_bytes == 0 {
+            bail!("[identity.jwt] max_token_bytes must be at least 1");
+        }
+        if self.algorithms.is_empty() {
+            bail!("[identity.jwt] algorithms must not be empty");
+        }
+        for a in &self.algorithms {
+            if a.starts_with("HS") || a.eq_ignore_ascii_case("none") {
+                bail!(
+                    "[identity.jwt] algorithm {a:?} is not accepted: only asymmetric \
+                     signatures can be checked against a JWKS"
+                );
+            }
+            if a.parse::<jsonwebtoken::Algorithm>().is_err() {
+                bail!("[identity.jwt] unknown algorithm {a:?}");
+            }
+        }
+        if let Some(c) = &self.cookie {
+            if c.is_empty() || c.contains([';', '=', ' ', ',']) {
+                bail!("[identity.jwt] cookie {c:?} is not a valid cookie name");
+            }
+        }
+        for (key, path) in [
+            ("roles_claim", &self.roles_claim),
+            ("groups_claim", &self.groups_claim),
+        ] {
+            if path.is_empty() || path.split('.').any(str::is_empty) {
+                bail!("[identity.jwt] {key} {path:?} must be a dotted claim path like \"realm_access.roles\"");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -786,5 +1037,51 @@ mod tests {
         let c = Cidr::parse("10.0.0.0/8").unwrap();
         assert!(c.contains(&"::ffff:10.1.2.3".parse().unwrap()));
         assert!(!c.contains(&"11.0.0.1".parse().unwrap()));
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::*;
+
+    const BASE: &str = "[upstream]\nurl = \"https://crm.example.eu\"\n";
+
+    #[test]
+    fn https_upstream_defaults_to_port_443() {
+        let c = Config::from_toml(BASE).unwrap();
+        let url = c.upstream.url.unwrap();
+        assert!(url.is_https());
+        assert_eq!(url.port(), 443);
+    }
+
+    #[test]
+    fn jwt_section_is_checked() {
+        let ok = format!(
+            "{BASE}[identity.jwt]\nissuer = \"https://idp\"\naudiences = [\"crm\"]\njwks_file = \"/x\"\n"
+        );
+        let c = Config::from_toml(&ok).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.identity.jwt.unwrap().max_token_bytes, 8192);
+        let both = format!("{ok}jwks_url = \"http://idp/jwks\"\n");
+        let err = Config::from_toml(&both).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        let hs = format!("{ok}algorithms = [\"HS256\"]\n");
+        let err = Config::from_toml(&hs).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("HS256"), "{err}");
+        let skew = format!("{ok}clock_skew = \"10m\"\n");
+        let err = Config::from_toml(&skew).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("clock_skew"), "{err}");
+        let typo = format!("{ok}audience = \"crm\"\n");
+        let err = Config::from_toml(&typo).unwrap_err();
+        assert!(err.contains("audience") && err.contains("line 7"), "{err}");
+    }
+
+    #[test]
+    fn mtls_needs_a_ca() {
+        let t = format!(
+            "{BASE}[server.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_auth = \"required\"\n"
+        );
+        let err = Config::from_toml(&t).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("client_ca"), "{err}");
     }
 }

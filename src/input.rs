@@ -120,13 +120,31 @@ impl Address {
     }
 }
 
+/// Who is asking (see `crate::pipeline::identify`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Identity {
     pub authenticated: bool,
-    /// "header" | "none" (later: "jwt", "mtls").
+    /// "jwt" | "mtls" | "header" | "none".
     pub method: String,
+    /// JWT `sub`, certificate subject DN, or the trusted header's value.
     pub subject: Option<String>,
+    /// Display name (JWT `name` / `preferred_username`, certificate CN).
+    pub name: Option<String>,
+    pub email: Option<String>,
     pub roles: Vec<String>,
+    pub groups: Vec<String>,
+    /// Every claim of a verified JWT; for mTLS the certificate's subject,
+    /// issuer, SANs and fingerprint.
+    pub claims: BTreeMap<String, serde_json::Value>,
+    /// JWT `iss`, or the certificate's issuer DN.
+    pub issuer: Option<String>,
+    /// Why the presented credential was not accepted (then
+    /// `authenticated` is false), e.g. "expired", "bad_signature".
+    pub error: Option<String>,
+    /// The identity sources configured on this gateway ("jwt", "mtls",
+    /// "header"); empty when none is, which keeps the shipped
+    /// authentication rules inactive.
+    pub sources: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -247,11 +265,24 @@ impl PolicyInput {
             ("workload", opt(&self.source.workload)),
         ]);
         let i = &self.identity;
+        let claims = Value::from(
+            i.claims
+                .iter()
+                .map(|(k, v)| (s(k), Value::from(v.clone())))
+                .collect::<BTreeMap<_, _>>(),
+        );
         let identity = object([
             ("authenticated", Value::from(i.authenticated)),
             ("method", s(&i.method)),
             ("subject", opt(&i.subject)),
+            ("name", opt(&i.name)),
+            ("email", opt(&i.email)),
             ("roles", strings(&i.roles)),
+            ("groups", strings(&i.groups)),
+            ("claims", claims),
+            ("issuer", opt(&i.issuer)),
+            ("error", opt(&i.error)),
+            ("sources", strings(&i.sources)),
         ]);
         let res = &self.resource;
         let resource = object([
@@ -362,9 +393,24 @@ pub(crate) mod tests {
             }),
             identity: Identity {
                 authenticated: true,
-                method: "header".into(),
+                method: "jwt".into(),
                 subject: Some("alice".into()),
+                name: Some("Alice Martin".into()),
+                email: Some("alice@example.eu".into()),
                 roles: vec!["sales".into()],
+                groups: vec!["/eu/sales".into()],
+                claims: BTreeMap::from([
+                    ("sub".into(), serde_json::json!("alice")),
+                    ("exp".into(), serde_json::json!(1_900_000_000u64)),
+                    ("ratio".into(), serde_json::json!(0.5)),
+                    (
+                        "realm_access".into(),
+                        serde_json::json!({"roles": ["sales"], "nested": {"ok": true, "none": null}}),
+                    ),
+                ]),
+                issuer: Some("https://idp.example.eu/realms/crm".into()),
+                error: None,
+                sources: vec!["jwt".into(), "mtls".into()],
             },
             resource: Resource {
                 crm: "generic".into(),
@@ -387,6 +433,7 @@ pub(crate) mod tests {
         let mut none = sample();
         none.identity = Identity {
             method: "none".into(),
+            error: Some("expired".into()),
             ..Identity::default()
         };
         let d = Arc::make_mut(&mut none.destination);

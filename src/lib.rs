@@ -7,7 +7,8 @@
 //! - [`audit`]: the audit trail writer;
 //! - [`metrics`], [`admin`]: Prometheus metrics and the admin listener;
 //! - [`geo`]: location and jurisdiction of addresses (GeoIP, ASN, operator registry);
-//! - [`reload`]: the hot-reload watcher shared by policies and geo data;
+//! - [`reload`]: the hot-reload watcher shared by policies, geo data, certificates and JWKS files;
+//! - [`tls`]: rustls termination, client certificates, TLS towards the upstream;
 //! - [`config`]: the configuration file;
 //! - [`serve`]: process wiring, signals and shutdown;
 //! - [`cli`]: the command line.
@@ -23,3 +24,4 @@ pub mod pipeline;
 pub mod policy;
 pub mod reload;
 pub mod serve;
+pub mod tls;

@@ -67,6 +67,13 @@ pub struct Metrics {
     pub geo_reloads_success: IntCounter,
     pub geo_reloads_failure: IntCounter,
     geo_build_time: IntGaugeVec,
+    tls_handshake_failures: IntCounterVec,
+    pub tls_cert_reloads_success: IntCounter,
+    pub tls_cert_reloads_failure: IntCounter,
+    jwt_failures: IntCounterVec,
+    pub jwks_refresh_success: IntCounter,
+    pub jwks_refresh_failure: IntCounter,
+    pub jwks_last_success_timestamp: IntGauge,
     pub egress: EgressMetrics,
 }
 
@@ -159,7 +166,7 @@ impl EgressMetrics {
         let bytes = must(IntCounterVec::new(
             Opts::new(
                 "rempart_egress_bytes_total",
-                "Bytes carried by the egress proxy, by flow (to_destination, from_destination).",
+                "Bytes carried through egress CONNECT tunnels, by flow (to_destination, from_destination).",
             ),
             &["flow"],
         ));
@@ -367,6 +374,51 @@ impl Metrics {
         ));
         reg(Box::new(geo_build_time.clone()));
 
+        let tls_handshake_failures = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_tls_handshake_failures_total",
+                "Ingress TLS handshakes that failed, by reason (client_cert_missing, \
+                 client_cert_invalid, incompatible, alert_received, protocol, timeout, \
+                 client_closed, io). Such clients never reach the policy.",
+            ),
+            &["reason"],
+        ));
+        reg(Box::new(tls_handshake_failures.clone()));
+        let tls_reloads = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_tls_certificate_reloads_total",
+                "Reloads of the ingress certificate and key, by result (success, failure). \
+                 A failure keeps the previous certificate.",
+            ),
+            &["result"],
+        ));
+        reg(Box::new(tls_reloads.clone()));
+        let tls_cert_reloads_success = tls_reloads.with_label_values(&["success"]);
+        let tls_cert_reloads_failure = tls_reloads.with_label_values(&["failure"]);
+        let jwt_failures = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_jwt_validation_failures_total",
+                "Bearer tokens refused, by reason (the value of input.identity.error).",
+            ),
+            &["reason"],
+        ));
+        reg(Box::new(jwt_failures.clone()));
+        let jwks_refresh = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_jwks_refresh_total",
+                "JWKS loads (file) and fetches (URL), by result (success, failure).",
+            ),
+            &["result"],
+        ));
+        reg(Box::new(jwks_refresh.clone()));
+        let jwks_refresh_success = jwks_refresh.with_label_values(&["success"]);
+        let jwks_refresh_failure = jwks_refresh.with_label_values(&["failure"]);
+        let jwks_last_success_timestamp = must(IntGauge::new(
+            "rempart_jwks_last_success_timestamp_seconds",
+            "Unix time of the last successful JWKS load or fetch (0: never).",
+        ));
+        reg(Box::new(jwks_last_success_timestamp.clone()));
+
         let build_info = must(IntGaugeVec::new(
             Opts::new("rempart_build_info", "Build information (value 1)."),
             &["version"],
@@ -401,7 +453,25 @@ impl Metrics {
             geo_reloads_success,
             geo_reloads_failure,
             geo_build_time,
+            tls_handshake_failures,
+            tls_cert_reloads_success,
+            tls_cert_reloads_failure,
+            jwt_failures,
+            jwks_refresh_success,
+            jwks_refresh_failure,
+            jwks_last_success_timestamp,
         }
+    }
+
+    /// The counter of failed TLS handshakes for `reason`
+    /// ([`crate::tls::handshake_failure_reason`]).
+    pub fn tls_handshake_failure(&self, reason: &str) -> IntCounter {
+        self.tls_handshake_failures.with_label_values(&[reason])
+    }
+
+    /// The counter of refused tokens for `reason`.
+    pub fn jwt_failure(&self, reason: &str) -> IntCounter {
+        self.jwt_failures.with_label_values(&[reason])
     }
 
     pub fn request(&self, direction: Direction, outcome: Outcome) -> &IntCounter {
@@ -474,6 +544,9 @@ mod tests {
             "rempart_audit_sync_failures_total 0",
             "rempart_build_info{version=",
             "rempart_policy_revision_info{revision=\"sha256:abc\"} 1",
+            "rempart_tls_certificate_reloads_total{result=\"failure\"} 0",
+            "rempart_jwks_refresh_total{result=\"success\"} 0",
+            "rempart_jwks_last_success_timestamp_seconds 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

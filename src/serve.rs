@@ -21,7 +21,9 @@ use crate::config::Config;
 use crate::geo::GeoStore;
 use crate::metrics::Metrics;
 use crate::pipeline::egress::EgressGateway;
-use crate::pipeline::{accept, Gateway};
+use crate::pipeline::identify::jwt::JwtVerifier;
+use crate::pipeline::identify::Identifier;
+use crate::pipeline::{accept, Gateway, Security};
 use crate::policy::{PolicySource, PolicyStore};
 
 pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
@@ -43,6 +45,31 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         .as_ref()
         .map(crate::pipeline::locate::resolve_upstream)
         .transpose()?;
+    // TLS and identity are set up once and shared by every worker: one
+    // certificate to reload, one JWKS cache and refresher.
+    let ingress_tls = cfg
+        .server
+        .tls
+        .as_ref()
+        .map(crate::tls::ingress)
+        .transpose()
+        .context("[server.tls]")?;
+    let upstream_tls = Arc::new(crate::tls::upstream_client_config(&cfg.upstream.tls)?);
+    let jwt = cfg
+        .identity
+        .jwt
+        .as_ref()
+        .map(|j| JwtVerifier::start(j, Arc::clone(&metrics)).map(Arc::new))
+        .transpose()
+        .context("[identity.jwt]")?;
+    let identifier = Arc::new(Identifier::new(&cfg, jwt.clone(), Arc::clone(&metrics)));
+    let security = Security {
+        identifier: Arc::clone(&identifier),
+        upstream_tls,
+    };
+    let acceptor = ingress_tls
+        .as_ref()
+        .map(|t| tokio_rustls::TlsAcceptor::from(Arc::clone(&t.config)));
     let workers = cfg.worker_count();
     let ingress_listeners = match upstream_ip {
         Some(_) => accept::bind_workers(cfg.server.listen, workers)?,
@@ -82,6 +109,7 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
                     audit.clone(),
                     Arc::clone(&metrics),
                     ip,
+                    &security,
                 )?),
             )),
             _ => None,
@@ -104,6 +132,7 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
             };
             (listener, make)
         });
+        let acceptor = acceptor.clone();
         let rx = shutdown_rx.clone();
         let header_timeout = cfg.server.header_read_timeout.0;
         let drain = cfg.server.drain_timeout.0;
@@ -118,8 +147,15 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
                     let ingress = async {
                         match ingress {
                             Some((listener, gateway)) => {
-                                accept::serve(listener, gateway, rx.clone(), header_timeout, drain)
-                                    .await
+                                accept::serve(
+                                    listener,
+                                    gateway,
+                                    rx.clone(),
+                                    header_timeout,
+                                    drain,
+                                    acceptor,
+                                )
+                                .await
                             }
                             None => Ok(()),
                         }
@@ -146,6 +182,45 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
     policies.watch(reload_rx, cfg.policy.reload_interval.0);
     let (geo_reload_tx, geo_reload_rx) = mpsc::channel();
     geo.watch(geo_reload_rx, cfg.geo.reload_interval.0);
+    let (tls_reload_tx, tls_reload_rx) = mpsc::channel();
+    if let (Some(t), Some(tls_cfg)) = (&ingress_tls, &cfg.server.tls) {
+        let resolver = Arc::clone(&t.resolver);
+        let m = Arc::clone(&metrics);
+        crate::reload::spawn_watcher(
+            "tls",
+            tls_cfg.reload_interval.0,
+            tls_reload_rx,
+            resolver.paths(),
+            move || match resolver.reload() {
+                Ok(()) => {
+                    m.tls_cert_reloads_success.inc();
+                    tracing::info!("TLS certificate reloaded");
+                }
+                Err(e) => {
+                    m.tls_cert_reloads_failure.inc();
+                    tracing::error!(
+                        "TLS certificate reload failed, keeping the previous one: {e:#}"
+                    );
+                }
+            },
+        );
+    }
+    let (jwks_reload_tx, jwks_reload_rx) = mpsc::channel();
+    if let (Some(j), Some(jwt_cfg)) = (&jwt, &cfg.identity.jwt) {
+        if let Some(path) = &jwt_cfg.jwks_file {
+            let keys = Arc::clone(&j.keys);
+            crate::reload::spawn_watcher(
+                "jwks",
+                jwt_cfg
+                    .jwks_refresh_interval
+                    .0
+                    .min(std::time::Duration::from_secs(10)),
+                jwks_reload_rx,
+                vec![path.clone()],
+                move || keys.reload_file(),
+            );
+        }
+    }
 
     let admin_state = Arc::new(AdminState {
         metrics: Arc::clone(&metrics),
@@ -178,6 +253,8 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
             admin = %admin_addr,
             workers,
             mode = %cfg.server.mode,
+            tls = ingress_tls.is_some(),
+            identity = ?identifier.sources(),
             policy_revision = %policies.current().revision,
             policy_source = %source,
             upstream = %admin_state.upstream,
@@ -187,9 +264,11 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = hup.recv() => {
-                    tracing::info!("SIGHUP: reloading policies and geo data");
+                    tracing::info!("SIGHUP: reloading policies, geo data, TLS certificate and JWKS file");
                     let _ = reload_tx.send(());
                     let _ = geo_reload_tx.send(());
+                    let _ = tls_reload_tx.send(());
+                    let _ = jwks_reload_tx.send(());
                 }
                 _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
                 _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }

@@ -970,6 +970,7 @@ async fn proxy_accounts_workloads_allow_lists_and_the_connection_limit() {
     assert_eq!(rec["identity"]["method"], "proxy_basic");
     assert_eq!(rec["identity"]["subject"], "billing");
     assert_eq!(rec["source"]["geo"]["sovereign"], "local");
+    assert_eq!(rec["source"]["workload"], "billing-crm");
     // The one slot is held by that tunnel: the next is refused with 503.
     let (status, head, _) = raw(
         s.proxy,

@@ -92,13 +92,23 @@ fn corpus() -> Vec<PolicyInput> {
                             method: "header".into(),
                             subject: Some("alice".into()),
                             roles: vec!["dpo".into()],
+                            sources: vec!["header".into()],
+                            ..Identity::default()
                         }
                     } else {
                         Identity {
                             authenticated: false,
                             method: "none".into(),
-                            subject: None,
-                            roles: vec![],
+                            // Some anonymous callers where a source is
+                            // configured (the unauthenticated rule fires),
+                            // most where none is (it stays inactive).
+                            error: (n % 5 == 1).then(|| "expired".into()),
+                            sources: if n % 5 == 1 {
+                                vec!["jwt".into()]
+                            } else {
+                                vec![]
+                            },
+                            ..Identity::default()
                         }
                     },
                     resource: Resource { ..resource },

@@ -334,7 +334,15 @@ async fn identity_header_is_stripped_from_untrusted_sources() {
             repo_policies().to_str().unwrap(),
         ],
     );
+    // Anonymous, so the shipped policy denies it except on a login path:
+    // ask for one, to see what reaches the CRM.
     let r = request("GET", &rp.url("/x"), &[("x-remote-user", "admin")]).await;
+    assert_eq!(
+        r.status, 403,
+        "anonymous once an identity source is configured"
+    );
+    assert_eq!(r.json()["reasons"][0]["code"], "unauthenticated");
+    let r = request("GET", &rp.url("/login"), &[("x-remote-user", "admin")]).await;
     assert_eq!(r.status, 200);
     let seen = up.seen.lock().unwrap().last().cloned().unwrap();
     assert!(
@@ -358,6 +366,7 @@ async fn identity_header_is_stripped_from_untrusted_sources() {
         ],
     );
     let r = request("GET", &rp.url("/x"), &[("x-remote-user", "alice")]).await;
+    assert_eq!(r.status, 200);
     let seen = up.seen.lock().unwrap().last().cloned().unwrap();
     assert_eq!(seen.headers["x-remote-user"], "alice");
     let rec = rp.audit_record(&r.decision_id()).await;

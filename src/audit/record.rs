@@ -37,7 +37,7 @@ pub struct Transfer {
     /// Bytes from the destination back to the CRM.
     pub bytes_from_destination: u64,
     pub duration_ms: u64,
-    /// client_closed | destination_closed | idle_timeout | max_duration | error
+    /// completed | idle_timeout | max_duration | error
     pub closed_by: &'static str,
 }
 
@@ -54,6 +54,10 @@ pub struct AuditRequest<'a> {
 pub struct AuditIdentity<'a> {
     pub method: &'a str,
     pub subject: Option<&'a str>,
+    /// Why a presented credential was refused (e.g. "expired"); absent
+    /// when there was nothing to refuse.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -82,6 +86,9 @@ pub struct AuditEndpoint<'a> {
     pub port: u16,
     pub scope: Option<&'a str>,
     pub geo: Option<AuditGeo<'a>>,
+    /// Egress source: the calling workload, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<&'a str>,
     /// Egress: every address the host resolved to, when there were several.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<AuditAddress<'a>>,
@@ -126,6 +133,7 @@ impl<'a> From<&'a Endpoint> for AuditEndpoint<'a> {
             port: e.port,
             scope: Some(&e.scope),
             geo: Some(AuditGeo::of(&e.geo)),
+            workload: e.workload.as_deref(),
             addresses: Vec::new(),
         }
     }
@@ -139,6 +147,7 @@ impl<'a> From<&'a Destination> for AuditEndpoint<'a> {
             port: d.port,
             scope: d.scope.as_deref(),
             geo: d.geo.as_ref().map(AuditGeo::of),
+            workload: None,
             addresses: if d.addresses.len() > 1 {
                 d.addresses
                     .iter()

@@ -4,7 +4,11 @@
 //! Each worker thread runs its own single-threaded event loop with its own
 //! listening socket on the shared port (`SO_REUSEPORT`): the kernel spreads
 //! connections across workers and no request ever crosses threads. HTTP/1.1
-//! and HTTP/2 (prior knowledge) are served on the same port.
+//! and HTTP/2 (prior knowledge, or ALPN `h2` over TLS) are served on the
+//! same port. With `[server.tls]` every ingress connection first completes
+//! a TLS handshake (bounded by `header_read_timeout`); one that fails, e.g.
+//! a client without a required certificate, is counted and closed before
+//! any request is read.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -16,7 +20,7 @@ use anyhow::Context;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use percent_encoding::percent_decode_str;
 use tokio::sync::watch;
 
@@ -30,10 +34,14 @@ use crate::metrics::{Metrics, Refusal};
 use http::Response;
 
 /// What the connection tells about every request on it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Connection {
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// The client certificate verified during the handshake (mTLS).
+    pub client_cert: Option<Arc<crate::tls::ClientCert>>,
 }
 
 /// Binds `count` sockets to `addr` with `SO_REUSEPORT`. With port 0 the
@@ -69,6 +77,7 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
     header_read_timeout: Duration,
     drain: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> anyhow::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -84,25 +93,85 @@ pub async fn serve(
         drain,
         metrics,
         header_read_timeout,
-        move |io, conn| {
-            let gw = Arc::clone(&gateway);
-            let service = service_fn(move |req| {
-                let gw = Arc::clone(&gw);
-                async move {
-                    // Each request runs in its own task: if the client hangs
-                    // up while the upstream works, hyper drops this future
-                    // but the task goes on, so the request the CRM received
-                    // still gets its audit record and metrics.
-                    let handled = tokio::spawn(async move { gw.handle(req, conn).await });
-                    Ok::<_, Infallible>(settle(handled.await))
+        move |stream, conn, watcher| {
+            let gateway = Arc::clone(&gateway);
+            let builder = builder.clone();
+            let tls = tls.clone();
+            async move {
+                let Some(acceptor) = tls else {
+                    let served = builder
+                        .serve_connection(TokioIo::new(stream), ingress_service(gateway, conn))
+                        .into_owned();
+                    return watcher.watch(served).await;
+                };
+                let peer = conn.peer;
+                let metrics = Arc::clone(&gateway.metrics);
+                match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls_stream)) => {
+                        let client_cert = tls_stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .and_then(crate::tls::describe_client_cert)
+                            .map(Arc::new);
+                        let conn = Connection {
+                            tls: true,
+                            client_cert,
+                            ..conn
+                        };
+                        let served = builder
+                            .serve_connection(
+                                TokioIo::new(tls_stream),
+                                ingress_service(gateway, conn),
+                            )
+                            .into_owned();
+                        watcher.watch(served).await
+                    }
+                    Ok(Err(e)) => {
+                        let reason = crate::tls::handshake_failure_reason(&e);
+                        metrics.tls_handshake_failure(reason).inc();
+                        tracing::info!(%peer, reason, "TLS handshake failed: {e}");
+                        Ok(())
+                    }
+                    Err(_) => {
+                        metrics.tls_handshake_failure("timeout").inc();
+                        tracing::info!(%peer, "TLS handshake timed out");
+                        Ok(())
+                    }
                 }
-            });
-            builder.serve_connection(io, service).into_owned()
+            }
         },
         |_, _| {},
         |_| {},
     )
     .await
+}
+
+/// The request service of one ingress connection.
+fn ingress_service(
+    gateway: Arc<Gateway>,
+    conn: Connection,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = Response<ProxyBody>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
+       + Send
+       + 'static {
+    service_fn(move |req| {
+        let gw = Arc::clone(&gateway);
+        let conn = conn.clone();
+        async move {
+            // Each request runs in its own task: if the client hangs up
+            // while the upstream works, hyper drops this future but the
+            // task goes on, so the request the CRM received still gets
+            // its audit record and metrics.
+            let handled = tokio::spawn(async move { gw.handle(req, conn).await });
+            Ok::<_, Infallible>(settle(handled.await))
+        }
+    })
 }
 
 /// Runs one worker's egress (forward proxy) accept loop: HTTP/1.1 only,
@@ -129,24 +198,27 @@ pub async fn serve_egress(
         drain,
         metrics,
         first_byte,
-        move |io, conn| {
+        move |stream, conn, watcher| {
             let gw = Arc::clone(&gateway);
             let service = service_fn(move |req| {
                 let gw = Arc::clone(&gw);
+                let conn = conn.clone();
                 async move {
                     let handled = tokio::spawn(async move { gw.handle(req, conn).await });
                     Ok::<_, Infallible>(settle(handled.await))
                 }
             });
-            builder
-                .serve_connection_with_upgrades(io, service)
-                .into_owned()
+            let served = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            watcher.watch(served)
         },
         count_egress_connection_error,
         |m| m.egress.refusal(Refusal::HeaderTimeout).inc(),
     )
     .await?;
-    // Tunnels outlive their HTTP connection: give them the rest of the drain.
+    // Tunnels outlive their HTTP connection: they get a drain period of
+    // their own after the HTTP connections' (so up to twice drain_timeout).
     gw_for_drain.wait_for_tunnels(drain).await;
     Ok(())
 }
@@ -190,7 +262,7 @@ type ConnError = Box<dyn std::error::Error + Send + Sync>;
 /// before any HTTP machinery runs (hyper's header timeout only starts with
 /// the first byte of a request), and `on_silent` counts it.
 #[allow(clippy::too_many_arguments)]
-async fn accept_loop<C, F, E>(
+async fn accept_loop<Fut, F, E>(
     listener: std::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
@@ -201,8 +273,8 @@ async fn accept_loop<C, F, E>(
     on_silent: fn(&Metrics),
 ) -> anyhow::Result<()>
 where
-    F: Fn(TokioIo<tokio::net::TcpStream>, Connection) -> C + Clone + Send + 'static,
-    C: GracefulConnection<Error = ConnError> + Send + 'static,
+    F: Fn(tokio::net::TcpStream, Connection, Watcher) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), ConnError>> + Send + 'static,
     E: Fn(&(dyn std::error::Error + 'static), &Metrics) + Copy + Send + 'static,
 {
     let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -233,8 +305,15 @@ where
             let mut first = [0u8; 1];
             let spoke = tokio::time::timeout(first_byte_timeout, stream.peek(&mut first)).await;
             if spoke.is_ok() {
-                let served = serve_conn(TokioIo::new(stream), Connection { peer, local });
-                if let Err(e) = watcher.watch(served).await {
+                let conn = Connection {
+                    peer,
+                    local,
+                    tls: false,
+                    client_cert: None,
+                };
+                // serve_conn registers the connection with the watcher
+                // (after its TLS handshake, if any).
+                if let Err(e) = serve_conn(stream, conn, watcher).await {
                     on_error(&*e, &metrics);
                     tracing::debug!(%peer, "connection ended: {e}");
                 }
@@ -300,7 +379,7 @@ pub fn describe(
     RequestInfo {
         id: id.to_string(),
         method: parts.method.as_str().to_string(),
-        scheme: "http".to_string(),
+        scheme: if conn.tls { "https" } else { "http" }.to_string(),
         host,
         port,
         path,
@@ -383,6 +462,8 @@ mod tests {
         let conn = Connection {
             peer: "127.0.0.1:5000".parse().unwrap(),
             local: "127.0.0.1:8080".parse().unwrap(),
+            tls: false,
+            client_cert: None,
         };
         let d = describe(&parts, "id1", &conn, &[http::header::AUTHORIZATION]);
         assert_eq!(d.host, "crm.example.eu");

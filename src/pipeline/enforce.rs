@@ -6,6 +6,7 @@
 pub mod tunnel;
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -127,7 +129,7 @@ pub fn audit_unavailable(decision_id: &str, status: u16) -> Response<ProxyBody> 
 
 /// The upstream connection pool of one worker.
 pub struct Upstream {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpsConnector<HttpConnector>, Incoming>,
     url: UpstreamUrl,
     /// `ip:port` to connect to (resolved once at start).
     connect_authority: String,
@@ -145,23 +147,51 @@ pub enum Forwarded {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig, url: UpstreamUrl, ip: std::net::IpAddr) -> Self {
+    /// The pool connects to `ip` (resolved and located once at start),
+    /// never to what the name resolves to later; for an `https://` URL the
+    /// certificate is checked against the URL's host, which is also sent
+    /// as SNI. `tls` is the client configuration from `[upstream.tls]`.
+    pub fn new(
+        cfg: &UpstreamConfig,
+        url: UpstreamUrl,
+        ip: std::net::IpAddr,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> anyhow::Result<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(cfg.connect_timeout.0));
-        connector.enforce_http(true);
+        connector.enforce_http(false);
+        let host = url
+            .authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let server_name =
+            rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
+                anyhow::anyhow!("upstream host {host:?} is not a valid TLS server name: {e}")
+            })?;
+        let builder = HttpsConnectorBuilder::new().with_tls_config((*tls).clone());
+        let builder = if url.is_https() {
+            builder.https_only()
+        } else {
+            builder.https_or_http()
+        };
+        let connector = builder
+            .with_server_name_resolver(FixedServerNameResolver::new(server_name))
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(cfg.pool_idle_timeout.0)
             .pool_max_idle_per_host(cfg.pool_max_idle)
             .build(connector);
-        Upstream {
+        Ok(Upstream {
             client,
             connect_authority: std::net::SocketAddr::new(ip, url.port()).to_string(),
             url,
             response_timeout: cfg.response_timeout.0,
             preserve_host: cfg.preserve_host,
-        }
+        })
     }
 
     /// Sends the request upstream and waits (bounded) for the response head.
@@ -170,6 +200,7 @@ impl Upstream {
         mut parts: http::request::Parts,
         body: Incoming,
         peer: std::net::IpAddr,
+        client_tls: bool,
         metrics: &Metrics,
     ) -> Forwarded {
         // HTTP/2 clients send the authority in the URI, not in a Host header.
@@ -194,7 +225,7 @@ impl Upstream {
             }
         };
         strip_hop_by_hop(&mut parts.headers);
-        set_forwarded(&mut parts.headers, peer, original_host.as_ref());
+        set_forwarded(&mut parts.headers, peer, client_tls, original_host.as_ref());
         let host = match (&original_host, self.preserve_host) {
             (Some(h), true) => Some(h.clone()),
             _ => HeaderValue::from_str(self.url.authority.as_str()).ok(),
@@ -244,7 +275,12 @@ impl Upstream {
 /// Sets `X-Forwarded-For` (appending the peer), `-Proto` and `-Host`.
 /// Earlier `X-Forwarded-For` entries come from the client and prove nothing;
 /// the last one is the address rempart saw.
-fn set_forwarded(headers: &mut HeaderMap, peer: std::net::IpAddr, host: Option<&HeaderValue>) {
+fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: std::net::IpAddr,
+    client_tls: bool,
+    host: Option<&HeaderValue>,
+) {
     let peer_ip = crate::pipeline::locate::canonical_ip(peer).to_string();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_ip}"),
@@ -253,7 +289,8 @@ fn set_forwarded(headers: &mut HeaderMap, peer: std::net::IpAddr, host: Option<&
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert("x-forwarded-for", v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    let proto = if client_tls { "https" } else { "http" };
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     // Other client-supplied address headers would be believed by the CRM:
     // replace X-Real-IP with the peer, drop Forwarded.
     if let Ok(v) = HeaderValue::from_str(&peer_ip) {
@@ -349,7 +386,7 @@ mod tests {
         h.insert("x-forwarded-host", "forged".parse().unwrap());
         h.insert("x-real-ip", "203.0.113.1".parse().unwrap());
         h.insert("forwarded", "for=203.0.113.1".parse().unwrap());
-        set_forwarded(&mut h, "::ffff:10.0.0.2".parse().unwrap(), None);
+        set_forwarded(&mut h, "::ffff:10.0.0.2".parse().unwrap(), false, None);
         assert_eq!(h["x-forwarded-for"], "203.0.113.1, 10.0.0.2");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert!(!h.contains_key("x-forwarded-host"));

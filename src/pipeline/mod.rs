@@ -54,9 +54,16 @@ struct LocatedUpstream {
     value: regorus::Value,
 }
 
+/// What every worker shares about identities and TLS: one identifier
+/// (one JWKS cache) and one upstream TLS client configuration.
+pub struct Security {
+    pub identifier: Arc<Identifier>,
+    pub upstream_tls: Arc<rustls::ClientConfig>,
+}
+
 /// One worker's view of the gateway: shared state plus its own upstream pool.
 pub struct Gateway {
-    identifier: Identifier,
+    identifier: Arc<Identifier>,
     policies: Arc<PolicyStore>,
     how: DecidePolicy,
     upstream: Upstream,
@@ -80,16 +87,22 @@ impl Gateway {
         audit: AuditSink,
         metrics: Arc<Metrics>,
         upstream_ip: std::net::IpAddr,
+        security: &Security,
     ) -> anyhow::Result<Self> {
         let Some(url) = cfg.upstream.url.clone() else {
             anyhow::bail!("no upstream configured");
         };
         let redact = cfg.policy.redacted_headers();
         Ok(Gateway {
-            identifier: Identifier::new(&cfg.identity),
+            identifier: Arc::clone(&security.identifier),
             policies,
             how: DecidePolicy::from_config(cfg),
-            upstream: Upstream::new(&cfg.upstream, url.clone(), upstream_ip),
+            upstream: Upstream::new(
+                &cfg.upstream,
+                url.clone(),
+                upstream_ip,
+                Arc::clone(&security.upstream_tls),
+            )?,
             upstream_ip,
             upstream_located: ArcSwap::from_pointee({
                 let g = geo.current();
@@ -141,7 +154,7 @@ impl Gateway {
 
         // 2. identify (strips identity headers the peer may not set, so it
         //    runs before the request is described to the policy)
-        let identity = self.identifier.identify(&mut parts.headers, conn.peer.ip());
+        let identity = self.identifier.identify(&mut parts.headers, &conn).await;
         let request = accept::describe(&parts, &id, &conn, &self.redact);
 
         // 3. classify
@@ -190,7 +203,7 @@ impl Gateway {
             Action::Forward => {
                 match self
                     .upstream
-                    .forward(parts, body, conn.peer.ip(), &self.metrics)
+                    .forward(parts, body, conn.peer.ip(), conn.tls, &self.metrics)
                     .await
                 {
                     Forwarded::Response(resp) => resp.map(ProxyBody::Upstream),

@@ -68,6 +68,7 @@ pub fn record(
         identity: AuditIdentity {
             method: &input.identity.method,
             subject: input.identity.subject.as_deref(),
+            error: input.identity.error.as_deref(),
         },
         decision: AuditDecision {
             outcome: ev.outcome.as_str(),

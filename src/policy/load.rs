@@ -34,6 +34,10 @@ const BUILTIN: &[(&str, &str)] = &[
     ),
     ("library.rego", include_str!("../../policies/library.rego")),
     (
+        "identity.rego",
+        include_str!("../../policies/identity.rego"),
+    ),
+    (
         "sovereignty.rego",
         include_str!("../../policies/sovereignty.rego"),
     ),
@@ -47,6 +51,10 @@ pub const BUILTIN_TESTS: &[(&str, &str)] = &[
     (
         "library_test.rego",
         include_str!("../../policies/library_test.rego"),
+    ),
+    (
+        "identity_test.rego",
+        include_str!("../../policies/identity_test.rego"),
     ),
     (
         "sovereignty_test.rego",

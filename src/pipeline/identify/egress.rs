@@ -104,7 +104,7 @@ impl EgressIdentifier {
                 authenticated: true,
                 method: "proxy_basic".into(),
                 subject: Some(user.name.clone()),
-                roles: Vec::new(),
+                ..Identity::default()
             },
             workload: user.workload.clone().or(by_source),
         })
