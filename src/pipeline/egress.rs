@@ -80,6 +80,7 @@ pub struct EgressGateway {
     redact: Vec<http::HeaderName>,
     audit: AuditSink,
     audit_scope: AuditRecordScope,
+    audit_failure_status: u16,
     pub(crate) limits: EgressLimits,
     slots: Arc<Slots>,
     tunnels: AtomicUsize,
@@ -114,6 +115,7 @@ impl EgressGateway {
             redact: cfg.policy.redacted_headers(),
             audit,
             audit_scope: cfg.audit.record,
+            audit_failure_status: cfg.audit.failure_status,
             limits: EgressLimits {
                 connect_timeout: e.connect_timeout.0,
                 response_timeout: e.response_timeout.0,
@@ -196,48 +198,57 @@ impl EgressGateway {
             resource,
             time: crate::input::time_info(now),
         };
-        let refuse = |refused: Refused, input: &PolicyInput| {
-            self.refuse(refused, input, accepted_at, client_version)
-        };
 
         let target = match target {
             Ok(t) => t,
             Err(e) => {
-                return refuse(
-                    Refused {
-                        refusal: Refusal::BadRequest,
-                        status: StatusCode::BAD_REQUEST,
-                        code: "egress_bad_request",
-                        message: e.to_string(),
-                    },
-                    &input,
-                )
+                return self
+                    .refuse(
+                        Refused {
+                            refusal: Refusal::BadRequest,
+                            status: StatusCode::BAD_REQUEST,
+                            code: "egress_bad_request",
+                            message: e.to_string(),
+                        },
+                        &input,
+                        accepted_at,
+                        client_version,
+                    )
+                    .await
             }
         };
         if let Some(f) = auth_failure {
-            return refuse(
-                Refused {
-                    refusal: Refusal::ProxyAuth,
-                    status: StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-                    code: "egress_proxy_auth",
-                    message: f.message().to_string(),
-                },
-                &input,
-            );
+            return self
+                .refuse(
+                    Refused {
+                        refusal: Refusal::ProxyAuth,
+                        status: StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                        code: "egress_proxy_auth",
+                        message: f.message().to_string(),
+                    },
+                    &input,
+                    accepted_at,
+                    client_version,
+                )
+                .await;
         }
         let Some(slot) = self.take_slot() else {
-            return refuse(
-                Refused {
-                    refusal: Refusal::TooManyConnections,
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    code: "egress_too_many_connections",
-                    message: format!(
-                        "{} egress connections are already open",
-                        self.limits.max_connections
-                    ),
-                },
-                &input,
-            );
+            return self
+                .refuse(
+                    Refused {
+                        refusal: Refusal::TooManyConnections,
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        code: "egress_too_many_connections",
+                        message: format!(
+                            "{} egress connections are already open",
+                            self.limits.max_connections
+                        ),
+                    },
+                    &input,
+                    accepted_at,
+                    client_version,
+                )
+                .await;
         };
 
         let ips: Vec<IpAddr> = match &target.host {
@@ -263,15 +274,19 @@ impl EgressGateway {
                                 (Refusal::DnsFailure, StatusCode::BAD_GATEWAY)
                             }
                         };
-                        return refuse(
-                            Refused {
-                                refusal,
-                                status,
-                                code: e.code(),
-                                message: e.to_string(),
-                            },
-                            &input,
-                        );
+                        return self
+                            .refuse(
+                                Refused {
+                                    refusal,
+                                    status,
+                                    code: e.code(),
+                                    message: e.to_string(),
+                                },
+                                &input,
+                                accepted_at,
+                                client_version,
+                            )
+                            .await;
                     }
                 }
             }
@@ -315,15 +330,17 @@ impl EgressGateway {
                 Action::Unavailable => enforce::policy_unavailable(&id),
                 _ => enforce::forbidden(&id, &ruling.decision.deny),
             };
-            return self.finish(
-                response,
-                &input,
-                &ruling,
-                ruling.outcome,
-                accepted_at,
-                None,
-                client_version,
-            );
+            return self
+                .finish(
+                    response,
+                    &input,
+                    &ruling,
+                    ruling.outcome,
+                    accepted_at,
+                    None,
+                    client_version,
+                )
+                .await;
         };
         input.destination = destination;
         let addr = SocketAddr::new(ip, target.port);
@@ -335,35 +352,39 @@ impl EgressGateway {
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                return self.failed(
-                    Refused {
-                        refusal: Refusal::ConnectFailed,
-                        status: StatusCode::BAD_GATEWAY,
-                        code: "egress_connect_failed",
-                        message: format!("cannot connect to {addr}: {e}"),
-                    },
-                    &input,
-                    &ruling,
-                    accepted_at,
-                    client_version,
-                )
+                return self
+                    .failed(
+                        Refused {
+                            refusal: Refusal::ConnectFailed,
+                            status: StatusCode::BAD_GATEWAY,
+                            code: "egress_connect_failed",
+                            message: format!("cannot connect to {addr}: {e}"),
+                        },
+                        &input,
+                        &ruling,
+                        accepted_at,
+                        client_version,
+                    )
+                    .await
             }
             Err(_) => {
-                return self.failed(
-                    Refused {
-                        refusal: Refusal::ConnectTimeout,
-                        status: StatusCode::GATEWAY_TIMEOUT,
-                        code: "egress_connect_timeout",
-                        message: format!(
-                            "no connection to {addr} within {}",
-                            humantime::format_duration(self.limits.connect_timeout)
-                        ),
-                    },
-                    &input,
-                    &ruling,
-                    accepted_at,
-                    client_version,
-                )
+                return self
+                    .failed(
+                        Refused {
+                            refusal: Refusal::ConnectTimeout,
+                            status: StatusCode::GATEWAY_TIMEOUT,
+                            code: "egress_connect_timeout",
+                            message: format!(
+                                "no connection to {addr} within {}",
+                                humantime::format_duration(self.limits.connect_timeout)
+                            ),
+                        },
+                        &input,
+                        &ruling,
+                        accepted_at,
+                        client_version,
+                    )
+                    .await
             }
         };
         let _ = stream.set_nodelay(true);
@@ -373,16 +394,20 @@ impl EgressGateway {
                 // The 200 goes out now; the tunnel starts once hyper hands
                 // over the connection, in its own task, and is recorded
                 // again when it closes.
-                let response = self.finish(
-                    Response::new(ProxyBody::Full(None)),
-                    &input,
-                    &ruling,
-                    ruling.outcome,
-                    accepted_at,
-                    None,
-                    client_version,
-                );
-                self.spawn_tunnel(upgrade, stream, input, ruling, slot, accepted_at);
+                let response = self
+                    .finish(
+                        Response::new(ProxyBody::Full(None)),
+                        &input,
+                        &ruling,
+                        ruling.outcome,
+                        accepted_at,
+                        None,
+                        client_version,
+                    )
+                    .await;
+                if response.status() == StatusCode::OK {
+                    self.spawn_tunnel(upgrade, stream, input, ruling, slot, accepted_at);
+                }
                 response
             }
             None => {
@@ -402,6 +427,7 @@ impl EgressGateway {
                     error.as_deref(),
                     client_version,
                 )
+                .await
             }
         }
     }
@@ -422,7 +448,7 @@ impl EgressGateway {
 
     /// Sets the decision id and protocol version, then records.
     #[allow(clippy::too_many_arguments)]
-    fn finish(
+    async fn finish(
         &self,
         mut response: Response<ProxyBody>,
         input: &PolicyInput,
@@ -437,7 +463,7 @@ impl EgressGateway {
         }
         *response.version_mut() = client_version;
         // 7. record
-        record::record(
+        let ack = record::record(
             &Evidence {
                 input,
                 ruling,
@@ -451,11 +477,21 @@ impl EgressGateway {
             &self.audit,
             &self.metrics,
         );
+        // Sync durability: answer only once the record is on disk; a tunnel
+        // whose decision could not be recorded is not opened.
+        if let Some(ack) = ack {
+            if !ack.durable().await {
+                self.metrics.audit_sync_failures.inc();
+                tracing::error!(decision_id = %input.request.id, "audit record not durable; response withheld");
+                response = enforce::audit_unavailable(&input.request.id, self.audit_failure_status);
+                *response.version_mut() = client_version;
+            }
+        }
         response
     }
 
     /// Refuses before any policy answer, with rempart's own reason.
-    fn refuse(
+    async fn refuse(
         &self,
         refused: Refused,
         input: &PolicyInput,
@@ -494,10 +530,11 @@ impl EgressGateway {
             None,
             client_version,
         )
+        .await
     }
 
     /// The policy allowed the destination but it could not be reached.
-    fn failed(
+    async fn failed(
         &self,
         refused: Refused,
         input: &PolicyInput,
@@ -522,6 +559,7 @@ impl EgressGateway {
             Some(&refused.message),
             client_version,
         )
+        .await
     }
 
     fn spawn_tunnel(
