@@ -594,6 +594,9 @@ mod tests {
         let mut w = writer(&path, no_rotation());
         assert_eq!(w.trail.head.seq, 8);
         w.commit(&mut records(1), true, false).unwrap();
+        // Opening may compress the uncompressed rotated file in the
+        // background: wait for it before listing the files.
+        w.compressor.finish();
         let mut all: Vec<PathBuf> = files::rotated_files(&path)
             .unwrap()
             .into_iter()
