@@ -387,6 +387,98 @@ pub struct AuditConfig {
     pub mask_subject: crate::audit::privacy::SubjectMasking,
     /// Secret key of the subject pseudonyms (`mask_subject = "hash"`).
     pub subject_hash_key: Option<PathBuf>,
+    /// CA bundle verifying a `tls://` syslog collector (none: Mozilla roots).
+    pub syslog_ca: Option<PathBuf>,
+    /// Client certificate (PEM chain) presented to a `tls://` syslog collector.
+    pub syslog_client_cert: Option<PathBuf>,
+    pub syslog_client_key: Option<PathBuf>,
+    /// OPA-compatible decision-log upload; off when the table is absent.
+    pub decision_log: Option<DecisionLogConfig>,
+}
+
+/// `[audit.decision_log]`: decision-log events (OPA's format) uploaded as
+/// gzip JSON arrays to a collector, through a disk spool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecisionLogConfig {
+    /// Collector endpoint, `http://…` or `https://…` (e.g. `…/logs`).
+    pub url: String,
+    /// CA bundle verifying an https collector (none: Mozilla roots).
+    pub ca: Option<PathBuf>,
+    /// File holding a bearer token, read before each upload.
+    pub bearer_token_file: Option<PathBuf>,
+    /// Bound on one upload (connect, send, answer).
+    pub timeout: Seconds,
+    /// A batch is closed once its JSON reaches this size…
+    pub batch_max_bytes: ByteSize,
+    /// …or once its first event is this old.
+    pub batch_interval: Seconds,
+    /// Directory of batches waiting for the collector
+    /// (default: the trail path + `.spool`).
+    pub spool_dir: Option<PathBuf>,
+    /// Bound on the spool directory's batch files.
+    pub spool_max_bytes: ByteSize,
+    /// First retry delay after a failed upload; doubled each failure…
+    pub backoff_min: Seconds,
+    /// …up to this.
+    pub backoff_max: Seconds,
+    /// Added to every event's `labels` (besides `id` and `version`).
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for DecisionLogConfig {
+    fn default() -> Self {
+        DecisionLogConfig {
+            url: String::new(),
+            ca: None,
+            bearer_token_file: None,
+            timeout: Seconds(Duration::from_secs(10)),
+            batch_max_bytes: ByteSize(512 * 1024),
+            batch_interval: Seconds(Duration::from_secs(1)),
+            spool_dir: None,
+            spool_max_bytes: ByteSize(256 * 1024 * 1024),
+            backoff_min: Seconds(Duration::from_secs(1)),
+            backoff_max: Seconds(Duration::from_secs(120)),
+            labels: Default::default(),
+        }
+    }
+}
+
+impl DecisionLogConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        let uri: http::Uri = self
+            .url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("[audit.decision_log] url = {:?}: {e}", self.url))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+            bail!(
+                "[audit.decision_log] url = {:?}: write http://HOST[:PORT]/PATH or https://HOST[:PORT]/PATH",
+                self.url
+            );
+        }
+        if self.batch_max_bytes.0 < 1024 {
+            bail!("[audit.decision_log] batch_max_bytes must be at least 1KiB");
+        }
+        if self.spool_max_bytes.0 < 2 * self.batch_max_bytes.0 {
+            bail!(
+                "[audit.decision_log] spool_max_bytes ({}) must be at least twice batch_max_bytes ({})",
+                self.spool_max_bytes.0,
+                self.batch_max_bytes.0
+            );
+        }
+        if self.timeout.0.is_zero() || self.batch_interval.0.is_zero() {
+            bail!("[audit.decision_log] timeout and batch_interval must be more than 0s");
+        }
+        if self.backoff_min.0.is_zero() || self.backoff_min.0 > self.backoff_max.0 {
+            bail!("[audit.decision_log] backoff_min must be more than 0s and at most backoff_max");
+        }
+        for key in ["id", "version"] {
+            if self.labels.contains_key(key) {
+                bail!("[audit.decision_log] labels: {key:?} is set by rempart and cannot be configured");
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for AuditConfig {
@@ -412,6 +504,10 @@ impl Default for AuditConfig {
             mask_source_ip: Default::default(),
             mask_subject: Default::default(),
             subject_hash_key: None,
+            syslog_ca: None,
+            syslog_client_cert: None,
+            syslog_client_key: None,
+            decision_log: None,
         }
     }
 }
@@ -689,6 +785,12 @@ impl Config {
             && self.audit.subject_hash_key.is_none()
         {
             bail!("[audit] mask_subject = \"hash\" needs subject_hash_key (a file of at least 16 random bytes)");
+        }
+        if let Some(dl) = &self.audit.decision_log {
+            dl.validate()?;
+        }
+        if self.audit.syslog_client_cert.is_some() != self.audit.syslog_client_key.is_some() {
+            bail!("[audit] syslog_client_cert and syslog_client_key go together");
         }
         if self.audit.sink_queue_capacity == 0 {
             bail!("[audit] sink_queue_capacity must be at least 1");

@@ -75,6 +75,88 @@ pub struct Metrics {
     pub jwks_refresh_failure: IntCounter,
     pub jwks_last_success_timestamp: IntGauge,
     pub egress: EgressMetrics,
+    pub decision_log: DecisionLogMetrics,
+}
+
+/// The OPA-compatible decision-log upload (`[audit.decision_log]`).
+pub struct DecisionLogMetrics {
+    pub spool_bytes: IntGauge,
+    pub spool_files: IntGauge,
+    pub upload_success: IntCounter,
+    pub upload_http_error: IntCounter,
+    pub upload_network_error: IntCounter,
+    pub events_spooled: IntCounter,
+    pub events_delivered: IntCounter,
+    pub recovered: IntCounter,
+    pub spool_full: IntCounter,
+    pub spool_write_error: IntCounter,
+    pub dropped_not_in_trail: IntCounter,
+    pub dropped_unreadable: IntCounter,
+}
+
+impl DecisionLogMetrics {
+    fn new(registry: &Registry) -> Self {
+        let reg = |c: Box<dyn prometheus::core::Collector>| must(registry.register(c));
+        let gauge = |name: &str, help: &str| {
+            let g = must(IntGauge::new(name, help));
+            reg(Box::new(g.clone()));
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = must(IntCounter::new(name, help));
+            reg(Box::new(c.clone()));
+            c
+        };
+        let vec = |name: &str, help: &str, label: &str| {
+            let v = must(IntCounterVec::new(Opts::new(name, help), &[label]));
+            reg(Box::new(v.clone()));
+            v
+        };
+        let uploads = vec(
+            "rempart_audit_decision_log_uploads_total",
+            "Decision-log batch uploads by outcome: success (2xx), http_error (any other status; retried), network_error (connect, TLS, timeout; retried).",
+            "outcome",
+        );
+        let refusals = vec(
+            "rempart_audit_decision_log_spool_refusals_total",
+            "Times a decision-log batch could not be spooled: full (spool_max_bytes reached) or write_error; the events wait in the trail and are read back later.",
+            "reason",
+        );
+        let dropped = vec(
+            "rempart_audit_decision_log_dropped_total",
+            "Trail lines the decision-log upload will never send, by reason: not_in_trail (removed by rotate_keep before they were spooled), unreadable (a trail line that does not parse).",
+            "reason",
+        );
+        DecisionLogMetrics {
+            spool_bytes: gauge(
+                "rempart_audit_decision_log_spool_bytes",
+                "Bytes of decision-log batches waiting in the spool directory.",
+            ),
+            spool_files: gauge(
+                "rempart_audit_decision_log_spool_files",
+                "Decision-log batch files waiting in the spool directory.",
+            ),
+            upload_success: uploads.with_label_values(&["success"]),
+            upload_http_error: uploads.with_label_values(&["http_error"]),
+            upload_network_error: uploads.with_label_values(&["network_error"]),
+            events_spooled: counter(
+                "rempart_audit_decision_log_events_spooled_total",
+                "Decision-log events written to the spool.",
+            ),
+            events_delivered: counter(
+                "rempart_audit_decision_log_events_delivered_total",
+                "Decision-log events the collector acknowledged (2xx).",
+            ),
+            recovered: counter(
+                "rempart_audit_decision_log_recovered_total",
+                "Trail lines the decision-log upload read back from the trail file (after a restart, a full sink queue or a full spool).",
+            ),
+            spool_full: refusals.with_label_values(&["full"]),
+            spool_write_error: refusals.with_label_values(&["write_error"]),
+            dropped_not_in_trail: dropped.with_label_values(&["not_in_trail"]),
+            dropped_unreadable: dropped.with_label_values(&["unreadable"]),
+        }
+    }
 }
 
 /// Why the egress proxy refused a request before or instead of a policy
@@ -429,6 +511,7 @@ impl Metrics {
             .set(1);
 
         let egress = EgressMetrics::new(&registry);
+        let decision_log = DecisionLogMetrics::new(&registry);
         Metrics {
             egress,
             registry,
@@ -449,6 +532,7 @@ impl Metrics {
             audit_signed_seq,
             audit_sink_dropped,
             audit_sink_errors,
+            decision_log,
             connections_open,
             geo_reloads_success,
             geo_reloads_failure,

@@ -17,6 +17,7 @@
 
 pub mod chain;
 pub mod checkpoint;
+pub mod decision_log;
 pub mod files;
 pub mod privacy;
 pub mod query;
@@ -60,6 +61,8 @@ pub struct AuditOptions {
     pub mask_source_ip: privacy::IpMasking,
     pub mask_subject: privacy::SubjectMasking,
     pub subject_hash_key: Option<std::path::PathBuf>,
+    /// OPA-compatible decision-log upload.
+    pub decision_log: Option<decision_log::DecisionLogOptions>,
 }
 
 #[derive(Debug, Clone)]
@@ -99,6 +102,10 @@ impl AuditOptions {
             mask_source_ip: cfg.mask_source_ip,
             mask_subject: cfg.mask_subject,
             subject_hash_key: cfg.subject_hash_key.clone(),
+            decision_log: cfg
+                .decision_log
+                .as_ref()
+                .map(|d| decision_log::DecisionLogOptions::from_config(d, &cfg.path)),
         }
     }
 }
@@ -171,6 +178,15 @@ impl AuditSink {
             sinks.push(sinks::syslog(
                 target.clone(),
                 *facility,
+                options.sink_capacity,
+                Arc::clone(&metrics),
+            )?);
+        }
+        if let Some(dl) = &options.decision_log {
+            sinks.push(decision_log::start(
+                dl,
+                path,
+                trail.head.seq,
                 options.sink_capacity,
                 Arc::clone(&metrics),
             )?);

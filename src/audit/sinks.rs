@@ -63,6 +63,9 @@ pub fn facility_code(name: &str) -> Option<u8> {
 /// One sink's sending side, held by the writer.
 pub struct SinkHandle {
     name: &'static str,
+    /// The sink reads what its queue could not take back from the trail
+    /// file (the decision log): a full queue defers lines, it drops none.
+    rereads_trail: bool,
     tx: Option<SyncSender<Vec<u8>>>,
     handle: Option<std::thread::JoinHandle<()>>,
     metrics: Arc<Metrics>,
@@ -74,6 +77,7 @@ impl SinkHandle {
         let Some(tx) = &self.tx else { return };
         match tx.try_send(lines.to_vec()) {
             Ok(()) => {}
+            Err(TrySendError::Full(_)) if self.rereads_trail => {}
             Err(TrySendError::Full(batch)) | Err(TrySendError::Disconnected(batch)) => {
                 let n = batch.iter().filter(|&&b| b == b'\n').count() as u64;
                 self.metrics.audit_sink_dropped(self.name).inc_by(n);
@@ -99,14 +103,29 @@ fn start(
     metrics: Arc<Metrics>,
     mut out: impl Output + Send + 'static,
 ) -> anyhow::Result<SinkHandle> {
-    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(capacity);
     let m = Arc::clone(&metrics);
+    spawn(name, capacity, metrics, false, move |rx| {
+        run(name, rx, &mut out, &m)
+    })
+}
+
+/// Starts a sink thread running `body` on the receiving end of a queue of
+/// `capacity` batches of trail lines.
+pub(super) fn spawn(
+    name: &'static str,
+    capacity: usize,
+    metrics: Arc<Metrics>,
+    rereads_trail: bool,
+    body: impl FnOnce(Receiver<Vec<u8>>) + Send + 'static,
+) -> anyhow::Result<SinkHandle> {
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(capacity);
     let handle = std::thread::Builder::new()
         .name(format!("audit-{name}"))
-        .spawn(move || run(name, rx, &mut out, &m))
+        .spawn(move || body(rx))
         .with_context(|| format!("cannot start the audit {name} thread"))?;
     Ok(SinkHandle {
         name,
+        rereads_trail,
         tx: Some(tx),
         handle: Some(handle),
         metrics,

@@ -63,7 +63,7 @@ pub(super) struct Trail {
     len: u64,
     /// When the file's first record was written (for `rotate_age`).
     started: SystemTime,
-    head: chain::Head,
+    pub(super) head: chain::Head,
     /// Records whose write failed since the last successful one.
     lost: u64,
 }
