@@ -792,6 +792,16 @@ impl Config {
         if self.audit.syslog_client_cert.is_some() != self.audit.syslog_client_key.is_some() {
             bail!("[audit] syslog_client_cert and syslog_client_key go together");
         }
+        let tls_target = self
+            .audit
+            .syslog
+            .as_deref()
+            .is_some_and(|t| t.starts_with("tls://"));
+        if !tls_target
+            && (self.audit.syslog_ca.is_some() || self.audit.syslog_client_cert.is_some())
+        {
+            bail!("[audit] syslog_ca / syslog_client_cert are only used with syslog = \"tls://HOST:PORT\"");
+        }
         if self.audit.sink_queue_capacity == 0 {
             bail!("[audit] sink_queue_capacity must be at least 1");
         }

@@ -892,3 +892,287 @@ async fn personal_data_is_minimised_before_the_record_is_written() {
     ]);
     assert_eq!(out.lines().count(), 2);
 }
+
+// ------------------------------------------------- syslog over TLS (RFC 5425)
+
+/// A CA (rcgen) signing a server certificate for 127.0.0.1 and a client
+/// certificate, as PEM strings.
+struct Pki {
+    ca_pem: String,
+    server: (String, String),
+    client: (String, String),
+}
+
+fn pki(name: &str) -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name.push(DnType::CommonName, name);
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |sans: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(sans).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "leaf");
+        p.extended_key_usages = vec![usage];
+        (
+            p.signed_by(&key, &issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    };
+    Pki {
+        server: leaf(
+            vec!["127.0.0.1".into()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ),
+        client: leaf(Vec::new(), ExtendedKeyUsagePurpose::ClientAuth),
+        ca_pem,
+    }
+}
+
+/// What a TLS syslog collector saw on its first connection: the client's
+/// certificate (if any) and the octet-counted messages, or the handshake
+/// error.
+type TlsSeen = Result<(bool, Vec<String>), String>;
+
+/// A TLS syslog collector on loopback (rustls, blocking) that requires a
+/// client certificate from `client_ca_pem` and reads `n` frames.
+fn tls_syslog_collector(
+    pki: &Pki,
+    client_ca_pem: &str,
+    n: usize,
+) -> (std::net::SocketAddr, std::sync::mpsc::Receiver<TlsSeen>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::io::BufRead;
+    use std::sync::Arc;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(client_ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            CertificateDer::pem_slice_iter(pki.server.0.as_bytes())
+                .map(|c| c.unwrap())
+                .collect(),
+            PrivateKeyDer::from_pem_slice(pki.server.1.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut tcp, _) = listener.accept().unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let mut conn = rustls::ServerConnection::new(Arc::new(cfg)).unwrap();
+        let seen = (|| {
+            while conn.is_handshaking() {
+                conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+            }
+            let has_client_cert = conn.peer_certificates().is_some_and(|c| !c.is_empty());
+            let mut r = std::io::BufReader::new(rustls::StreamOwned::new(conn, tcp));
+            let mut messages = Vec::new();
+            for _ in 0..n {
+                let mut len = Vec::new();
+                r.read_until(b' ', &mut len).map_err(|e| e.to_string())?;
+                let len: usize = std::str::from_utf8(&len)
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .map_err(|e| format!("bad frame length {len:?}: {e}"))?;
+                let mut msg = vec![0u8; len];
+                std::io::Read::read_exact(&mut r, &mut msg).map_err(|e| e.to_string())?;
+                messages.push(String::from_utf8(msg).unwrap());
+            }
+            Ok((has_client_cert, messages))
+        })();
+        let _ = tx.send(seen);
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_are_copied_to_syslog_over_tls_with_a_verified_server_and_a_client_certificate() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ours = pki("Syslog CA");
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let ca = file("ca.pem", &ours.ca_pem);
+    let cert = file("client.pem", &ours.client.0);
+    let key = file("client.key", &ours.client.1);
+    let (addr, seen) = tls_syslog_collector(&ours, &ours.ca_pem, 3);
+    let trail = dir.path().join("trail.jsonl");
+    let mut rp = start_with_audit(
+        &[],
+        dir.path(),
+        &up.url(),
+        &format!(
+            "syslog = \"tls://{addr}\"\nsyslog_ca = \"{ca}\"\nsyslog_client_cert = \"{cert}\"\nsyslog_client_key = \"{key}\""
+        ),
+        &trail,
+    );
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(
+            get(&rp.url(&format!("/api/contacts/{n}")))
+                .await
+                .decision_id(),
+        );
+    }
+    let (client_cert, messages) =
+        tokio::task::spawn_blocking(move || seen.recv_timeout(std::time::Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .expect("the collector got a connection")
+            .expect("TLS handshake and three frames");
+    assert!(rp.stop().success());
+    assert!(client_cert, "rempart presented its client certificate");
+    let file_lines: Vec<String> = std::fs::read_to_string(&trail)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let got: Vec<String> = messages
+        .iter()
+        .map(|m| {
+            syslog_record(m)["decision_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(got, ids);
+    assert!(messages
+        .iter()
+        .zip(&file_lines)
+        .all(|(m, l)| m.ends_with(l.as_str())));
+
+    // A collector whose certificate another CA signed is refused: the
+    // handshake fails, the failure is counted, the trail is complete.
+    let other = pki("Impostor CA");
+    let (addr, seen) = tls_syslog_collector(&other, &ours.ca_pem, 1);
+    let trail = dir.path().join("trail-2.jsonl");
+    let mut rp = start_with_audit(
+        &[],
+        dir.path(),
+        &up.url(),
+        &format!("syslog = \"tls://{addr}\"\nsyslog_ca = \"{ca}\"\ndurability = \"sync\""),
+        &trail,
+    );
+    assert_eq!(get(&rp.url("/api/contacts/1")).await.status, 200);
+    let outcome =
+        tokio::task::spawn_blocking(move || seen.recv_timeout(std::time::Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .expect("the impostor got a connection");
+    assert!(
+        outcome.is_err(),
+        "no message reached the impostor: {outcome:?}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !rp
+        .metrics()
+        .await
+        .contains("rempart_audit_sink_errors_total{sink=\"syslog\"} 1")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sink error counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(rp.stop().success());
+    let (code, out, err) = verify(&[&trail]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok: 1 records"), "{out}");
+}
+
+// ------------------------------------------------------ rotation by age
+
+#[tokio::test(flavor = "multi_thread")]
+async fn age_rotation_keeps_one_chain_that_verify_walks_across_the_files() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let trails = dir.path().join("trail");
+    std::fs::create_dir(&trails).unwrap();
+    let trail = trails.join("audit.jsonl");
+    let mut rp = start_with_audit(
+        &[],
+        dir.path(),
+        &up.url(),
+        "rotate_age = \"1s\"\ndurability = \"sync\"",
+        &trail,
+    );
+    // Three rounds more than a second apart: the first write of each later
+    // round finds the file's first record too old and rotates.
+    for round in 0..3 {
+        if round > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+        }
+        for n in 0..5 {
+            assert_eq!(
+                get(&rp.url(&format!("/api/contacts/{n}"))).await.status,
+                200
+            );
+        }
+    }
+    assert!(rp.metric("rempart_audit_rotations_total").await >= 2.0);
+    assert!(rp.stop().success());
+    let rotated = gz_files(&trails);
+    assert!(rotated.len() >= 2, "{rotated:?}");
+    // No file holds records more than the age apart from its first (plus
+    // the slack of a slow machine): rotation was by age, not size.
+    for f in &rotated {
+        let text = gunzip(f);
+        assert!(!text.is_empty());
+        let stamps: Vec<std::time::SystemTime> = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                humantime::parse_rfc3339(v["timestamp"].as_str().unwrap()).unwrap()
+            })
+            .collect();
+        let span = stamps
+            .last()
+            .unwrap()
+            .duration_since(stamps[0])
+            .unwrap_or_default();
+        assert!(
+            span < std::time::Duration::from_millis(1300),
+            "{f:?}: {span:?}"
+        );
+    }
+    let (code, out, err) = verify(&[&trails]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("ok: 15 records") && out.contains("seq 1..15"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("in {} file(s)", rotated.len() + 1)),
+        "{out}"
+    );
+}

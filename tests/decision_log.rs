@@ -289,7 +289,10 @@ async fn decisions_arrive_as_opa_decision_log_events() {
     assert_eq!(e["labels"]["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(e["masked"], serde_json::json!(["/input/source/ip"]));
     assert_eq!(e["input"]["source"]["ip"], "127.0.0.0");
-    assert!(e["requested_by"].as_str().unwrap().starts_with("127.0.0.0:"));
+    assert!(e["requested_by"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.0:"));
     assert!(e["metrics"]["timer_server_handler_ns"].as_u64().unwrap() > 0);
     assert!(e["revision"].as_str().is_some_and(|r| !r.is_empty()));
     assert!(e.get("bundles").is_none(), "no bundle feature yet");
@@ -364,7 +367,10 @@ async fn a_collector_outage_then_errors_loses_nothing_and_duplicates_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     exactly_once(&seen, &want);
     wait_metric(&rp, DELIVERED, 50.0).await;
-    assert_eq!(rp.metric("rempart_audit_decision_log_spool_files").await, 0.0);
+    assert_eq!(
+        rp.metric("rempart_audit_decision_log_spool_files").await,
+        0.0
+    );
     assert_eq!(
         rp.metric("rempart_audit_decision_log_dropped_total{reason=\"not_in_trail\"}")
             .await,
@@ -401,7 +407,13 @@ async fn a_restart_delivers_the_spool_and_a_crash_loses_nothing() {
     // interval keeps the events in memory; sync mode puts each answered
     // request's record on disk first).
     let slow = settings.replace("batch_interval = \"100ms\"", "batch_interval = \"1h\"");
-    let rp = start(dir.path(), &up.url(), &trail, "durability = \"sync\"", &slow);
+    let rp = start(
+        dir.path(),
+        &up.url(),
+        &trail,
+        "durability = \"sync\"",
+        &slow,
+    );
     let crashed = traffic(&rp, 15).await;
     rp.signal("KILL");
     drop(rp);
@@ -415,7 +427,11 @@ async fn a_restart_delivers_the_spool_and_a_crash_loses_nothing() {
     wait_until("all 40 events", 60, || seen.events().len() >= want.len()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     exactly_once(&seen, &want);
-    assert!(rp.metric("rempart_audit_decision_log_recovered_total").await >= 15.0);
+    assert!(
+        rp.metric("rempart_audit_decision_log_recovered_total")
+            .await
+            >= 15.0
+    );
     assert!(rp.stop().success());
     assert!(spool_files(&spool).is_empty());
 }
@@ -462,7 +478,11 @@ async fn the_spool_stays_within_its_bound_and_the_trail_fills_the_gap() {
     wait_until("all 240 events", 90, || seen.events().len() >= want.len()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     exactly_once(&seen, &want);
-    assert!(rp.metric("rempart_audit_decision_log_recovered_total").await > 0.0);
+    assert!(
+        rp.metric("rempart_audit_decision_log_recovered_total")
+            .await
+            > 0.0
+    );
     assert_eq!(
         rp.metric("rempart_audit_decision_log_dropped_total{reason=\"not_in_trail\"}")
             .await,

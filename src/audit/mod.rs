@@ -57,6 +57,7 @@ pub struct AuditOptions {
     pub stdout: bool,
     /// Syslog target and facility code.
     pub syslog: Option<(sinks::SyslogTarget, u8)>,
+    pub syslog_tls: sinks::SyslogTls,
     pub sink_capacity: usize,
     pub mask_source_ip: privacy::IpMasking,
     pub mask_subject: privacy::SubjectMasking,
@@ -98,6 +99,13 @@ impl AuditOptions {
                     sinks::facility_code(&cfg.syslog_facility)?,
                 ))
             }),
+            syslog_tls: sinks::SyslogTls {
+                ca: cfg.syslog_ca.clone(),
+                client_cert: cfg
+                    .syslog_client_cert
+                    .clone()
+                    .zip(cfg.syslog_client_key.clone()),
+            },
             sink_capacity: cfg.sink_queue_capacity.max(1),
             mask_source_ip: cfg.mask_source_ip,
             mask_subject: cfg.mask_subject,
@@ -178,6 +186,7 @@ impl AuditSink {
             sinks.push(sinks::syslog(
                 target.clone(),
                 *facility,
+                &options.syslog_tls,
                 options.sink_capacity,
                 Arc::clone(&metrics),
             )?);

@@ -1,5 +1,7 @@
 //! Copies of the trail for the tools a team already runs: JSON lines on
-//! standard output (container log collectors) and syslog RFC 5424 (SIEMs).
+//! standard output (container log collectors) and syslog RFC 5424 (SIEMs)
+//! over UDP, TCP, TLS (RFC 5425) or a unix socket. The OPA-compatible
+//! decision log ([`super::decision_log`]) is started through [`spawn`].
 //!
 //! The file stays the source of truth: the writer hands a sink only lines
 //! that are already in the file. Each sink has its own bounded queue and
@@ -14,15 +16,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
 use crate::metrics::Metrics;
 
 /// Where syslog messages go, parsed from `udp://host:port`,
-/// `tcp://host:port` or `unix:///path`.
+/// `tcp://host:port`, `tls://host:port` or `unix:///path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyslogTarget {
     Udp(String),
     Tcp(String),
+    /// RFC 5425: the TCP framing inside TLS.
+    Tls(String),
     Unix(std::path::PathBuf),
 }
 
@@ -32,12 +38,40 @@ impl SyslogTarget {
             Ok(SyslogTarget::Udp(addr.to_string()))
         } else if let Some(addr) = s.strip_prefix("tcp://") {
             Ok(SyslogTarget::Tcp(addr.to_string()))
+        } else if let Some(addr) = s.strip_prefix("tls://") {
+            server_name(addr)?;
+            Ok(SyslogTarget::Tls(addr.to_string()))
         } else if let Some(path) = s.strip_prefix("unix://") {
             Ok(SyslogTarget::Unix(path.into()))
         } else {
-            bail!("syslog target {s:?}: write udp://HOST:PORT, tcp://HOST:PORT or unix:///PATH")
+            bail!(
+                "syslog target {s:?}: write udp://HOST:PORT, tcp://HOST:PORT, tls://HOST:PORT or unix:///PATH"
+            )
         }
     }
+}
+
+/// The name a `tls://HOST:PORT` collector's certificate must carry.
+fn server_name(addr: &str) -> anyhow::Result<ServerName<'static>> {
+    let host = match addr.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => addr.rsplit_once(':').map_or(addr, |(h, _)| h),
+    };
+    if host.is_empty() || !addr.contains(':') {
+        bail!("syslog target tls://{addr}: write tls://HOST:PORT");
+    }
+    ServerName::try_from(host.to_string()).map_err(|e| {
+        anyhow::anyhow!("syslog target tls://{addr}: {host:?} is not a valid name: {e}")
+    })
+}
+
+/// The TLS side of a `tls://` target: how to verify the collector and
+/// which certificate to present (`[audit] syslog_ca`, `syslog_client_cert`,
+/// `syslog_client_key`).
+#[derive(Debug, Clone, Default)]
+pub struct SyslogTls {
+    pub ca: Option<std::path::PathBuf>,
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// Syslog facility names (RFC 5424 table 1) accepted in the configuration.
@@ -185,6 +219,8 @@ struct Syslog {
     pid: u32,
     udp: Option<UdpSocket>,
     tcp: Option<TcpStream>,
+    tls_config: Option<Arc<ClientConfig>>,
+    tls: Option<Box<StreamOwned<ClientConnection, TcpStream>>>,
     unix: Option<std::os::unix::net::UnixDatagram>,
     /// After a failed TCP connect, when to try again.
     retry_at: Option<Instant>,
@@ -201,6 +237,64 @@ impl Syslog {
         m.extend_from_slice(line);
         m
     }
+}
+
+impl Syslog {
+    /// A connected TCP stream to `addr`, or an error without trying when
+    /// the last attempt failed less than a second ago.
+    fn connect(&mut self, addr: &str) -> std::io::Result<TcpStream> {
+        if self.retry_at.is_some_and(|t| Instant::now() < t) {
+            return Err(std::io::Error::other("collector down; line dropped"));
+        }
+        let attempt = TcpStream::connect(addr).and_then(|s| {
+            s.set_write_timeout(Some(Duration::from_secs(5)))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok(s)
+        });
+        match attempt {
+            Ok(s) => {
+                self.retry_at = None;
+                Ok(s)
+            }
+            Err(e) => {
+                self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+                Err(e)
+            }
+        }
+    }
+
+    /// Connects and completes the TLS handshake (so that a collector with
+    /// the wrong certificate is reported at once, not after a write).
+    fn connect_tls(
+        &mut self,
+        addr: &str,
+    ) -> std::io::Result<StreamOwned<ClientConnection, TcpStream>> {
+        let config = self
+            .tls_config
+            .clone()
+            .ok_or_else(|| std::io::Error::other("no TLS configuration"))?;
+        let name = server_name(addr).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        let mut sock = self.connect(addr)?;
+        let mut conn = ClientConnection::new(config, name).map_err(std::io::Error::other)?;
+        let handshake = (|| {
+            while conn.is_handshaking() {
+                conn.complete_io(&mut sock)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = handshake {
+            self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+            return Err(e);
+        }
+        Ok(StreamOwned::new(conn, sock))
+    }
+}
+
+/// RFC 6587 / RFC 5425 octet counting: `LEN SP MSG`.
+fn octet_counted(msg: &[u8]) -> Vec<u8> {
+    let mut framed = format!("{} ", msg.len()).into_bytes();
+    framed.extend_from_slice(msg);
+    framed
 }
 
 impl Output for Syslog {
@@ -237,25 +331,25 @@ impl Output for Syslog {
                 }
                 Ok(())
             }
-            SyslogTarget::Tcp(addr) => {
-                if self.tcp.is_none() {
-                    if self.retry_at.is_some_and(|t| Instant::now() < t) {
-                        return Err(std::io::Error::other("collector down; line dropped"));
-                    }
-                    match TcpStream::connect(addr) {
-                        Ok(s) => {
-                            s.set_write_timeout(Some(Duration::from_secs(5)))?;
-                            self.tcp = Some(s);
-                            self.retry_at = None;
-                        }
-                        Err(e) => {
-                            self.retry_at = Some(Instant::now() + Duration::from_secs(1));
-                            return Err(e);
-                        }
+            SyslogTarget::Tls(addr) => {
+                if self.tls.is_none() {
+                    let addr = addr.clone();
+                    self.tls = Some(Box::new(self.connect_tls(&addr)?));
+                }
+                if let Some(s) = &mut self.tls {
+                    if let Err(e) = s.write_all(&octet_counted(&msg)).and_then(|()| s.flush()) {
+                        self.tls = None;
+                        return Err(e);
                     }
                 }
-                let mut framed = format!("{} ", msg.len()).into_bytes();
-                framed.extend_from_slice(&msg);
+                Ok(())
+            }
+            SyslogTarget::Tcp(addr) => {
+                if self.tcp.is_none() {
+                    let addr = addr.clone();
+                    self.tcp = Some(self.connect(&addr)?);
+                }
+                let framed = octet_counted(&msg);
                 if let Some(s) = &mut self.tcp {
                     if let Err(e) = s.write_all(&framed) {
                         self.tcp = None;
@@ -271,9 +365,24 @@ impl Output for Syslog {
 pub fn syslog(
     target: SyslogTarget,
     facility: u8,
+    tls: &SyslogTls,
     capacity: usize,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<SinkHandle> {
+    let tls_config = match &target {
+        SyslogTarget::Tls(_) => {
+            let pair = tls
+                .client_cert
+                .as_ref()
+                .map(|(c, k)| (c.as_path(), k.as_path()));
+            Some(Arc::new(
+                crate::tls::client_config(tls.ca.as_deref(), pair).context(
+                    "[audit] syslog TLS (syslog_ca, syslog_client_cert, syslog_client_key)",
+                )?,
+            ))
+        }
+        _ => None,
+    };
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())
@@ -291,6 +400,8 @@ pub fn syslog(
             pid: std::process::id(),
             udp: None,
             tcp: None,
+            tls_config,
+            tls: None,
             unix: None,
             retry_at: None,
         },
@@ -315,6 +426,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("udp://"));
+        assert_eq!(
+            SyslogTarget::parse("tls://logs.example:6514").unwrap(),
+            SyslogTarget::Tls("logs.example:6514".into())
+        );
+        assert!(SyslogTarget::parse("tls://[::1]:6514").is_ok());
+        assert!(SyslogTarget::parse("tls://logs.example").is_err());
         assert_eq!(facility_code("local0"), Some(16));
         assert_eq!(facility_code("local9"), None);
     }
