@@ -166,7 +166,7 @@ impl EgressGateway {
         };
 
         // 2. identify
-        let caller = self.identifier.identify(&parts.headers, conn.peer.ip());
+        let caller = self.identifier.identify(&parts.headers, &conn);
         let request = accept::describe_egress(&parts, &id, &conn, &self.redact, &shown_target);
 
         // 3. classify
