@@ -895,58 +895,16 @@ async fn personal_data_is_minimised_before_the_record_is_written() {
 
 // ------------------------------------------------- syslog over TLS (RFC 5425)
 
-/// A CA (rcgen) signing a server certificate for 127.0.0.1 and a client
-/// certificate, as PEM strings.
-struct Pki {
-    ca_pem: String,
-    server: (String, String),
-    client: (String, String),
-}
-
-fn pki(name: &str) -> Pki {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
-    };
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.distinguished_name.push(DnType::CommonName, name);
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
-    let issuer = Issuer::new(ca, ca_key);
-    let leaf = |sans: Vec<String>, usage: ExtendedKeyUsagePurpose| {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(sans).unwrap();
-        p.distinguished_name.push(DnType::CommonName, "leaf");
-        p.extended_key_usages = vec![usage];
-        (
-            p.signed_by(&key, &issuer).unwrap().pem(),
-            key.serialize_pem(),
-        )
-    };
-    Pki {
-        server: leaf(
-            vec!["127.0.0.1".into()],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        ),
-        client: leaf(Vec::new(), ExtendedKeyUsagePurpose::ClientAuth),
-        ca_pem,
-    }
-}
-
 /// What a TLS syslog collector saw on its first connection: the client's
 /// certificate (if any) and the octet-counted messages, or the handshake
 /// error.
 type TlsSeen = Result<(bool, Vec<String>), String>;
 
-/// A TLS syslog collector on loopback (rustls, blocking) that requires a
-/// client certificate from `client_ca_pem` and reads `n` frames.
+/// A TLS syslog collector on loopback (rustls, blocking) presenting
+/// `server` (cert PEM, key PEM) that requires a client certificate from
+/// `client_ca_pem` and reads `n` frames.
 fn tls_syslog_collector(
-    pki: &Pki,
+    server: &(String, String),
     client_ca_pem: &str,
     n: usize,
 ) -> (std::net::SocketAddr, std::sync::mpsc::Receiver<TlsSeen>) {
@@ -970,10 +928,10 @@ fn tls_syslog_collector(
         .unwrap()
         .with_client_cert_verifier(verifier)
         .with_single_cert(
-            CertificateDer::pem_slice_iter(pki.server.0.as_bytes())
+            CertificateDer::pem_slice_iter(server.0.as_bytes())
                 .map(|c| c.unwrap())
                 .collect(),
-            PrivateKeyDer::from_pem_slice(pki.server.1.as_bytes()).unwrap(),
+            PrivateKeyDer::from_pem_slice(server.1.as_bytes()).unwrap(),
         )
         .unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1014,16 +972,17 @@ fn tls_syslog_collector(
 async fn records_are_copied_to_syslog_over_tls_with_a_verified_server_and_a_client_certificate() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let ours = pki("Syslog CA");
+    let ours = common::pki::Ca::new("Syslog CA");
+    let client = ours.client("rempart", "gateway@example.org");
     let file = |name: &str, text: &str| {
         let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();
         p.display().to_string()
     };
-    let ca = file("ca.pem", &ours.ca_pem);
-    let cert = file("client.pem", &ours.client.0);
-    let key = file("client.key", &ours.client.1);
-    let (addr, seen) = tls_syslog_collector(&ours, &ours.ca_pem, 3);
+    let ca = file("ca.pem", &ours.pem);
+    let cert = file("client.pem", &client.0);
+    let key = file("client.key", &client.1);
+    let (addr, seen) = tls_syslog_collector(&ours.server("syslog"), &ours.pem, 3);
     let trail = dir.path().join("trail.jsonl");
     let mut rp = start_with_audit(
         &[],
@@ -1072,8 +1031,8 @@ async fn records_are_copied_to_syslog_over_tls_with_a_verified_server_and_a_clie
 
     // A collector whose certificate another CA signed is refused: the
     // handshake fails, the failure is counted, the trail is complete.
-    let other = pki("Impostor CA");
-    let (addr, seen) = tls_syslog_collector(&other, &ours.ca_pem, 1);
+    let other = common::pki::Ca::new("Impostor CA");
+    let (addr, seen) = tls_syslog_collector(&other.server("syslog"), &ours.pem, 1);
     let trail = dir.path().join("trail-2.jsonl");
     let mut rp = start_with_audit(
         &[],

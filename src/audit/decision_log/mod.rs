@@ -116,6 +116,7 @@ pub fn start(
         failures: 0,
         retry_at: None,
         jitter: Jitter::new(),
+        resume: None,
     };
     super::sinks::spawn("decision_log", capacity, metrics, true, move |rx| {
         shipper.run(rx)
@@ -165,6 +166,20 @@ struct Shipper {
     failures: u32,
     retry_at: Option<Instant>,
     jitter: Jitter,
+    /// Where the last read of the active file stopped, so that the next
+    /// one does not read the whole file again.
+    resume: Option<Resume>,
+}
+
+/// A position in the active trail file: the line at `offset` has a seq of
+/// at least `seq` (lines before it are all below `seq`). The file is known
+/// by its inode and the seq of its first line (an inode can be reused).
+#[derive(Debug, Clone, Copy)]
+struct Resume {
+    ino: u64,
+    first_seq: Option<u64>,
+    offset: u64,
+    seq: u64,
 }
 
 impl Shipper {
@@ -412,29 +427,47 @@ impl Shipper {
     /// Reads the trail (rotated files, then the active one) from
     /// `next_seq`, until its end or until the spool is full.
     fn catch_up(&mut self) {
+        use std::os::unix::fs::MetadataExt;
         if !self.flush() {
             return;
         }
         const ATTEMPTS: usize = 3;
         'attempt: for attempt in 1..=ATTEMPTS {
-            let rotated = match files::rotated_files(&self.trail) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!("decision log: cannot list the trail's files: {e}");
-                    return;
-                }
-            };
-            let mut sources: Vec<PathBuf> = rotated
-                .into_iter()
-                .filter(|r| r.last_seq >= self.next_seq)
-                .map(|r| r.path)
-                .collect();
+            // While the active file is the one read last time, everything
+            // from `next_seq` on is in it, after the position kept then.
+            let active_ino = std::fs::metadata(&self.trail).map(|m| m.ino()).ok();
+            let resume = self
+                .resume
+                .filter(|r| Some(r.ino) == active_ino && r.seq <= self.next_seq);
+            let mut sources = Vec::new();
+            if resume.is_none() {
+                let rotated = match files::rotated_files(&self.trail) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!("decision log: cannot list the trail's files: {e}");
+                        return;
+                    }
+                };
+                sources.extend(
+                    rotated
+                        .into_iter()
+                        .filter(|r| r.last_seq >= self.next_seq)
+                        .map(|r| r.path),
+                );
+            }
             sources.push(self.trail.clone());
             for path in sources {
-                let mut reader = match files::open_lines(&path) {
+                let active = path == self.trail;
+                let opened = if active {
+                    open_active(&path, resume)
+                } else {
+                    files::open_lines(&path).map(|r| (r, 0, 0, None))
+                };
+                let (mut reader, mut offset, ino, first_seq) = match opened {
                     Ok(r) => r,
                     // Compressed or rotated meanwhile: list again.
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < ATTEMPTS => {
+                        self.resume = None;
                         continue 'attempt;
                     }
                     Err(e) => {
@@ -445,30 +478,194 @@ impl Shipper {
                 let mut line = Vec::new();
                 loop {
                     line.clear();
-                    match reader.read_until(b'\n', &mut line) {
+                    let n = match reader.read_until(b'\n', &mut line) {
                         Ok(0) => break,
                         Ok(_) if line.last() != Some(&b'\n') => break,
-                        Ok(_) => {}
+                        Ok(n) => n as u64,
                         Err(e) => {
                             tracing::error!(file = %path.display(), "decision log: cannot read the trail: {e}");
                             return;
                         }
-                    }
+                    };
                     let text = &line[..line.len() - 1];
                     // A gap may only mean the file was rotated between the
                     // listing and the opening: list again before calling
                     // it a loss.
                     if event::seq_of(text).is_some_and(|s| s > self.next_seq) && attempt < ATTEMPTS
                     {
+                        self.resume = None;
                         continue 'attempt;
                     }
+                    let seq_before = self.next_seq;
                     if !self.take(text, true) {
+                        if active {
+                            self.resume = Some(Resume {
+                                ino,
+                                first_seq,
+                                offset,
+                                seq: seq_before,
+                            });
+                        }
                         return;
                     }
+                    offset += n;
+                }
+                if active {
+                    self.resume = Some(Resume {
+                        ino,
+                        first_seq,
+                        offset,
+                        seq: self.next_seq,
+                    });
                 }
             }
             self.behind = false;
             return;
         }
+    }
+}
+
+/// Opens the active trail file for reading, at `resume`'s position when it
+/// is the same file: (reader, offset, inode, seq of the first line).
+type ActiveFile = (Box<dyn BufRead>, u64, u64, Option<u64>);
+
+fn open_active(path: &Path, resume: Option<Resume>) -> std::io::Result<ActiveFile> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut first = Vec::new();
+    reader.read_until(b'\n', &mut first)?;
+    let first_seq = event::seq_of(&first);
+    let offset = match resume {
+        Some(r)
+            if r.ino == meta.ino()
+                && r.first_seq == first_seq
+                && first_seq.is_some()
+                && r.offset <= meta.len() =>
+        {
+            r.offset
+        }
+        _ => 0,
+    };
+    reader.seek(SeekFrom::Start(offset))?;
+    Ok((Box::new(reader), offset, meta.ino(), first_seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::chain;
+
+    fn append(path: &Path, head: &mut chain::Head, n: usize) {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        for _ in 0..n {
+            let rec = format!("{{\"decision_id\":\"d{}\"}}", head.seq + 1);
+            f.write_all(&chain::link(head, rec.as_bytes())).unwrap();
+        }
+    }
+
+    fn spooled_ids(dir: &Path) -> Vec<String> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_str().unwrap().ends_with(".json.gz"))
+            .collect();
+        files.sort();
+        let mut ids = Vec::new();
+        for f in files {
+            let mut text = String::new();
+            std::io::Read::read_to_string(
+                &mut flate2::read::GzDecoder::new(std::fs::File::open(f).unwrap()),
+                &mut text,
+            )
+            .unwrap();
+            let events: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+            ids.extend(
+                events
+                    .iter()
+                    .map(|e| e["decision_id"].as_str().unwrap().to_string()),
+            );
+        }
+        ids
+    }
+
+    #[test]
+    fn catching_up_reads_each_line_once_across_rotations_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let trail = dir.path().join("t.jsonl");
+        let spool_dir = dir.path().join("spool");
+        let mut head = chain::Head::genesis();
+        append(&trail, &mut head, 5);
+        let options = DecisionLogOptions {
+            url: "http://127.0.0.1:1/logs".into(),
+            ca: None,
+            bearer_token_file: None,
+            timeout: Duration::from_secs(1),
+            batch_max_bytes: 64 * 1024,
+            batch_interval: Duration::from_secs(1),
+            spool_dir: spool_dir.clone(),
+            spool_max_bytes: 1 << 20,
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(2),
+            labels: Default::default(),
+        };
+        let metrics = Arc::new(Metrics::new());
+        // A spool made when the trail held 2 lines: 3 are behind.
+        drop(Spool::open(&spool_dir, options.spool_max_bytes, 2).unwrap());
+        let spool = Spool::open(&spool_dir, options.spool_max_bytes, 5).unwrap();
+        let mut s = Shipper {
+            trail: trail.clone(),
+            next_seq: spool.cursor() + 1,
+            behind: true,
+            spool,
+            uploader: Uploader::new(&options.url, None, None, options.timeout).unwrap(),
+            labels: Labels::new("t", &Default::default()),
+            metrics: Arc::clone(&metrics),
+            options,
+            pending: Pending::default(),
+            failures: 0,
+            retry_at: None,
+            jitter: Jitter::new(),
+            resume: None,
+        };
+        s.catch_up();
+        assert!(!s.behind);
+        assert!(s.flush());
+        assert_eq!(spooled_ids(&spool_dir), ["d3", "d4", "d5"]);
+        let resume = s.resume.unwrap();
+        assert_eq!((resume.seq, resume.first_seq), (6, Some(1)));
+
+        // More lines: the next read starts where the last one stopped.
+        append(&trail, &mut head, 2);
+        s.behind = true;
+        s.catch_up();
+        assert!(s.flush());
+        assert!(s.resume.unwrap().offset > resume.offset);
+        // The queue's copy of a line already read is ignored; a line
+        // after a gap makes it read the trail again.
+        s.take_lines(&std::fs::read(&trail).unwrap());
+        assert!(!s.behind);
+
+        // Rotation: the active file is renamed and a new one started.
+        append(&trail, &mut head, 1);
+        std::fs::rename(&trail, files::rotated_name(&trail, head.seq)).unwrap();
+        append(&trail, &mut head, 2);
+        s.take_lines(&chain::link(&mut head.clone(), b"{\"decision_id\":\"x\"}"));
+        assert!(s.behind, "a gap in the queue's lines");
+        s.catch_up();
+        assert!(s.flush());
+        assert_eq!(
+            spooled_ids(&spool_dir),
+            ["d3", "d4", "d5", "d6", "d7", "d8", "d9", "d10"]
+        );
+        assert_eq!(metrics.decision_log.recovered.get(), 8);
+        assert_eq!(metrics.decision_log.dropped_not_in_trail.get(), 0);
+        assert_eq!(s.spool.cursor(), 10);
     }
 }
