@@ -191,18 +191,21 @@ impl AuditSink {
                 Arc::clone(&metrics),
             )?);
         }
+        let shared = Arc::new(Shared::default());
+        shared
+            .committed_seq
+            .store(trail.head.seq, Ordering::Release);
         if let Some(dl) = &options.decision_log {
             sinks.push(decision_log::start(
                 dl,
                 path,
-                trail.head.seq,
+                Arc::clone(&shared),
                 options.sink_capacity,
                 Arc::clone(&metrics),
             )?);
         }
         let compressor = Compressor::start(path, options.rotation.keep, Arc::clone(&metrics))?;
         let (tx, rx) = mpsc::sync_channel(options.capacity);
-        let shared = Arc::new(Shared::default());
         let writer = Writer {
             trail,
             settings: WriterSettings {

@@ -37,6 +37,10 @@ pub(super) struct Shared {
     pub failing: AtomicBool,
     /// Records dropped on a full queue since the last note in the trail.
     pub dropped: AtomicU64,
+    /// The seq of the last line known to be in the file for good: lines
+    /// after it may still be cut back by a failed write. Readers of the
+    /// live file (the decision log) stop there.
+    pub committed_seq: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -464,6 +468,9 @@ impl Writer {
             Ok(()) => {
                 trail.len += batch.len() as u64;
                 trail.lost = 0;
+                self.shared
+                    .committed_seq
+                    .store(trail.head.seq, Ordering::Release);
                 for sink in &self.sinks {
                     sink.send(&batch);
                 }

@@ -30,8 +30,10 @@ use crate::metrics::Metrics;
 
 use super::files;
 use super::sinks::SinkHandle;
+use super::writer::Shared;
 use event::Labels;
 use spool::Spool;
+use std::sync::atomic::Ordering;
 use upload::{Jitter, Outcome, Uploader};
 
 /// `[audit.decision_log]`, resolved.
@@ -79,14 +81,15 @@ pub fn default_spool(trail: &Path) -> PathBuf {
 }
 
 /// Opens the spool and the client (errors stop the start), then starts
-/// the sink thread. `head` is the trail's last seq when the writer starts.
-pub fn start(
+/// the sink thread. `shared` tells how far the trail is written for good.
+pub(in crate::audit) fn start(
     options: &DecisionLogOptions,
     trail: &Path,
-    head: u64,
+    shared: Arc<Shared>,
     capacity: usize,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<SinkHandle> {
+    let head = shared.committed_seq.load(Ordering::Acquire);
     let mut spool = Spool::open(&options.spool_dir, options.spool_max_bytes, head)?;
     if spool.cursor() > head {
         // The trail was replaced by a shorter one: start again from its end.
@@ -105,6 +108,7 @@ pub fn start(
     )?;
     let shipper = Shipper {
         trail: trail.to_path_buf(),
+        committed: shared,
         next_seq: spool.cursor() + 1,
         behind: spool.cursor() < head,
         spool,
@@ -152,6 +156,9 @@ impl Pending {
 
 struct Shipper {
     trail: PathBuf,
+    /// Lines after `committed.committed_seq` may still be cut back by a
+    /// failed write: reading the trail stops before them.
+    committed: Arc<Shared>,
     spool: Spool,
     uploader: Uploader,
     labels: Labels,
@@ -488,6 +495,11 @@ impl Shipper {
                         }
                     };
                     let text = &line[..line.len() - 1];
+                    // Not yet written for good: the queue brings it once it is.
+                    let committed = self.committed.committed_seq.load(Ordering::Acquire);
+                    if event::seq_of(text).is_some_and(|s| s > committed) {
+                        break;
+                    }
                     // A gap may only mean the file was rotated between the
                     // listing and the opening: list again before calling
                     // it a loss.
@@ -619,8 +631,11 @@ mod tests {
         // A spool made when the trail held 2 lines: 3 are behind.
         drop(Spool::open(&spool_dir, options.spool_max_bytes, 2).unwrap());
         let spool = Spool::open(&spool_dir, options.spool_max_bytes, 5).unwrap();
+        let shared = Arc::new(Shared::default());
+        shared.committed_seq.store(u64::MAX, Ordering::Release);
         let mut s = Shipper {
             trail: trail.clone(),
+            committed: Arc::clone(&shared),
             next_seq: spool.cursor() + 1,
             behind: true,
             spool,
@@ -658,13 +673,21 @@ mod tests {
         append(&trail, &mut head, 2);
         s.take_lines(&chain::link(&mut head.clone(), b"{\"decision_id\":\"x\"}"));
         assert!(s.behind, "a gap in the queue's lines");
+        // Line 10 is in the file but not yet written for good: not read.
+        shared.committed_seq.store(9, Ordering::Release);
         s.catch_up();
+        assert!(!s.behind);
+        assert_eq!(s.next_seq, 10);
+        // Its write succeeded: the queue brings it.
+        shared.committed_seq.store(10, Ordering::Release);
+        let text = std::fs::read_to_string(&trail).unwrap();
+        s.take_lines(text.lines().last().unwrap().as_bytes());
         assert!(s.flush());
         assert_eq!(
             spooled_ids(&spool_dir),
             ["d3", "d4", "d5", "d6", "d7", "d8", "d9", "d10"]
         );
-        assert_eq!(metrics.decision_log.recovered.get(), 8);
+        assert_eq!(metrics.decision_log.recovered.get(), 7);
         assert_eq!(metrics.decision_log.dropped_not_in_trail.get(), 0);
         assert_eq!(s.spool.cursor(), 10);
     }
