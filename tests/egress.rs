@@ -716,6 +716,70 @@ async fn a_name_with_several_addresses_connects_only_to_an_allowed_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_address_that_does_not_answer_hands_over_to_the_next_allowed_one() {
+    // 127.0.0.5 and .6 are allowed (internal_networks covers loopback, and
+    // they are not located) but nothing listens there: connection refused.
+    const DEAD: &str = "127.0.0.5";
+    const DEAD_TOO: &str = "127.0.0.6";
+    let eu = Server::start(EU, Kind::Http).await;
+    let port = eu.addr.port();
+    let us_same = TcpListener::bind((US, port)).await.unwrap();
+    let dns = Dns::start(&[
+        ("failover.test", &[DEAD, EU]),
+        ("alldead.test", &[DEAD, DEAD_TOO]),
+        ("refusedthendead.test", &[US, DEAD]),
+    ])
+    .await;
+    let s = start(Some(dns.addr), "");
+
+    let (status, head, mut r) = raw(
+        s.proxy,
+        &format!("GET http://failover.test:{port}/ HTTP/1.1\r\nHost: failover.test\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    assert!(body_of(&mut r, &head)
+        .await
+        .starts_with("hello from 127.0.0.2"));
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    let rec = s.rempart.audit_record(&id).await;
+    assert_eq!(rec["destination"]["ip"], EU, "{rec}");
+    assert_eq!(rec["decision"]["outcome"], "allowed", "{rec}");
+
+    let (status, head, _) = connect(s.proxy, &format!("failover.test:{port}")).await;
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(eu.connections(), 2);
+
+    // Every allowed address dead: 502 naming each, not a hang and not 403.
+    let (status, head, mut r) = connect(s.proxy, &format!("alldead.test:{port}")).await;
+    assert_eq!(status, 502, "{head}");
+    let body: serde_json::Value = serde_json::from_str(&body_of(&mut r, &head).await).unwrap();
+    assert_eq!(body["error"], "egress_connect_failed", "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("{DEAD}:{port}"))
+            && message.contains(&format!("{DEAD_TOO}:{port}")),
+        "{message}"
+    );
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    let rec = s.rempart.audit_record(&id).await;
+    assert_eq!(rec["decision"]["outcome"], "error", "{rec}");
+
+    // A refused address is never tried; the allowed one is dead: the
+    // answer is the connection failure.
+    let (status, head, _) = connect(s.proxy, &format!("refusedthendead.test:{port}")).await;
+    assert_eq!(status, 502, "{head}");
+    let pending = tokio::time::timeout(Duration::from_millis(100), us_same.accept()).await;
+    assert!(pending.is_err(), "a forbidden address was connected to");
+    assert!(s
+        .rempart
+        .metrics()
+        .await
+        .lines()
+        .any(|l| l.starts_with("rempart_egress_refusals_total{reason=\"connect_failed\"} 2")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolver_failures_and_timeouts_fail_closed() {
     let dns = Dns::start(&[("eu.test", &[EU])]).await;
     let s = start(Some(dns.addr), "");
