@@ -294,6 +294,8 @@ pub struct PolicyConfig {
     /// Request headers whose values policies never see, in addition to
     /// the credentials always redacted (see [`ALWAYS_REDACTED`]).
     pub redact_headers: Vec<HeaderName>,
+    /// An OPA bundle (file, directory or bundle server) instead of `dir`.
+    pub bundle: Option<BundleConfig>,
 }
 
 impl Default for PolicyConfig {
@@ -304,6 +306,7 @@ impl Default for PolicyConfig {
             eval_timeout: Seconds(Duration::from_millis(100)),
             reload_interval: Seconds(Duration::from_secs(2)),
             redact_headers: Vec::new(),
+            bundle: None,
         }
     }
 }
@@ -725,6 +728,9 @@ impl Config {
 
     /// Checks that need the whole configuration.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(b) = &self.policy.bundle {
+            b.validate(self.policy.dir.is_some())?;
+        }
         if self.upstream.url.is_none() && self.egress.listen.is_none() {
             bail!("no upstream and no egress listener: set [upstream] url (or pass --upstream URL to rempart serve) for the ingress proxy, and/or [egress] listen for the egress proxy");
         }
@@ -1095,6 +1101,113 @@ impl JwtConfig {
         }
         Ok(())
     }
+}
+
+/// `[policy.bundle]`: where the OPA bundle comes from and how it is
+/// accepted (see docs/policies.md, "Distributing policies as bundles").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BundleConfig {
+    /// A local bundle: `.tar.gz` file or directory (watched like `dir`).
+    pub path: Option<PathBuf>,
+    /// A bundle server URL polled with `ETag` / `If-None-Match`.
+    pub url: Option<String>,
+    /// Where the last good downloaded bundle is kept, so that rempart
+    /// starts when the server is down.
+    pub persist_dir: PathBuf,
+    /// Polling waits a random time between these two after a success.
+    pub poll_min: Seconds,
+    pub poll_max: Seconds,
+    /// After a failed download, waits double from `backoff_min` up to
+    /// `backoff_max` (with jitter).
+    pub backoff_min: Seconds,
+    pub backoff_max: Seconds,
+    /// Limit of one download, headers and body.
+    pub timeout: Seconds,
+    /// File holding a bearer token sent as `Authorization: Bearer`; read
+    /// before every download so that it can be rotated.
+    pub bearer_token_file: Option<PathBuf>,
+    /// PEM CA bundle to verify an `https` server (default: the system's
+    /// public roots).
+    pub ca: Option<PathBuf>,
+    /// Largest bundle accepted as stored or downloaded (compressed).
+    pub max_bytes: u64,
+    /// Largest total size its files may unpack to.
+    pub max_uncompressed_bytes: u64,
+    /// When present, only bundles signed with this key are accepted.
+    pub signing: Option<BundleSigningConfig>,
+}
+
+impl Default for BundleConfig {
+    fn default() -> Self {
+        BundleConfig {
+            path: None,
+            url: None,
+            persist_dir: PathBuf::from("rempart-bundle"),
+            poll_min: Seconds(Duration::from_secs(60)),
+            poll_max: Seconds(Duration::from_secs(120)),
+            backoff_min: Seconds(Duration::from_secs(1)),
+            backoff_max: Seconds(Duration::from_secs(120)),
+            timeout: Seconds(Duration::from_secs(30)),
+            bearer_token_file: None,
+            ca: None,
+            max_bytes: 32 << 20,
+            max_uncompressed_bytes: 256 << 20,
+            signing: None,
+        }
+    }
+}
+
+impl BundleConfig {
+    fn validate(&self, has_dir: bool) -> anyhow::Result<()> {
+        match (&self.path, &self.url) {
+            (Some(_), Some(_)) => bail!("[policy.bundle] set path or url, not both"),
+            (None, None) => bail!(
+                "[policy.bundle] needs path (a bundle file or directory) or url (a bundle server)"
+            ),
+            _ => {}
+        }
+        if has_dir {
+            bail!("[policy] dir and [policy.bundle] are both set: choose one source of policies");
+        }
+        if let Some(url) = &self.url {
+            let uri: http::Uri = url
+                .parse()
+                .with_context(|| format!("[policy.bundle] url {url:?}"))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                bail!("[policy.bundle] url {url:?} must be an http:// or https:// URL");
+            }
+        }
+        if self.poll_min.0.is_zero() || self.poll_max.0 < self.poll_min.0 {
+            bail!("[policy.bundle] poll_min must be above zero and poll_max at least poll_min");
+        }
+        if self.backoff_min.0.is_zero() || self.backoff_max.0 < self.backoff_min.0 {
+            bail!("[policy.bundle] backoff_min must be above zero and backoff_max at least backoff_min");
+        }
+        if self.max_bytes == 0 || self.max_uncompressed_bytes < self.max_bytes {
+            bail!("[policy.bundle] max_bytes must be above zero and max_uncompressed_bytes at least max_bytes");
+        }
+        Ok(())
+    }
+}
+
+/// `[policy.bundle.signing]`: the key `.signatures.json` must verify with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleSigningConfig {
+    /// PEM public key (RSA, EC, Ed25519), or the shared secret for HS*.
+    pub public_key: PathBuf,
+    /// JWT algorithm, as in OPA's `keys.<id>.algorithm`.
+    #[serde(default = "default_bundle_algorithm")]
+    pub algorithm: String,
+    /// When set, a signature naming another key id (`kid`) is refused.
+    pub keyid: Option<String>,
+    /// The `scope` claim the signature must carry (OPA's `signing.scope`).
+    pub scope: Option<String>,
+}
+
+fn default_bundle_algorithm() -> String {
+    "RS256".into()
 }
 
 #[cfg(test)]

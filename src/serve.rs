@@ -24,13 +24,15 @@ use crate::pipeline::egress::EgressGateway;
 use crate::pipeline::identify::jwt::JwtVerifier;
 use crate::pipeline::identify::Identifier;
 use crate::pipeline::{accept, Gateway, Security};
-use crate::policy::{PolicySource, PolicyStore};
+use crate::policy::PolicySource;
 
 pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
     cfg.validate()?;
     let metrics = Arc::new(Metrics::new());
-    let policies = PolicyStore::open(source.clone(), Arc::clone(&metrics))
-        .with_context(|| format!("cannot load policies from {source}"))?;
+    // A bundle server is polled from here on; at start its persisted copy
+    // (or a first download) is what serves.
+    let (policies, bundle_polling) =
+        crate::policy::bundle::fetch::open_store(&cfg, source.clone(), Arc::clone(&metrics))?;
     let geo = GeoStore::open(cfg.geo.files(), cfg.geo.optional, Arc::clone(&metrics))?;
     let (audit, audit_writer) = AuditSink::open(
         &cfg.audit.path,
@@ -198,6 +200,9 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
 
     let (reload_tx, reload_rx) = mpsc::channel();
     policies.watch(reload_rx, cfg.policy.reload_interval.0);
+    if let Some(polling) = bundle_polling {
+        polling.spawn(Arc::clone(&policies))?;
+    }
     let (geo_reload_tx, geo_reload_rx) = mpsc::channel();
     geo.watch(geo_reload_rx, cfg.geo.reload_interval.0);
     let tls_reload_tx = match (&ingress_tls, &cfg.server.tls) {

@@ -738,13 +738,19 @@ async fn an_allowed_address_that_does_not_answer_hands_over_to_the_next_allowed_
     )
     .await;
     assert_eq!(status, 200, "{head}");
-    assert!(body_of(&mut r, &head)
-        .await
-        .starts_with("hello from 127.0.0.2"));
+    let body = body_of(&mut r, &head).await;
+    assert!(body.starts_with("hello from 127.0.0.2"));
     let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
     let rec = s.rempart.audit_record(&id).await;
     assert_eq!(rec["destination"]["ip"], EU, "{rec}");
     assert_eq!(rec["decision"]["outcome"], "allowed", "{rec}");
+    // Plain requests count their body bytes as they stream.
+    assert_eq!(
+        s.rempart
+            .metric("rempart_egress_bytes_total{flow=\"from_destination\"}")
+            .await,
+        body.len() as f64
+    );
 
     let (status, head, _) = connect(s.proxy, &format!("failover.test:{port}")).await;
     assert_eq!(status, 200, "{head}");

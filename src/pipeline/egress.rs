@@ -698,13 +698,20 @@ impl EgressGateway {
         });
         let sent = tokio::time::timeout(
             self.limits.response_timeout,
-            sender.send_request(Request::from_parts(parts, body)),
+            sender.send_request(Request::from_parts(
+                parts,
+                enforce::Metered::new(body, self.metrics.egress.bytes_to_destination.clone()),
+            )),
         )
         .await;
         match sent {
             Ok(Ok(mut resp)) => {
                 enforce::strip_hop_by_hop(resp.headers_mut());
-                (resp.map(ProxyBody::Upstream), None)
+                let counter = self.metrics.egress.bytes_from_destination.clone();
+                (
+                    resp.map(|b| ProxyBody::Metered(enforce::Metered::new(b, counter))),
+                    None,
+                )
             }
             Ok(Err(e)) => fail(
                 StatusCode::BAD_GATEWAY,

@@ -6,6 +6,7 @@
 //! per-thread virtual machine: no lock is taken on the request path, and a
 //! reload only swaps an `Arc` (see [`PolicyStore`]).
 
+pub mod bundle;
 mod load;
 mod store;
 pub mod testing;
