@@ -430,6 +430,29 @@ async fn report_renders_markdown_and_self_contained_html() {
     ] {
         assert!(html.contains(title), "{title}");
     }
+    // The page of docs/report.png: this trail with a partly filled facts
+    // file (see docs/report.md, "Screenshot").
+    if let Some(path) = std::env::var_os("REMPART_REPORT_DOCS_HTML") {
+        let facts = s.dir.path().join("facts.toml");
+        std::fs::write(
+            &facts,
+            "[vendor]\nname = \"Exemple CRM SAS\"\ncountry = \"FR\"\neu_shareholding_percent = 64\nus_subsidiary = true\n\
+             [hosting]\nprovider = \"OVHcloud\"\ncontract_law = \"FR\"\ncertifications = [\"iso27001\"]\n",
+        )
+        .unwrap();
+        let (code, _, err) = common::run(&[
+            "report",
+            "--config",
+            s.config.to_str().unwrap(),
+            "--facts",
+            facts.to_str().unwrap(),
+            "--format",
+            "html",
+            "-o",
+            path.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+    }
     // Neither --audit nor --config: a clear error.
     let (code, _, err) = common::run(&["report"]);
     assert_ne!(code, 0);

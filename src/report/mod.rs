@@ -226,7 +226,7 @@ fn enforcement(
     Some(Enforcement {
         points,
         evidence: format!(
-            "enforcement: mode {}, policy {} {rule_name} ({}), {}",
+            "enforcement: mode {}; policy {} {} {rule_name}; {}",
             p.mode,
             p.policy_revision,
             if rule_active(p) {

@@ -216,20 +216,22 @@ fn band_colour(score: u32, max: u32) -> &'static str {
 fn bars(rows: &[(String, f64, f64, &str, String)]) -> String {
     let row_h = 26;
     let h = rows.len() * row_h + 8;
+    // Label column, bar, value text: wide enough for the longest
+    // criterion title and "0 / 10 (not judged)".
     let mut s = format!(
-        "<svg class=\"chart\" viewBox=\"0 0 640 {h}\" width=\"640\" height=\"{h}\" role=\"img\">"
+        "<svg class=\"chart\" viewBox=\"0 0 900 {h}\" width=\"900\" height=\"{h}\" role=\"img\">"
     );
     for (i, (label, value, max, colour, text)) in rows.iter().enumerate() {
         let y = i * row_h + 4;
         let w = if *max > 0.0 {
-            (value / max * 300.0).clamp(0.0, 300.0)
+            (value / max * 400.0).clamp(0.0, 400.0)
         } else {
             0.0
         };
         let _ = write!(
             s,
-            "<text x=\"0\" y=\"{}\" class=\"l\">{}</text><rect x=\"250\" y=\"{y}\" width=\"300\" height=\"18\" fill=\"#eee\"/>\
-             <rect x=\"250\" y=\"{y}\" width=\"{w:.1}\" height=\"18\" fill=\"{colour}\"/><text x=\"556\" y=\"{}\" class=\"v\">{}</text>",
+            "<text x=\"0\" y=\"{}\" class=\"l\">{}</text><rect x=\"330\" y=\"{y}\" width=\"400\" height=\"18\" fill=\"#eee\" stroke=\"#ccc\"/>\
+             <rect x=\"330\" y=\"{y}\" width=\"{w:.1}\" height=\"18\" fill=\"{colour}\"/><text x=\"740\" y=\"{}\" class=\"v\">{}</text>",
             y + 14,
             esc(label),
             y + 14,
@@ -258,7 +260,7 @@ pub fn html(r: &Report) -> String {
          .score{{display:flex;gap:24px;align-items:center;margin:16px 0}} .big{{font-size:56px;font-weight:700;color:{colour}}}\
          .verdict{{font-size:22px;font-weight:600;text-transform:uppercase;color:{colour}}} .muted{{color:#666;font-size:14px}}\
          table{{border-collapse:collapse;width:100%;font-size:13px;margin:8px 0}} th,td{{border:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top}}\
-         th{{background:#f5f5f5}} td.n{{text-align:right}} .chart text{{font-size:12px;font-family:inherit}} .chart .v{{fill:#333}}\
+         th{{background:#f5f5f5}} td.n{{text-align:right}} .chart text{{font-size:13px;font-family:inherit}} .chart{{max-width:100%;height:auto}} .chart .v{{fill:#333}}\
          .crit{{border:1px solid #ddd;border-left:6px solid #888;padding:8px 12px;margin:10px 0;border-radius:4px}}\
          .crit h3{{margin:0 0 4px;font-size:16px}} .crit ul{{margin:4px 0;padding-left:20px;font-size:14px}} .tag{{font-size:12px;padding:1px 6px;border-radius:8px;background:#eee;margin-left:6px}}\
          .ok{{color:#2e7d32;font-weight:600}} .warning{{color:#b26a00;font-weight:600}} .missing{{color:#c62828;font-weight:600}} code{{font-size:12px}}\
@@ -380,7 +382,7 @@ pub fn html(r: &Report) -> String {
         if !c.examples.is_empty() {
             let _ = write!(
                 o,
-                "<li>example decisions: {}</li>",
+                "<li>example decisions (<code>rempart audit query</code>): {}</li>",
                 c.examples
                     .iter()
                     .map(|x| format!("<code>{}</code>", esc(x)))
