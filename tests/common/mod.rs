@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod loopback_geo;
+pub mod pki;
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
