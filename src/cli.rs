@@ -43,6 +43,48 @@ enum Command {
     /// Work with the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Score sovereignty on the 100-point, 11-criteria grid (docs/report.md)
+    /// from the audit trail, the configuration and policies, and a
+    /// declared-facts file.
+    Report(ReportArgs),
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// The deployment's configuration: mode, TLS, identity, audit, geo data
+    /// and policies are judged, and its [audit] path is read when no
+    /// --audit is given. Without it, enforcement is not judged.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Policy directory (overrides the config file's).
+    #[arg(long, value_name = "DIR")]
+    policies: Option<PathBuf>,
+    /// Trail files or directories, oldest first (`.gz` accepted)
+    /// [default: the config's [audit] path and its rotated files]
+    #[arg(long, value_name = "FILE|DIR", num_args = 1..)]
+    audit: Vec<PathBuf>,
+    /// Declared facts (TOML: [vendor], [hosting]; docs/report.md)
+    /// [default: the config's [report] facts]
+    #[arg(long, value_name = "FILE")]
+    facts: Option<PathBuf>,
+    /// Records at or after this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    since: Option<std::time::SystemTime>,
+    /// Records before this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    until: Option<std::time::SystemTime>,
+    #[arg(long, value_enum, default_value = "markdown")]
+    format: ReportFormat,
+    /// Write here instead of standard output.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum ReportFormat {
+    Markdown,
+    Json,
+    Html,
 }
 
 #[derive(Subcommand, Debug)]
@@ -370,6 +412,7 @@ pub fn main() -> ExitCode {
                 direction,
             },
         ),
+        Command::Report(args) => report(&args),
         Command::Geoip(GeoipCommand::BuildAsn { csv, out }) => {
             crate::geo::build::asn_from_csv(&csv, &out).and_then(|n| {
                 emit(&format!("wrote {} ({n} ranges)", out.display()))?;
@@ -640,6 +683,78 @@ fn audit_query(args: &[PathBuf], filter: &crate::audit::query::Filter) -> anyhow
     let n = crate::audit::query::query(&files, filter, &mut out)?;
     std::io::Write::flush(&mut out)?;
     eprintln!("rempart: {n} matching record(s)");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report(a: &ReportArgs) -> anyhow::Result<ExitCode> {
+    let cfg = a.config.as_deref().map(Config::from_file).transpose()?;
+    let files = if !a.audit.is_empty() {
+        crate::audit::verify::expand(&a.audit).map_err(|b| anyhow!("{b}"))?
+    } else if let Some(cfg) = &cfg {
+        let active = &cfg.audit.path;
+        let files = crate::report::live_files(active, std::time::UNIX_EPOCH)
+            .with_context(|| format!("cannot list the trail files of {}", active.display()))?;
+        if files.is_empty() {
+            anyhow::bail!(
+                "[audit] path {}: no trail file there; give the trail with --audit",
+                active.display()
+            );
+        }
+        files
+    } else {
+        anyhow::bail!(
+            "give the audit trail (--audit FILE|DIR...) or the configuration (--config FILE)"
+        );
+    };
+    let geo = match &cfg {
+        Some(c) if c.geo.optional => crate::geo::GeoDb::open_lenient(&c.geo.files()),
+        Some(c) => crate::geo::GeoDb::open(&c.geo.files()),
+        None => crate::geo::GeoDb::open(&crate::geo::GeoFiles::default()),
+    }
+    .context("[geo]")?;
+    let set = match &cfg {
+        Some(c) => {
+            let source = policy_source(a.policies.as_deref(), c.policy.dir.as_deref());
+            Some(policy::load(&source).with_context(|| format!("policies from {source}"))?)
+        }
+        None => None,
+    };
+    let facts_path = a
+        .facts
+        .clone()
+        .or_else(|| cfg.as_ref().and_then(|c| c.report.facts.clone()));
+    let facts = facts_path
+        .as_deref()
+        .map(crate::report::facts::Facts::from_file)
+        .transpose()?;
+    let report = crate::report::generate(crate::report::Sources {
+        config: cfg.as_ref(),
+        policies: set.as_ref(),
+        geo: &geo,
+        facts: facts.as_ref(),
+        files,
+        filter: crate::audit::query::Filter {
+            since: a.since,
+            until: a.until,
+            ..Default::default()
+        },
+        max_records: None,
+        now: std::time::SystemTime::now(),
+    })?;
+    let text = match a.format {
+        ReportFormat::Markdown => crate::report::render::markdown(&report),
+        ReportFormat::Json => crate::report::render::json(&report),
+        ReportFormat::Html => crate::report::render::html(&report),
+    };
+    match &a.output {
+        Some(path) => std::fs::write(path, text)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => emit(text.trim_end())?,
+    }
+    eprintln!(
+        "rempart: score {} / 100 ({}); {} decisions read",
+        report.score, report.verdict, report.observations.decisions
+    );
     Ok(ExitCode::SUCCESS)
 }
 

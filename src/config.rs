@@ -25,6 +25,31 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub geo: GeoConfig,
     pub egress: EgressConfig,
+    pub report: ReportConfig,
+}
+
+/// The sovereignty report served at the admin listener's `/report`
+/// (`rempart report` takes the same from its flags).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportConfig {
+    /// Declared-facts file (vendor, contracts, certifications); without
+    /// it the declared criteria are not judged.
+    pub facts: Option<PathBuf>,
+    /// How far back `/report` reads the trail.
+    pub window: Seconds,
+    /// At most this many decision records are read per `/report` request.
+    pub max_records: u64,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        ReportConfig {
+            facts: None,
+            window: Seconds(Duration::from_secs(7 * 86_400)),
+            max_records: 200_000,
+        }
+    }
 }
 
 /// The egress forward proxy: the listener the CRM reaches through

@@ -23,5 +23,6 @@ pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod reload;
+pub mod report;
 pub mod serve;
 pub mod tls;

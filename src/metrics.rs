@@ -3,6 +3,9 @@
 //! Every label combination used on the request path is resolved once here,
 //! so that counting a request is an atomic add, not a map lookup.
 
+use std::collections::HashSet;
+use std::sync::RwLock;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -77,6 +80,11 @@ pub struct Metrics {
     pub egress: EgressMetrics,
     pub decision_log: DecisionLogMetrics,
     pub bundle: BundleMetrics,
+    decision_reasons: IntCounterVec,
+    reason_codes: BoundedLabel,
+    egress_decisions: IntCounterVec,
+    egress_countries: BoundedLabel,
+    egress_jurisdictions: BoundedLabel,
 }
 
 /// The OPA-compatible decision-log upload (`[audit.decision_log]`).
@@ -156,6 +164,63 @@ impl DecisionLogMetrics {
             spool_write_error: refusals.with_label_values(&["write_error"]),
             dropped_not_in_trail: dropped.with_label_values(&["not_in_trail"]),
             dropped_unreadable: dropped.with_label_values(&["unreadable"]),
+        }
+    }
+}
+
+/// The label value that stands for every value past a [`BoundedLabel`]'s
+/// cap, and for values that are not well-formed label values.
+pub const OTHER_LABEL: &str = "other";
+/// Distinct reason codes in `rempart_decision_reasons_total{code}`.
+pub const MAX_REASON_CODES: usize = 64;
+/// Distinct countries in `rempart_egress_decisions_total{country}`.
+pub const MAX_EGRESS_COUNTRIES: usize = 64;
+/// Distinct jurisdictions in `rempart_egress_decisions_total{jurisdiction}`.
+pub const MAX_EGRESS_JURISDICTIONS: usize = 32;
+
+/// A label whose values come from outside rempart (the policy's reason
+/// codes, the geo data's countries): the first `cap` distinct well-formed
+/// values get their own series, every later one is counted as `other`, so
+/// that a policy inventing codes cannot grow the scrape without bound.
+struct BoundedLabel {
+    admitted: RwLock<HashSet<Box<str>>>,
+    cap: usize,
+}
+
+impl BoundedLabel {
+    fn new(cap: usize) -> Self {
+        BoundedLabel {
+            admitted: RwLock::new(HashSet::new()),
+            cap,
+        }
+    }
+
+    /// `value` itself if it has (or may take) a series of its own, else
+    /// [`OTHER_LABEL`].
+    fn get<'a>(&self, value: &'a str) -> &'a str {
+        let well_formed = !value.is_empty()
+            && value.len() <= 64
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+        if !well_formed || value == OTHER_LABEL {
+            return OTHER_LABEL;
+        }
+        // A poisoned lock only means another thread panicked mid-insert;
+        // the set itself is still a valid set.
+        let admitted = self.admitted.read().unwrap_or_else(|e| e.into_inner());
+        if admitted.contains(value) {
+            return value;
+        }
+        drop(admitted);
+        let mut admitted = self.admitted.write().unwrap_or_else(|e| e.into_inner());
+        if admitted.contains(value) {
+            value
+        } else if admitted.len() < self.cap {
+            admitted.insert(value.into());
+            value
+        } else {
+            OTHER_LABEL
         }
     }
 }
@@ -511,12 +576,36 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
 
+        let decision_reasons = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_decision_reasons_total",
+                "Reasons given by decisions, by direction, request outcome, kind (deny, warn) and reason code \
+                 (at most 64 distinct codes; later ones are counted as \"other\").",
+            ),
+            &["direction", "outcome", "kind", "code"],
+        ));
+        reg(Box::new(decision_reasons.clone()));
+        let egress_decisions = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_egress_decisions_total",
+                "Egress decisions by destination country, operator jurisdiction, sovereignty verdict \
+                 and outcome (at most 64 countries and 32 jurisdictions; later ones are \"other\").",
+            ),
+            &["country", "jurisdiction", "sovereign", "outcome"],
+        ));
+        reg(Box::new(egress_decisions.clone()));
+
         let egress = EgressMetrics::new(&registry);
         let decision_log = DecisionLogMetrics::new(&registry);
         let bundle = BundleMetrics::new(&registry);
         Metrics {
             egress,
             bundle,
+            decision_reasons,
+            reason_codes: BoundedLabel::new(MAX_REASON_CODES),
+            egress_decisions,
+            egress_countries: BoundedLabel::new(MAX_EGRESS_COUNTRIES),
+            egress_jurisdictions: BoundedLabel::new(MAX_EGRESS_JURISDICTIONS),
             registry,
             requests,
             policy_evaluation_seconds,
@@ -568,6 +657,38 @@ impl Metrics {
         };
         let o = Outcome::ALL.iter().position(|x| *x == outcome).unwrap_or(3);
         &self.requests[d][o]
+    }
+
+    /// Counts one reason of a decision (`kind`: "deny" or "warn").
+    pub fn decision_reason(&self, direction: Direction, outcome: Outcome, kind: &str, code: &str) {
+        let code = self.reason_codes.get(code);
+        self.decision_reasons
+            .with_label_values(&[direction.as_str(), outcome.as_str(), kind, code])
+            .inc();
+    }
+
+    /// Counts one egress decision by where it was going. `country` and
+    /// `jurisdiction` are `None` when unknown (not located, or no operator
+    /// in the registry): counted as "unknown".
+    pub fn egress_decision(
+        &self,
+        country: Option<&str>,
+        jurisdiction: Option<&str>,
+        sovereign: &str,
+        outcome: Outcome,
+    ) {
+        let country = country.map_or("unknown", |c| self.egress_countries.get(c));
+        let jurisdiction = jurisdiction.map_or("unknown", |j| self.egress_jurisdictions.get(j));
+        let sovereign = match sovereign {
+            crate::geo::EU_OPERATED_IN_EU
+            | crate::geo::NON_EU_OPERATOR_IN_EU
+            | crate::geo::OUTSIDE_EU
+            | crate::geo::LOCAL => sovereign,
+            _ => crate::geo::UNKNOWN,
+        };
+        self.egress_decisions
+            .with_label_values(&[country, jurisdiction, sovereign, outcome.as_str()])
+            .inc();
     }
 
     pub fn upstream_error(&self, kind: UpstreamError) -> &IntCounter {
@@ -730,5 +851,55 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+    }
+
+    #[test]
+    fn reason_codes_are_capped_and_malformed_ones_are_other() {
+        let m = Metrics::new();
+        for i in 0..MAX_REASON_CODES + 10 {
+            m.decision_reason(
+                Direction::Ingress,
+                Outcome::Denied,
+                "deny",
+                &format!("code_{i}"),
+            );
+        }
+        m.decision_reason(Direction::Egress, Outcome::Monitored, "deny", "bad code\"}");
+        m.decision_reason(Direction::Ingress, Outcome::Denied, "deny", "code_0");
+        let text = String::from_utf8(m.render()).unwrap();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("rempart_decision_reasons_total{"))
+            .count();
+        // 64 codes of their own, "other" for ingress and for egress.
+        assert_eq!(series, MAX_REASON_CODES + 2, "{text}");
+        assert!(text.contains(
+            "rempart_decision_reasons_total{code=\"code_0\",direction=\"ingress\",kind=\"deny\",outcome=\"denied\"} 2"
+        ));
+        assert!(text.contains(
+            "rempart_decision_reasons_total{code=\"other\",direction=\"ingress\",kind=\"deny\",outcome=\"denied\"} 10"
+        ));
+        assert!(text.contains(
+            "rempart_decision_reasons_total{code=\"other\",direction=\"egress\",kind=\"deny\",outcome=\"monitored\"} 1"
+        ));
+    }
+
+    #[test]
+    fn egress_decisions_by_country_and_jurisdiction() {
+        let m = Metrics::new();
+        m.egress_decision(
+            Some("DE"),
+            Some("US"),
+            "non_eu_operator_in_eu",
+            Outcome::Denied,
+        );
+        m.egress_decision(None, None, "something new", Outcome::Error);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(
+            "rempart_egress_decisions_total{country=\"DE\",jurisdiction=\"US\",outcome=\"denied\",sovereign=\"non_eu_operator_in_eu\"} 1"
+        ), "{text}");
+        assert!(text.contains(
+            "rempart_egress_decisions_total{country=\"unknown\",jurisdiction=\"unknown\",outcome=\"error\",sovereign=\"unknown\"} 1"
+        ), "{text}");
     }
 }

@@ -250,6 +250,10 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
             .map(|u| u.to_string())
             .unwrap_or_default(),
         ready: true.into(),
+        report: admin::ReportState {
+            config: Arc::new(cfg.clone()),
+            geo: Arc::clone(&geo),
+        },
     });
 
     let control = tokio::runtime::Builder::new_current_thread()

@@ -999,17 +999,20 @@ fn scraped(text: &str) -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
 }
 
 /// A rempart with every metric family populated: a country and an ASN
-/// database (for the GeoIP build-time gauge), an upstream, and requests
-/// allowed, denied and failed upstream.
-async fn populated_rempart() -> (Rempart, Upstream) {
+/// database (for the GeoIP build-time gauge) placing loopback addresses,
+/// an upstream, requests allowed, denied and failed upstream, and egress
+/// calls refused for going outside the EU and to a US operator in the EU
+/// (for the per-reason and per-destination counters).
+async fn populated_rempart() -> (Rempart, Upstream, tempfile::TempDir) {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let maxmind = repo().join("tests/data/maxmind");
+    let (country, asn) = common::loopback_geo::write(dir.path(), &[]);
     let toml = format!(
-        "[upstream]\nurl = \"{}\"\n[geo]\ncountry_db = \"{}\"\nasn_db = \"{}\"\n",
+        // Port 0 on the ingress address would be refused as the same
+        // listener: the egress proxy takes another loopback address.
+        "[upstream]\nurl = \"{}\"\n[egress]\nlisten = \"127.0.0.9:0\"\n{}",
         up.url(),
-        maxmind.join("GeoLite2-Country-Test.mmdb").display(),
-        maxmind.join("GeoLite2-ASN-Test.mmdb").display(),
+        common::loopback_geo::geo_toml(&country, &asn),
     );
     let rp = Rempart::with_config(dir.path(), "rempart.toml", &toml).unwrap();
     assert_eq!(get(&rp.url("/api/contacts/1")).await.status, 200);
@@ -1017,13 +1020,35 @@ async fn populated_rempart() -> (Rempart, Upstream) {
         request("TRACE", &rp.url("/api/contacts"), &[]).await.status,
         403
     );
-    drop(dir);
-    (rp, up)
+    let proxy = rp.egress.expect("egress listener");
+    for target in [
+        common::loopback_geo::US,
+        common::loopback_geo::US_OPERATOR_IN_EU,
+    ] {
+        assert_eq!(egress_connect(proxy, &format!("{target}:443")).await, 403);
+    }
+    // The geo files must outlive rempart (it watches them for reloads).
+    (rp, up, dir)
+}
+
+/// Asks the egress proxy for a tunnel; returns the status it answered.
+async fn egress_connect(proxy: std::net::SocketAddr, target: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut head))
+        .await
+        .expect("egress proxy answered in time")
+        .unwrap();
+    String::from_utf8_lossy(&head[9..12]).parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn alerts_and_dashboard_use_only_metrics_and_labels_rempart_exports() {
-    let (rp, _up) = populated_rempart().await;
+    let (rp, _up, _geo) = populated_rempart().await;
     let text = rp.metrics().await;
     let exported = scraped(&text);
     // Families without any series are not rendered: make sure the ones the
@@ -1032,6 +1057,8 @@ async fn alerts_and_dashboard_use_only_metrics_and_labels_rempart_exports() {
         "rempart_geo_database_build_timestamp_seconds",
         "rempart_policy_revision_info",
         "rempart_requests_total",
+        "rempart_decision_reasons_total",
+        "rempart_egress_decisions_total",
     ] {
         assert!(exported.contains_key(name), "{name} not in\n{text}");
     }
@@ -1119,7 +1146,7 @@ async fn prometheus_query(port: u16, query: &str) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_prometheus_scrapes_rempart_and_evaluates_the_rules() {
     let prometheus = tool("prometheus", "apt-get install prometheus (.ci/run does)");
-    let (rp, _up) = populated_rempart().await;
+    let (rp, _up, _geo) = populated_rempart().await;
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("prometheus.yml");
     std::fs::write(

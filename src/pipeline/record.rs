@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crate::audit::{AuditAck, AuditDecision, AuditIdentity, AuditRecord, AuditRequest, AuditSink};
 use crate::config::AuditRecordScope;
-use crate::input::PolicyInput;
+use crate::input::{Direction, PolicyInput};
 use crate::metrics::{Metrics, Outcome};
 
 use super::decide::Ruling;
@@ -36,6 +36,30 @@ pub fn worth_recording(scope: AuditRecordScope, ruling: &Ruling, outcome: Outcom
     }
 }
 
+/// Counts one decision: its outcome, its reasons and, for egress, where
+/// it was going. Called once per decision (not again when a tunnel closes).
+fn count(ev: &Evidence<'_>, metrics: &Metrics) {
+    let input = ev.input;
+    metrics.request(input.direction, ev.outcome).inc();
+    let d = &ev.ruling.decision;
+    for r in &d.deny {
+        metrics.decision_reason(input.direction, ev.outcome, "deny", &r.code);
+    }
+    for r in &d.warn {
+        metrics.decision_reason(input.direction, ev.outcome, "warn", &r.code);
+    }
+    if input.direction == Direction::Egress {
+        let geo = input.destination.geo.as_ref();
+        metrics.egress_decision(
+            geo.and_then(|g| g.country.as_deref()),
+            geo.and_then(|g| g.operator.as_ref())
+                .map(|o| o.jurisdiction.as_str()),
+            geo.map_or(crate::geo::UNKNOWN, |g| g.sovereign.as_str()),
+            ev.outcome,
+        );
+    }
+}
+
 /// Counts the request and queues its record. In sync durability mode,
 /// returns the acknowledgement the response must wait for.
 pub fn record(
@@ -45,10 +69,10 @@ pub fn record(
     metrics: &Metrics,
 ) -> Option<AuditAck> {
     let input = ev.input;
-    if ev.transfer.is_none() {
-        metrics.request(input.direction, ev.outcome).inc();
-    }
     let d = &ev.ruling.decision;
+    if ev.transfer.is_none() {
+        count(ev, metrics);
+    }
     if !worth_recording(scope, ev.ruling, ev.outcome) {
         return None;
     }

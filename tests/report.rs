@@ -1,0 +1,516 @@
+//! `rempart report` and the admin `/report`, on a real trail: a real
+//! rempart process in front of a real upstream, real egress tunnels to a
+//! real TCP server, and CONNECTs to destinations that generated GeoIP
+//! fixtures place in the United States and at Amazon in Germany
+//! (tests/common/loopback_geo.rs).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::loopback_geo::{self, EU, US, US_OPERATOR_IN_EU};
+use common::{get, request, Rempart, Upstream};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A TCP echo server on `ip` (an EU destination in the fixtures).
+async fn echo_server(ip: &str) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind(format!("{ip}:0"))
+        .await
+        .unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Opens a tunnel through the egress proxy; returns its status and, when
+/// open, the stream.
+async fn connect(proxy: std::net::SocketAddr, target: &str) -> (u16, tokio::net::TcpStream) {
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .expect("proxy answered in time")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    let status = String::from_utf8_lossy(&head)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, s)
+}
+
+struct Scene {
+    rempart: Rempart,
+    _upstream: Upstream,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    /// The same deployment in monitor mode (same trail, same policies).
+    monitor_config: PathBuf,
+}
+
+fn config_text(dir: &Path, upstream: &str, mode: &str, extra: &str) -> String {
+    let (country, asn) = (dir.join("country.mmdb"), dir.join("asn.mmdb"));
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmode = \"{mode}\"\n[upstream]\nurl = \"{upstream}\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [egress]\n# Port 0 on the ingress address would be refused as the same listener.\nlisten = \"127.0.0.9:0\"\n\
+         [policy]\ndir = \"{}\"\n[audit]\npath = \"{}\"\n{extra}\n{}",
+        dir.join("policies").display(),
+        dir.join("audit.jsonl").display(),
+        loopback_geo::geo_toml(&country, &asn),
+    )
+}
+
+/// rempart with real traffic: ingress allowed and denied, an egress
+/// tunnel to the EU that carries bytes, and egress refused to the US and
+/// to Amazon in Germany. Stopped, so the trail is complete.
+async fn scene(report_table: &str) -> Scene {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    loopback_geo::write(dir.path(), &[]);
+    loopback_geo::policies(dir.path());
+    let config = dir.path().join("rempart.toml");
+    std::fs::write(
+        &config,
+        config_text(dir.path(), &up.url(), "enforce", report_table),
+    )
+    .unwrap();
+    let monitor_config = dir.path().join("rempart-monitor.toml");
+    std::fs::write(
+        &monitor_config,
+        config_text(dir.path(), &up.url(), "monitor", report_table),
+    )
+    .unwrap();
+    // The harness would give rempart a trail of its own: use the config's.
+    let audit = dir.path().join("audit.jsonl");
+    let rempart = Rempart::try_start(
+        "",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--audit",
+            audit.to_str().unwrap(),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("rempart did not start: {e}"));
+
+    for _ in 0..3 {
+        assert_eq!(get(&rempart.url("/api/contacts/1")).await.status, 200);
+    }
+    assert_eq!(
+        request("POST", &rempart.url("/api/contacts"), &[])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        request("TRACE", &rempart.url("/api/contacts"), &[])
+            .await
+            .status,
+        403
+    );
+
+    let proxy = rempart.egress.expect("egress listener");
+    let (echo, _task) = echo_server(EU).await;
+    let (status, mut tunnel) = connect(proxy, &echo.to_string()).await;
+    assert_eq!(status, 200, "EU destination refused");
+    tunnel.write_all(b"contact export 123").await.unwrap();
+    let mut back = [0u8; 18];
+    tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"contact export 123");
+    drop(tunnel);
+    assert_eq!(connect(proxy, &format!("{US}:443")).await.0, 403);
+    assert_eq!(
+        connect(proxy, &format!("{US_OPERATOR_IN_EU}:443")).await.0,
+        403
+    );
+    // The tunnel's closing record (its bytes) is written when it closes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !rempart
+        .audit_records()
+        .iter()
+        .any(|r| r.get("transfer").is_some())
+    {
+        assert!(std::time::Instant::now() < deadline, "no transfer record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Scene {
+        rempart,
+        _upstream: up,
+        dir,
+        config,
+        monitor_config,
+    }
+}
+
+fn report_json(args: &[&str]) -> Value {
+    let mut all = vec!["report", "--format", "json"];
+    all.extend_from_slice(args);
+    let (code, out, err) = common::run(&all);
+    assert_eq!(code, 0, "rempart report failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+fn criterion<'a>(r: &'a Value, id: &str) -> &'a Value {
+    r["criteria"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no criterion {id}"))
+}
+
+fn score(r: &Value, id: &str) -> u64 {
+    criterion(r, id)["score"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn report_scores_a_real_trail_and_the_score_follows_the_configuration() {
+    let mut s = scene("").await;
+    assert!(s.rempart.stop().success());
+    let cfg = s.config.to_str().unwrap();
+    let enforce = report_json(&["--config", cfg]);
+
+    assert_eq!(enforce["schema"], "rempart.report/v1");
+    let criteria = enforce["criteria"].as_array().unwrap();
+    assert_eq!(criteria.len(), 11);
+    assert_eq!(
+        criteria
+            .iter()
+            .map(|c| c["max"].as_u64().unwrap())
+            .sum::<u64>(),
+        100
+    );
+    let total: u64 = criteria.iter().map(|c| c["score"].as_u64().unwrap()).sum();
+    assert_eq!(enforce["score"].as_u64().unwrap(), total);
+
+    // What was seen: 4 ingress requests forwarded to the CRM in France, one
+    // tunnel to France that carried 36 bytes; the US and Amazon refused.
+    let obs = &enforce["observations"];
+    assert_eq!(obs["forwarded"]["eu"]["requests"], 5, "{obs:#}");
+    assert_eq!(obs["forwarded"]["eu"]["bytes"], 36);
+    assert_eq!(obs["forwarded"]["non_eu"]["requests"], 0);
+    assert_eq!(obs["outcomes"]["egress"]["denied"], 2);
+    assert_eq!(obs["outcomes"]["ingress"]["denied"], 1);
+    let reasons: Vec<&str> = obs["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect();
+    for code in [
+        "destination_outside_eu",
+        "destination_non_eu_jurisdiction",
+        "method_not_allowed",
+    ] {
+        assert!(reasons.contains(&code), "{code} not in {reasons:?}");
+    }
+    let us_row = obs["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["country"] == "US")
+        .expect("a US destination row");
+    assert_eq!(
+        (us_row["denied"].as_u64(), us_row["forwarded"].as_u64()),
+        (Some(1), Some(0))
+    );
+    // Its example decision is a real record of the trail.
+    let example = us_row["examples"][0].as_str().unwrap();
+    assert!(s
+        .rempart
+        .audit_records()
+        .iter()
+        .any(|r| r["decision_id"] == example));
+    let amazon = obs["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["operator"] == "amazon")
+        .expect("an Amazon row");
+    assert_eq!(
+        (amazon["country"].as_str(), amazon["jurisdiction"].as_str()),
+        (Some("DE"), Some("US"))
+    );
+
+    // Everything forwarded stayed in the EU with EU operators, and rempart
+    // enforces it with fresh data: the observed criteria are full.
+    for id in [
+        "hosting_eu",
+        "redundancy_eu_only",
+        "no_us_cloud",
+        "outside_cloud_act",
+    ] {
+        let c = criterion(&enforce, id);
+        assert_eq!(c["score"], c["max"], "{id}: {c:#}");
+        assert_eq!(c["basis"], "observed");
+    }
+    // The declared criteria are not judged without a facts file.
+    for id in [
+        "datacenters_iso27001",
+        "contract_french_law",
+        "vendor_eu_law",
+        "eu_shareholding",
+        "no_us_subsidiary",
+        "auditable_source",
+        "secnumcloud_hds",
+    ] {
+        let c = criterion(&enforce, id);
+        assert_eq!(
+            (c["score"].as_u64(), c["basis"].as_str()),
+            (Some(0), Some("not_judged")),
+            "{id}"
+        );
+    }
+    assert_eq!(enforce["score"], 40);
+    assert_eq!(enforce["judged_max"], 40);
+    assert_eq!(enforce["verdict"], "insufficient");
+    assert_eq!(
+        enforce["posture"]["probes"]["denies_us_operator_in_eu"],
+        true
+    );
+
+    // The same trail, judged with the monitor-mode configuration: nothing
+    // would be stopped, so the enforcement points go.
+    let monitor = report_json(&["--config", s.monitor_config.to_str().unwrap()]);
+    for id in [
+        "hosting_eu",
+        "no_us_cloud",
+        "outside_cloud_act",
+        "redundancy_eu_only",
+    ] {
+        assert!(
+            score(&monitor, id) < score(&enforce, id),
+            "{id} did not drop in monitor mode"
+        );
+    }
+    assert_eq!(score(&monitor, "hosting_eu"), 6);
+    assert!(monitor["score"].as_u64() < enforce["score"].as_u64());
+    let mode = monitor["controls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "enforce_mode")
+        .unwrap();
+    assert_eq!(mode["status"], "missing");
+
+    // A policy set that lets Amazon through (an allow-listed operator)
+    // loses the CLOUD Act enforcement points, though nothing reached it.
+    let data_path = s.dir.path().join("policies/data.json");
+    let mut data: Value =
+        serde_json::from_str(&std::fs::read_to_string(&data_path).unwrap()).unwrap();
+    data["settings"]["sovereignty"]["allowed_operators"] = serde_json::json!(["amazon"]);
+    std::fs::write(&data_path, data.to_string()).unwrap();
+    let lax = report_json(&["--config", cfg]);
+    assert_eq!(lax["posture"]["probes"]["denies_us_operator_in_eu"], false);
+    assert_eq!(score(&lax, "outside_cloud_act"), 9);
+    assert_eq!(score(&lax, "no_us_cloud"), 6);
+    assert_eq!(score(&lax, "hosting_eu"), 10);
+
+    // Declared facts score the criteria no packet shows.
+    let facts = s.dir.path().join("facts.toml");
+    std::fs::write(
+        &facts,
+        "[vendor]\nname = \"Exemple CRM SAS\"\ncountry = \"FR\"\neu_shareholding_percent = 64\nus_parent = false\nus_subsidiary = false\n\
+         source_code_auditable = true\n[hosting]\nprovider = \"OVHcloud\"\ncontract_law = \"FR\"\ncertifications = [\"iso27001\", \"hds\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &data_path,
+        serde_json::to_string(&{
+            data["settings"]["sovereignty"]["allowed_operators"] = serde_json::json!([]);
+            data
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    let full = report_json(&["--config", cfg, "--facts", facts.to_str().unwrap()]);
+    assert_eq!(full["score"], 100, "{:#}", full["criteria"]);
+    assert_eq!(full["verdict"], "sovereign");
+    assert_eq!(full["vendor"], "Exemple CRM SAS");
+    assert_eq!(
+        criterion(&full, "outside_cloud_act")["basis"],
+        "observed_and_declared"
+    );
+
+    // A time range that ends before the traffic: nothing observed.
+    let before = report_json(&["--config", cfg, "--until", "2020-01-01T00:00:00Z"]);
+    assert_eq!(before["observations"]["decisions"], 0);
+    assert_eq!(
+        criterion(&before, "hosting_eu")["score"],
+        4,
+        "enforcement only"
+    );
+
+    // Bad facts are refused with the key named.
+    std::fs::write(&facts, "[vendor]\ncountry = \"France\"\n").unwrap();
+    let (code, _, err) = common::run(&[
+        "report",
+        "--config",
+        cfg,
+        "--facts",
+        facts.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("[vendor] country") && err.contains("facts.toml"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn report_renders_markdown_and_self_contained_html() {
+    let mut s = scene("").await;
+    assert!(s.rempart.stop().success());
+    let audit = s.dir.path().join("audit.jsonl");
+    // Trail only, no configuration: the enforcement parts are not judged.
+    let (code, md, err) = common::run(&["report", "--audit", audit.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(md.starts_with("# Sovereignty report"), "{md}");
+    assert!(
+        md.contains("**Score: 24 / 100** — **insufficient**"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| Hosting | Data hosted in France / EU | 6 / 10 | observed |"),
+        "{md}"
+    );
+    assert!(md.contains("enforcement not judged: no configuration given"));
+    assert!(md.contains("`destination_non_eu_jurisdiction`"));
+
+    let out = s.dir.path().join("report.html");
+    let (code, _, err) = common::run(&[
+        "report",
+        "--config",
+        s.config.to_str().unwrap(),
+        "--format",
+        "html",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("score 40 / 100 (insufficient)"), "{err}");
+    let html = std::fs::read_to_string(&out).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    assert!(html.trim_end().ends_with("</html>"));
+    assert!(html.contains("<svg"), "charts are inline SVG");
+    // Self-contained: no script, no external resource.
+    for banned in ["<script", "src=", "href=", "@import", "url("] {
+        assert!(!html.contains(banned), "{banned} in the HTML report");
+    }
+    // Every criterion and the score appear.
+    assert!(html.contains("40 <span class=\"muted\">/ 100</span>"));
+    for title in [
+        "Data hosted in France / EU",
+        "Outside the CLOUD Act",
+        "SecNumCloud / HDS certification",
+    ] {
+        assert!(html.contains(title), "{title}");
+    }
+    // The page of docs/report.png: this trail with a partly filled facts
+    // file (see docs/report.md, "Screenshot").
+    if let Some(path) = std::env::var_os("REMPART_REPORT_DOCS_HTML") {
+        let facts = s.dir.path().join("facts.toml");
+        std::fs::write(
+            &facts,
+            "[vendor]\nname = \"Exemple CRM SAS\"\ncountry = \"FR\"\neu_shareholding_percent = 64\nus_subsidiary = true\n\
+             [hosting]\nprovider = \"OVHcloud\"\ncontract_law = \"FR\"\ncertifications = [\"iso27001\"]\n",
+        )
+        .unwrap();
+        let (code, _, err) = common::run(&[
+            "report",
+            "--config",
+            s.config.to_str().unwrap(),
+            "--facts",
+            facts.to_str().unwrap(),
+            "--format",
+            "html",
+            "-o",
+            path.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+    }
+    // Neither --audit nor --config: a clear error.
+    let (code, _, err) = common::run(&["report"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--audit") && err.contains("--config"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_report_serves_the_live_trail_as_json_or_html() {
+    let s = scene("[report]\nmax_records = 3\n").await;
+    let admin = s.rempart.admin;
+    let json_reply = request(
+        "GET",
+        &format!("http://{admin}/report"),
+        &[("accept", "application/json")],
+    )
+    .await;
+    assert_eq!(json_reply.status, 200);
+    assert_eq!(json_reply.headers["content-type"], "application/json");
+    let r = json_reply.json();
+    assert_eq!(r["schema"], "rempart.report/v1");
+    // Bounded: at most [report] max_records decisions are read.
+    assert_eq!(r["observations"]["decisions"], 3);
+    assert_eq!(r["observations"]["truncated"], true);
+    assert_eq!(r["posture"]["mode"], "enforce");
+
+    let html = request(
+        "GET",
+        &format!("http://{admin}/report"),
+        &[("accept", "text/html,*/*")],
+    )
+    .await;
+    assert_eq!(html.status, 200);
+    assert_eq!(html.headers["content-type"], "text/html; charset=utf-8");
+    assert!(String::from_utf8_lossy(&html.body).starts_with("<!DOCTYPE html>"));
+    let md = get(&format!("http://{admin}/report?format=markdown")).await;
+    assert!(String::from_utf8_lossy(&md.body).starts_with("# Sovereignty report"));
+    let bad = get(&format!("http://{admin}/report?format=pdf")).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["error"], "bad_format");
+    // The other admin paths are unchanged.
+    assert_eq!(get(&format!("http://{admin}/healthz")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_report_without_a_cap_matches_the_cli() {
+    let mut s = scene("").await;
+    let admin = s.rempart.admin;
+    let live = get(&format!("http://{admin}/report?format=json"))
+        .await
+        .json();
+    assert!(s.rempart.stop().success());
+    let cli = report_json(&["--config", s.config.to_str().unwrap()]);
+    assert_eq!(live["observations"]["truncated"], false);
+    for key in ["score", "judged_max", "verdict"] {
+        assert_eq!(live[key], cli[key], "{key}");
+    }
+    assert_eq!(
+        live["observations"]["decisions"],
+        cli["observations"]["decisions"]
+    );
+}
