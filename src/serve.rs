@@ -70,6 +70,9 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
     let acceptor = ingress_tls
         .as_ref()
         .map(|t| tokio_rustls::TlsAcceptor::from(Arc::clone(&t.config)));
+    let profiles = Arc::new(
+        crate::profile::Profiles::load(&cfg.classify.profiles).context("[classify] profiles")?,
+    );
     let workers = cfg.worker_count();
     let ingress_listeners = match upstream_ip {
         Some(_) => accept::bind_workers(cfg.server.listen, workers)?,
@@ -110,6 +113,7 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
                     Arc::clone(&metrics),
                     ip,
                     &security,
+                    Arc::clone(&profiles),
                 )?),
             )),
             _ => None,

@@ -72,6 +72,8 @@ pub struct Gateway {
     geo: Arc<GeoStore>,
     upstream_located: ArcSwap<LocatedUpstream>,
     redact: Vec<http::HeaderName>,
+    profiles: Arc<crate::profile::Profiles>,
+    body_limits: classify::BodyLimits,
     audit: AuditSink,
     audit_scope: AuditRecordScope,
     /// Status answered in sync durability mode when a record cannot be made durable.
@@ -88,6 +90,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         upstream_ip: std::net::IpAddr,
         security: &Security,
+        profiles: Arc<crate::profile::Profiles>,
     ) -> anyhow::Result<Self> {
         let Some(url) = cfg.upstream.url.clone() else {
             anyhow::bail!("no upstream configured");
@@ -116,6 +119,11 @@ impl Gateway {
             upstream_url: url,
             geo,
             redact,
+            profiles,
+            body_limits: classify::BodyLimits {
+                max_bytes: cfg.classify.body_inspect_max_bytes,
+                timeout: cfg.classify.body_inspect_timeout.0,
+            },
             audit,
             audit_scope: cfg.audit.record,
             audit_failure_status: cfg.audit.failure_status,
@@ -158,7 +166,8 @@ impl Gateway {
         let request = accept::describe(&parts, &id, &conn, &self.redact);
 
         // 3. classify
-        let resource = classify::classify(&parts.method, &request.segments);
+        let (resource, body) =
+            classify::classify(&self.profiles, &parts, body, &self.body_limits).await;
 
         // 4. locate
         let geo = self.geo.current();
