@@ -95,6 +95,8 @@ from creme import persons
 print('CONTACT_CT=%d' % ContentType.objects.get_for_model(persons.get_contact_model()).id)
 print('ORGANISATION_CT=%d' % ContentType.objects.get_for_model(persons.get_organisation_model()).id)
 print('ADMIN_ID=%d' % __import__('django.contrib.auth', fromlist=['x']).get_user_model().objects.get(username='admin').id)
+print('CONTACT_ID=%d' % persons.get_contact_model().objects.get(first_name='Alice', last_name='Martin').id)
 " 2>/dev/null
 echo "CREME=$creme"
+echo "PYTHON=$venv/bin/python"
 echo "CREME_STATE=$state"
