@@ -55,17 +55,19 @@ class User:
     def __init__(self, name):
         self.name = name
         self.s = requests.Session()
-        self.s.verify = ca
+        # Per request, not on the session: requests lets REQUESTS_CA_BUNDLE
+        # override a session's `verify`.
+        self.s.trust_env = False
         if name != "anonymous":
             self.s.headers["Authorization"] = "Bearer " + config["tokens"][name]
 
     def get(self, step, path, **kw):
-        return emit(step, self.name, self.s.get(base + path, allow_redirects=False, **kw))
+        return emit(step, self.name, self.s.get(base + path, allow_redirects=False, verify=ca, **kw))
 
     def post(self, step, path, data=None, referer=None, headers=None, **extra):
         h = {"Referer": base + (referer or path)}
         h.update(headers or {})
-        return emit(step, self.name, self.s.post(base + path, data=data or {}, headers=h, allow_redirects=False), **extra)
+        return emit(step, self.name, self.s.post(base + path, data=data or {}, headers=h, allow_redirects=False, verify=ca), **extra)
 
     def csrf(self):
         return self.s.cookies.get("csrftoken", "")
