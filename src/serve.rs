@@ -63,16 +63,17 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         .transpose()
         .context("[identity.jwt]")?;
     let identifier = Arc::new(Identifier::new(&cfg, jwt.clone(), Arc::clone(&metrics)));
+    let profiles = Arc::new(
+        crate::profile::Profiles::load(&cfg.classify.profiles).context("[classify] profiles")?,
+    );
     let security = Security {
         identifier: Arc::clone(&identifier),
         upstream_tls,
+        profiles,
     };
     let acceptor = ingress_tls
         .as_ref()
         .map(|t| tokio_rustls::TlsAcceptor::from(Arc::clone(&t.config)));
-    let profiles = Arc::new(
-        crate::profile::Profiles::load(&cfg.classify.profiles).context("[classify] profiles")?,
-    );
     let workers = cfg.worker_count();
     let ingress_listeners = match upstream_ip {
         Some(_) => accept::bind_workers(cfg.server.listen, workers)?,
@@ -113,7 +114,6 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
                     Arc::clone(&metrics),
                     ip,
                     &security,
-                    Arc::clone(&profiles),
                 )?),
             )),
             _ => None,

@@ -54,11 +54,13 @@ struct LocatedUpstream {
     value: regorus::Value,
 }
 
-/// What every worker shares about identities and TLS: one identifier
-/// (one JWKS cache) and one upstream TLS client configuration.
+/// What every worker shares about identities, TLS and classification: one
+/// identifier (one JWKS cache), one upstream TLS client configuration and
+/// the compiled CRM profiles.
 pub struct Security {
     pub identifier: Arc<Identifier>,
     pub upstream_tls: Arc<rustls::ClientConfig>,
+    pub profiles: Arc<crate::profile::Profiles>,
 }
 
 /// One worker's view of the gateway: shared state plus its own upstream pool.
@@ -90,7 +92,6 @@ impl Gateway {
         metrics: Arc<Metrics>,
         upstream_ip: std::net::IpAddr,
         security: &Security,
-        profiles: Arc<crate::profile::Profiles>,
     ) -> anyhow::Result<Self> {
         let Some(url) = cfg.upstream.url.clone() else {
             anyhow::bail!("no upstream configured");
@@ -119,7 +120,7 @@ impl Gateway {
             upstream_url: url,
             geo,
             redact,
-            profiles,
+            profiles: Arc::clone(&security.profiles),
             body_limits: classify::BodyLimits {
                 max_bytes: cfg.classify.body_inspect_max_bytes,
                 timeout: cfg.classify.body_inspect_timeout.0,
