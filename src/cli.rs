@@ -408,6 +408,9 @@ fn check_identity_and_tls(cfg: &Config) -> anyhow::Result<()> {
     if let Some(tls) = &cfg.server.tls {
         crate::tls::ingress(tls).context("[server.tls]")?;
     }
+    if let Some(tls) = &cfg.egress.tls {
+        crate::tls::egress(tls).context("[egress.tls]")?;
+    }
     crate::tls::upstream_client_config(&cfg.upstream.tls)?;
     if let Some(jwt) = &cfg.identity.jwt {
         if let Some(file) = &jwt.jwks_file {

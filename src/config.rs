@@ -89,6 +89,10 @@ pub struct EgressConfig {
     pub require_proxy_auth: bool,
     /// Accounts for `Proxy-Authorization: Basic`.
     pub users: Vec<ProxyUser>,
+    /// TLS on the egress listener (an HTTPS proxy), with optional client
+    /// certificates that name the calling workload. Same keys as
+    /// `[server.tls]`.
+    pub tls: Option<ServerTlsConfig>,
 }
 
 /// A workload name for the egress requests coming from `sources`.
@@ -96,8 +100,19 @@ pub struct EgressConfig {
 #[serde(deny_unknown_fields)]
 pub struct WorkloadConfig {
     pub name: String,
+    /// Source networks of this workload's requests.
+    #[serde(default)]
     pub sources: Vec<Cidr>,
+    /// Client certificates that stand for this workload (with
+    /// `[egress.tls]` and a `client_ca`), each as `kind:value` with kind
+    /// `uri`, `dns`, `email`, `ip` (subject alternative names), `cn`
+    /// (subject common name) or `sha256` (certificate fingerprint, hex).
+    #[serde(default)]
+    pub certificates: Vec<String>,
 }
+
+/// The `kind:` prefixes a `[[egress.workloads]] certificates` entry may use.
+pub const CERTIFICATE_MATCH_KINDS: &[&str] = &["uri", "dns", "email", "ip", "cn", "sha256"];
 
 /// One `Proxy-Authorization: Basic` account. The password is stored as its
 /// SHA-256 (hex), never in clear.
@@ -126,6 +141,7 @@ impl Default for EgressConfig {
             workloads: Vec::new(),
             require_proxy_auth: false,
             users: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -667,9 +683,34 @@ impl Config {
             }
         }
         for w in &self.egress.workloads {
-            if w.name.is_empty() || w.sources.is_empty() {
-                bail!("[[egress.workloads]] entries need a name and at least one source network");
+            if w.name.is_empty() || (w.sources.is_empty() && w.certificates.is_empty()) {
+                bail!("[[egress.workloads]] entries need a name and at least one source network or certificate");
             }
+            for c in &w.certificates {
+                let kind = c.split_once(':').map(|(k, _)| k);
+                if !kind.is_some_and(|k| CERTIFICATE_MATCH_KINDS.contains(&k)) {
+                    bail!(
+                        "[[egress.workloads]] {:?}: certificate {c:?} must be kind:value with kind one of {}",
+                        w.name,
+                        CERTIFICATE_MATCH_KINDS.join(", ")
+                    );
+                }
+            }
+            if !w.certificates.is_empty()
+                && self
+                    .egress
+                    .tls
+                    .as_ref()
+                    .is_none_or(|t| t.client_ca.is_none())
+            {
+                bail!(
+                    "[[egress.workloads]] {:?} names certificates but [egress.tls] has no client_ca: no client certificate would ever be checked",
+                    w.name
+                );
+            }
+        }
+        if let Some(tls) = &self.egress.tls {
+            tls.validate("egress.tls")?;
         }
         if self.identity.trusted_header.is_some() && self.identity.trusted_sources.is_empty() {
             bail!(
@@ -684,7 +725,7 @@ impl Config {
             );
         }
         if let Some(tls) = &self.server.tls {
-            tls.validate()?;
+            tls.validate("server.tls")?;
         }
         self.upstream.tls.validate()?;
         if let Some(jwt) = &self.identity.jwt {
@@ -789,14 +830,15 @@ fn default_tls_reload() -> Seconds {
 }
 
 impl ServerTlsConfig {
-    fn validate(&self) -> anyhow::Result<()> {
+    /// `table` names the configuration table in messages.
+    fn validate(&self, table: &str) -> anyhow::Result<()> {
         match (self.client_auth, &self.client_ca) {
             (ClientAuth::None, Some(_)) => bail!(
-                "[server.tls] client_ca is set but client_auth = \"none\": \
+                "[{table}] client_ca is set but client_auth = \"none\": \
                  say \"optional\" or \"required\""
             ),
             (ClientAuth::Optional | ClientAuth::Required, None) => bail!(
-                "[server.tls] client_auth = \"{}\" needs client_ca (the CA bundle that \
+                "[{table}] client_auth = \"{}\" needs client_ca (the CA bundle that \
                  signs client certificates)",
                 if self.client_auth == ClientAuth::Required {
                     "required"
