@@ -20,7 +20,12 @@ fn input() -> PolicyInput {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let resource = rempart::pipeline::classify::classify(&http::Method::GET, &segments);
+    let profiles = rempart::profile::Profiles::load(&["generic".to_string()]).unwrap();
+    let rempart::profile::Classified::Done(resource) =
+        profiles.classify(&http::Method::GET, "/api/contacts/42", None)
+    else {
+        unreachable!("the generic profile never reads a body")
+    };
     PolicyInput {
         direction: Direction::Ingress,
         request: RequestInfo {

@@ -26,6 +26,7 @@ pub struct Config {
     pub geo: GeoConfig,
     pub egress: EgressConfig,
     pub report: ReportConfig,
+    pub classify: ClassifyConfig,
 }
 
 /// The sovereignty report served at the admin listener's `/report`
@@ -48,6 +49,31 @@ impl Default for ReportConfig {
             facts: None,
             window: Seconds(Duration::from_secs(7 * 86_400)),
             max_records: 200_000,
+        }
+    }
+}
+
+/// How requests are classified: which CRM profiles say what a request
+/// touches (`input.resource`), and how much of a body they may read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClassifyConfig {
+    /// Profiles tried in order: built-in names (`creme`, `generic`,
+    /// `suitecrm`, `odoo`, `dolibarr`) or paths to profile files (`.json`).
+    pub profiles: Vec<String>,
+    /// A route that reads the body (JSON-RPC) reads at most this many
+    /// bytes; a larger body is streamed on uninspected.
+    pub body_inspect_max_bytes: usize,
+    /// Bound on waiting for such a body before deciding without it.
+    pub body_inspect_timeout: Seconds,
+}
+
+impl Default for ClassifyConfig {
+    fn default() -> Self {
+        ClassifyConfig {
+            profiles: vec!["generic".into()],
+            body_inspect_max_bytes: 64 * 1024,
+            body_inspect_timeout: Seconds(Duration::from_secs(5)),
         }
     }
 }
@@ -763,6 +789,10 @@ impl Config {
             if e == self.server.listen {
                 bail!("[egress] listen {e} is the same address as [server] listen (the ingress proxy to {u})");
             }
+        }
+        crate::profile::Profiles::load(&self.classify.profiles)?;
+        if self.classify.body_inspect_max_bytes > 16 * 1024 * 1024 {
+            bail!("[classify] body_inspect_max_bytes is at most 16 MiB (the body is held in memory while it is inspected)");
         }
         if self.egress.max_header_bytes < 8192 {
             bail!("[egress] max_header_bytes must be at least 8192");

@@ -153,9 +153,14 @@ pub struct Resource {
     #[serde(rename = "type")]
     pub kind: String,
     pub id: Option<String>,
-    /// read | list | create | update | delete | export | other
+    /// read | list | create | update | delete | export | import | search |
+    /// login | admin | other (see `crate::profile::Operation`).
     pub operation: String,
     pub bulk: bool,
+    /// Null unless the matched route reads the request body (JSON-RPC):
+    /// then "inspected", or why not: "too_large", "malformed", "timeout",
+    /// "unreadable" (see `crate::profile::inspection`).
+    pub inspection: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -291,6 +296,7 @@ impl PolicyInput {
             ("id", opt(&res.id)),
             ("operation", s(&res.operation)),
             ("bulk", Value::from(res.bulk)),
+            ("inspection", opt(&res.inspection)),
         ]);
         let t = &self.time;
         let time = object([
@@ -418,6 +424,7 @@ pub(crate) mod tests {
                 id: Some("42".into()),
                 operation: "read".into(),
                 bulk: false,
+                inspection: None,
             },
             time: time_info(
                 std::time::UNIX_EPOCH + std::time::Duration::from_secs(86_400 * 3 + 7200),
@@ -442,6 +449,7 @@ pub(crate) mod tests {
         d.geo = None;
         d.addresses.clear();
         none.source.workload = Some("crm".into());
+        none.resource.inspection = Some("too_large".into());
         let via_json = Value::from_json_str(&serde_json::to_string(&none).unwrap()).unwrap();
         assert_eq!(none.to_value(), via_json);
     }

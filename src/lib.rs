@@ -3,6 +3,7 @@
 //! Where things live:
 //! - [`pipeline`]: the road of a request, one module per stage;
 //! - [`input`]: the policy input document the stages assemble;
+//! - [`profile`]: CRM profiles, the route tables that say what a request touches;
 //! - [`policy`]: loading, compiling, evaluating and reloading Rego;
 //! - [`audit`]: the audit trail writer;
 //! - [`metrics`], [`admin`]: Prometheus metrics and the admin listener;
@@ -22,6 +23,7 @@ pub mod input;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod profile;
 pub mod reload;
 pub mod report;
 pub mod serve;

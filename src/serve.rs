@@ -72,9 +72,13 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         .transpose()
         .context("[identity.jwt]")?;
     let identifier = Arc::new(Identifier::new(&cfg, jwt.clone(), Arc::clone(&metrics)));
+    let profiles = Arc::new(
+        crate::profile::Profiles::load(&cfg.classify.profiles).context("[classify] profiles")?,
+    );
     let security = Security {
         identifier: Arc::clone(&identifier),
         upstream_tls,
+        profiles,
     };
     let acceptor = ingress_tls
         .as_ref()

@@ -32,6 +32,8 @@ fn corpus() -> Vec<PolicyInput> {
     ];
     let scopes = ["loopback", "private", "public", "cgnat"];
     let schemes = ["http", "https"];
+    let profiles =
+        rempart::profile::Profiles::load(&["creme".to_string(), "generic".to_string()]).unwrap();
     let mut out = Vec::new();
     let mut n = 0u64;
     for m in methods {
@@ -44,8 +46,11 @@ fn corpus() -> Vec<PolicyInput> {
                     .filter(|s| !s.is_empty())
                     .map(percent_decode)
                     .collect();
-                let resource =
-                    rempart::pipeline::classify::classify(&m.parse().unwrap(), &segments);
+                let rempart::profile::Classified::Done(resource) =
+                    profiles.classify(&m.parse().unwrap(), p, None)
+                else {
+                    unreachable!("the generic and creme profiles never read a body")
+                };
                 out.push(PolicyInput {
                     direction: if n % 7 == 0 {
                         Direction::Egress

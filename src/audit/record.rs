@@ -17,6 +17,8 @@ pub struct AuditRecord<'a> {
     pub source: AuditEndpoint<'a>,
     pub destination: AuditEndpoint<'a>,
     pub identity: AuditIdentity<'a>,
+    /// What the request touched, as the classify stage saw it.
+    pub resource: AuditResource<'a>,
     pub decision: AuditDecision<'a>,
     /// Status sent to the client.
     pub status: u16,
@@ -58,6 +60,33 @@ pub struct AuditIdentity<'a> {
     /// when there was nothing to refuse.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
+}
+
+/// `input.resource`: what was touched and how.
+#[derive(Debug, Serialize)]
+pub struct AuditResource<'a> {
+    pub crm: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub id: Option<&'a str>,
+    pub operation: &'a str,
+    pub bulk: bool,
+    /// Present only when the route reads the body: "inspected", or why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inspection: Option<&'a str>,
+}
+
+impl<'a> From<&'a crate::input::Resource> for AuditResource<'a> {
+    fn from(r: &'a crate::input::Resource) -> Self {
+        AuditResource {
+            crm: &r.crm,
+            kind: &r.kind,
+            id: r.id.as_deref(),
+            operation: &r.operation,
+            bulk: r.bulk,
+            inspection: r.inspection.as_deref(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

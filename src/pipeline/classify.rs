@@ -1,55 +1,131 @@
 //! Stage 3, **classify**: what is being touched.
 //!
-//! This first form knows one CRM shape, a generic REST API
-//! (`[/api][/vN]/<type>[/<id>][/<action>]`) and the HTTP method. CRM
-//! profiles (Creme, SuiteCRM, Odoo...) replace it later with data-driven
-//! route tables; unknown shapes stay `type: "unknown"` so that policies
-//! decide about them explicitly.
+//! The active CRM profiles ([`crate::profile`], `[classify] profiles`)
+//! map the method and the canonical path to `input.resource`. A route of a
+//! JSON-RPC API (Odoo's `/web/dataset/call_kw`) names the model and the
+//! method in the body: then up to `[classify] body_inspect_max_bytes` of
+//! the body are read before deciding, and everything read is replayed to
+//! the upstream ahead of the rest of the body, which still streams.
+//! Unknown routes stay `type: "unknown"` so that policies decide about
+//! them explicitly.
 
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming};
+
+use super::enforce::RequestBody;
 use crate::input::Resource;
+use crate::profile::{BodyOutcome, Classified, Profiles};
 
-fn is_version(seg: &str) -> bool {
-    let rest = seg.strip_prefix('v').unwrap_or("");
-    !rest.is_empty() && rest.chars().all(|c| c.is_ascii_digit() || c == '.')
+/// Classifies an ingress request. Returns the resource, and the body to
+/// forward (the original, or a replay of what inspection read).
+pub async fn classify(
+    profiles: &Profiles,
+    parts: &http::request::Parts,
+    body: Incoming,
+    limits: &BodyLimits,
+) -> (Resource, RequestBody) {
+    match profiles.classify(&parts.method, parts.uri.path(), parts.uri.query()) {
+        Classified::Done(resource) => (resource, RequestBody::Streaming(body)),
+        Classified::NeedsBody(pending) => {
+            let (read, forward) = read_for_inspection(parts, body, limits).await;
+            let outcome = match &read {
+                Read::Complete(b) => BodyOutcome::Complete(b),
+                Read::TooLarge => BodyOutcome::TooLarge,
+                Read::Timeout => BodyOutcome::Timeout,
+                Read::Unreadable => BodyOutcome::Unreadable,
+            };
+            (pending.finish(outcome), forward)
+        }
+    }
 }
 
-/// Classifies a request from its method and decoded path segments.
-pub fn classify(method: &http::Method, segments: &[String]) -> Resource {
-    let mut rest = segments.iter().map(String::as_str).peekable();
-    if rest.peek() == Some(&"api") {
-        rest.next();
-    }
-    if rest.peek().is_some_and(|s| is_version(s)) {
-        rest.next();
-    }
-    let kind = rest.next();
-    let id = rest.next();
-    let action = rest.next();
-    let export = segments
-        .iter()
-        .any(|s| s.eq_ignore_ascii_case("export") || s.ends_with("_export"));
+/// How much of a body inspection may read, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    pub max_bytes: usize,
+    pub timeout: Duration,
+}
 
-    let operation = if export {
-        "export"
-    } else {
-        match (method.as_str(), id) {
-            ("GET" | "HEAD", Some(_)) => "read",
-            ("GET" | "HEAD", None) => "list",
-            ("POST", None) => "create",
-            ("POST", Some(_)) if action.is_some() => "update",
-            ("POST", Some(_)) | ("PUT" | "PATCH", _) => "update",
-            ("DELETE", _) => "delete",
-            _ => "other",
+enum Read {
+    Complete(Bytes),
+    TooLarge,
+    Timeout,
+    Unreadable,
+}
+
+/// Reads the body up to `max_bytes` (and `timeout`), keeping every frame
+/// read so that the upstream receives the body unchanged.
+async fn read_for_inspection(
+    parts: &http::request::Parts,
+    mut body: Incoming,
+    limits: &BodyLimits,
+) -> (Read, RequestBody) {
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_bytes as u64) {
+        // Known too large before reading a byte: stream it untouched.
+        return (Read::TooLarge, RequestBody::Streaming(body));
+    }
+    let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
+    let mut seen = 0usize;
+    let reading = async {
+        loop {
+            match body.frame().await {
+                None => return Ok(true),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(frame)) => {
+                    if let Some(d) = frame.data_ref() {
+                        seen += d.len();
+                    }
+                    frames.push_back(frame);
+                    if seen > limits.max_bytes {
+                        return Ok(false);
+                    }
+                }
+            }
         }
     };
-    let bulk = export || (operation == "delete" && id.is_none() && kind.is_some());
-    Resource {
-        crm: "generic".into(),
-        kind: kind.map_or_else(|| "unknown".into(), |k| k.to_ascii_lowercase()),
-        id: id.map(String::from),
-        operation: operation.into(),
-        bulk,
-    }
+    let result = tokio::time::timeout(limits.timeout, reading).await;
+    let read = match result {
+        Ok(Ok(true)) => {
+            let mut all = BytesMut::with_capacity(seen);
+            for f in &frames {
+                if let Some(d) = f.data_ref() {
+                    all.extend_from_slice(d);
+                }
+            }
+            Read::Complete(all.freeze())
+        }
+        Ok(Ok(false)) => Read::TooLarge,
+        Ok(Err(e)) => {
+            tracing::debug!("request body unreadable during inspection: {e}");
+            return (
+                Read::Unreadable,
+                RequestBody::Replay {
+                    frames,
+                    rest: None,
+                    error: Some(Box::new(e)),
+                },
+            );
+        }
+        Err(_) => Read::Timeout,
+    };
+    let rest = (!body.is_end_stream()).then_some(body);
+    (
+        read,
+        RequestBody::Replay {
+            frames,
+            rest,
+            error: None,
+        },
+    )
 }
 
 /// Classifies an egress request. Without TLS interception a tunnel's
@@ -62,39 +138,6 @@ pub fn classify_egress(tunnel: bool) -> Resource {
         id: None,
         operation: "send".into(),
         bulk: false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn c(method: &str, path: &str) -> Resource {
-        let segs: Vec<String> = path
-            .split('/')
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect();
-        classify(&method.parse().unwrap(), &segs)
-    }
-
-    #[test]
-    fn rest_shapes() {
-        let r = c("GET", "/api/v1/contacts/42");
-        assert_eq!(
-            (r.kind.as_str(), r.id.as_deref(), r.operation.as_str()),
-            ("contacts", Some("42"), "read")
-        );
-        assert_eq!(c("GET", "/api/contacts").operation, "list");
-        assert_eq!(c("POST", "/api/contacts").operation, "create");
-        assert_eq!(c("PATCH", "/api/contacts/1").operation, "update");
-        assert_eq!(c("DELETE", "/api/contacts/1").operation, "delete");
-        assert!(!c("DELETE", "/api/contacts/1").bulk);
-        assert!(c("DELETE", "/api/contacts").bulk);
-        let e = c("GET", "/api/contacts/export");
-        assert_eq!(e.operation, "export");
-        assert!(e.bulk);
-        assert_eq!(c("OPTIONS", "/x").operation, "other");
-        assert_eq!(c("GET", "/").kind, "unknown");
+        inspection: None,
     }
 }

@@ -107,6 +107,90 @@ impl Body for ProxyBody {
     }
 }
 
+/// The body sent upstream: the client's, streamed, or — after the classify
+/// stage inspected its beginning — the frames already read, then the rest
+/// of the client's body, then the error that interrupted reading if any.
+pub enum RequestBody {
+    Streaming(Incoming),
+    Replay {
+        frames: std::collections::VecDeque<Frame<Bytes>>,
+        rest: Option<Incoming>,
+        error: Option<BoxError>,
+    },
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Streaming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            RequestBody::Replay {
+                frames,
+                rest,
+                error,
+            } => {
+                if let Some(f) = frames.pop_front() {
+                    return Poll::Ready(Some(Ok(f)));
+                }
+                if let Some(e) = error.take() {
+                    return Poll::Ready(Some(Err(e)));
+                }
+                match rest {
+                    Some(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+                    None => Poll::Ready(None),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streaming(b) => b.is_end_stream(),
+            RequestBody::Replay {
+                frames,
+                rest,
+                error,
+            } => {
+                frames.is_empty()
+                    && error.is_none()
+                    && rest.as_ref().is_none_or(Body::is_end_stream)
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streaming(b) => b.size_hint(),
+            RequestBody::Replay { frames, rest, .. } => {
+                let buffered: u64 = frames
+                    .iter()
+                    .filter_map(Frame::data_ref)
+                    .map(|d| d.len() as u64)
+                    .sum();
+                match rest {
+                    None => SizeHint::with_exact(buffered),
+                    Some(b) => {
+                        let inner = b.size_hint();
+                        let mut hint = SizeHint::new();
+                        hint.set_lower(inner.lower().saturating_add(buffered));
+                        if let Some(upper) = inner.upper() {
+                            hint.set_upper(upper.saturating_add(buffered));
+                        }
+                        hint
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A JSON answer from rempart itself.
 pub fn json_response(
     status: StatusCode,
@@ -174,7 +258,7 @@ pub fn audit_unavailable(decision_id: &str, status: u16) -> Response<ProxyBody> 
 
 /// The upstream connection pool of one worker.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
     url: UpstreamUrl,
     /// `ip:port` to connect to (resolved once at start).
     connect_authority: String,
@@ -243,7 +327,7 @@ impl Upstream {
     pub async fn forward(
         &self,
         mut parts: http::request::Parts,
-        body: Incoming,
+        body: RequestBody,
         peer: std::net::IpAddr,
         client_tls: bool,
         metrics: &Metrics,

@@ -54,11 +54,13 @@ struct LocatedUpstream {
     value: regorus::Value,
 }
 
-/// What every worker shares about identities and TLS: one identifier
-/// (one JWKS cache) and one upstream TLS client configuration.
+/// What every worker shares about identities, TLS and classification: one
+/// identifier (one JWKS cache), one upstream TLS client configuration and
+/// the compiled CRM profiles.
 pub struct Security {
     pub identifier: Arc<Identifier>,
     pub upstream_tls: Arc<rustls::ClientConfig>,
+    pub profiles: Arc<crate::profile::Profiles>,
 }
 
 /// One worker's view of the gateway: shared state plus its own upstream pool.
@@ -72,6 +74,8 @@ pub struct Gateway {
     geo: Arc<GeoStore>,
     upstream_located: ArcSwap<LocatedUpstream>,
     redact: Vec<http::HeaderName>,
+    profiles: Arc<crate::profile::Profiles>,
+    body_limits: classify::BodyLimits,
     audit: AuditSink,
     audit_scope: AuditRecordScope,
     /// Status answered in sync durability mode when a record cannot be made durable.
@@ -116,6 +120,11 @@ impl Gateway {
             upstream_url: url,
             geo,
             redact,
+            profiles: Arc::clone(&security.profiles),
+            body_limits: classify::BodyLimits {
+                max_bytes: cfg.classify.body_inspect_max_bytes,
+                timeout: cfg.classify.body_inspect_timeout.0,
+            },
             audit,
             audit_scope: cfg.audit.record,
             audit_failure_status: cfg.audit.failure_status,
@@ -158,7 +167,8 @@ impl Gateway {
         let request = accept::describe(&parts, &id, &conn, &self.redact);
 
         // 3. classify
-        let resource = classify::classify(&parts.method, &request.segments);
+        let (resource, body) =
+            classify::classify(&self.profiles, &parts, body, &self.body_limits).await;
 
         // 4. locate
         let geo = self.geo.current();

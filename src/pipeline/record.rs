@@ -94,6 +94,7 @@ pub fn record(
             subject: input.identity.subject.as_deref(),
             error: input.identity.error.as_deref(),
         },
+        resource: (&input.resource).into(),
         decision: AuditDecision {
             outcome: ev.outcome.as_str(),
             allow: d.allow,

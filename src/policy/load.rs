@@ -45,6 +45,7 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../policies/sovereignty.rego"),
     ),
     ("egress.rego", include_str!("../../policies/egress.rego")),
+    ("access.rego", include_str!("../../policies/access.rego")),
     ("data.json", include_str!("../../policies/data.json")),
 ];
 
@@ -66,6 +67,10 @@ pub const BUILTIN_TESTS: &[(&str, &str)] = &[
     (
         "egress_test.rego",
         include_str!("../../policies/egress_test.rego"),
+    ),
+    (
+        "access_test.rego",
+        include_str!("../../policies/access_test.rego"),
     ),
 ];
 

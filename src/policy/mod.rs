@@ -85,7 +85,15 @@ impl PolicySet {
         // Builtin errors (e.g. a bad regex) must fail the evaluation so that
         // the decision fails closed, rather than quietly become undefined.
         engine.set_strict_builtin_errors(true);
-        for (path, text) in &files {
+        // The interpreter (`eval_rule`, used by `policy test`) mis-evaluates
+        // `with input` when another module of package `rempart` is added
+        // before the one declaring `deny`/`warn` (seen with regorus 0.14 and
+        // a file named `access.rego`): add the entry point's file first. The
+        // revision hash keeps the sorted order.
+        let (entry_files, others): (Vec<_>, Vec<_>) = files
+            .iter()
+            .partition(|(path, _)| path.rsplit('/').next() == Some("decision.rego"));
+        for (path, text) in entry_files.into_iter().chain(others) {
             engine
                 .add_policy(path.clone(), text.clone())
                 .map_err(|e| anyhow!("{e}"))?;

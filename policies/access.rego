@@ -1,0 +1,149 @@
+# Access rights: who may do what to which records, from input.resource (what
+# the CRM profile says a request touches) and input.identity.roles.
+#
+# Active once rempart has an identity source (as the authentication rules in
+# identity.rego) and data.settings.access.enabled is true:
+# - export and other bulk operations only for the roles in `bulk_roles`
+#   (default: dpo);
+# - delete only for the roles in `delete_roles` (default: admin);
+# - personal-data types (`personal_data_types`) only from the EU/EEA: a public
+#   source whose location is unknown is not in the EU; private and loopback
+#   sources are the organisation's own network;
+# - with `permissions_enforced`, the role -> type -> operations matrix in
+#   `permissions` ("*" for any type or any operation);
+# - requests no profile route matched (type "unknown") are denied, warned
+#   about or allowed as `unknown_routes` says.
+# Types in `public_types` (the CRM's login pages and static assets) need no
+# authentication and no permission.
+# Settings: data.settings.access (policies/data.json).
+package rempart
+
+import rego.v1
+
+access := object.get(data.settings, "access", {})
+
+access_active if {
+	input.direction == "ingress"
+	identity_required
+	object.get(access, "enabled", false) == true
+}
+
+public_resource if input.resource.type in object.get(access, "public_types", [])
+
+# The CRM's own login pages and assets stay open (see identity.rego).
+login_path if {
+	input.direction == "ingress"
+	public_resource
+}
+
+has_any_role(roles) if {
+	some r in input.identity.roles
+	r in roles
+}
+
+roles_text(roles) := concat(", ", roles)
+
+bulk_or_export if input.resource.bulk == true
+
+bulk_or_export if input.resource.operation == "export"
+
+bulk_roles := object.get(access, "bulk_roles", ["dpo"])
+
+deny contains {
+	"code": "bulk_requires_role",
+	"message": sprintf("%s%s of %s requires one of the roles: %s", [bulk_word, input.resource.operation, input.resource.type, roles_text(bulk_roles)]),
+} if {
+	access_active
+	input.identity.authenticated
+	not public_resource
+	bulk_or_export
+	not has_any_role(bulk_roles)
+}
+
+bulk_word := "bulk " if input.resource.bulk == true
+
+bulk_word := "" if input.resource.bulk != true
+
+delete_roles := object.get(access, "delete_roles", ["admin"])
+
+deny contains {
+	"code": "delete_requires_role",
+	"message": sprintf("deleting %s requires one of the roles: %s", [input.resource.type, roles_text(delete_roles)]),
+} if {
+	access_active
+	input.identity.authenticated
+	input.resource.operation == "delete"
+	not has_any_role(delete_roles)
+}
+
+# --- location of the source ---------------------------------------------
+
+source_geo := object.get(input.source, "geo", {})
+
+source_in_eea if input.source.scope != "public"
+
+source_in_eea if object.get(source_geo, "in_eea", false) == true
+
+source_in_eea if object.get(source_geo, "in_eu", false) == true
+
+source_in_eea if object.get(source_geo, "country", null) in object.get(access, "allowed_countries", [])
+
+source_country := c if {
+	c := object.get(source_geo, "country", null)
+	is_string(c)
+} else := "unknown"
+
+deny contains {
+	"code": "personal_data_outside_eea",
+	"message": sprintf("%s records hold personal data and may not be reached from outside the EU/EEA (source country: %s)", [input.resource.type, source_country]),
+} if {
+	access_active
+	input.resource.type in object.get(access, "personal_data_types", [])
+	not source_in_eea
+}
+
+# --- the role -> permission matrix ----------------------------------------
+
+permitted if {
+	some role in input.identity.roles
+	perms := object.get(object.get(access, "permissions", {}), role, {})
+	ops := object.get(perms, input.resource.type, object.get(perms, "*", []))
+	some op in ops
+	op in {"*", input.resource.operation}
+}
+
+deny contains {
+	"code": "permission_denied",
+	"message": sprintf("no role of %s may %s %s (roles: %s)", [subject_text, input.resource.operation, input.resource.type, roles_text(input.identity.roles)]),
+} if {
+	access_active
+	object.get(access, "permissions_enforced", false) == true
+	input.identity.authenticated
+	not public_resource
+	not permitted
+}
+
+subject_text := s if {
+	s := input.identity.subject
+	is_string(s)
+} else := "the caller"
+
+# --- routes no profile knows ------------------------------------------------
+
+unknown_route if {
+	access_active
+	input.identity.authenticated
+	input.resource.type == "unknown"
+}
+
+unknown_route_message := sprintf("%s %s matches no route of the %s profile", [input.request.method, input.request.path, input.resource.crm])
+
+deny contains {"code": "unclassified_request", "message": unknown_route_message} if {
+	unknown_route
+	object.get(access, "unknown_routes", "warn") == "deny"
+}
+
+warn contains {"code": "unclassified_request", "message": unknown_route_message} if {
+	unknown_route
+	object.get(access, "unknown_routes", "warn") == "warn"
+}
