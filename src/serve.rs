@@ -29,8 +29,9 @@ use crate::policy::{PolicySource, PolicyStore};
 pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
     cfg.validate()?;
     let metrics = Arc::new(Metrics::new());
-    let policies = PolicyStore::open(source.clone(), Arc::clone(&metrics))
-        .with_context(|| format!("cannot load policies from {source}"))?;
+    let policies =
+        PolicyStore::open_for(source.clone(), &cfg.policy.entry()?, Arc::clone(&metrics))
+            .with_context(|| format!("cannot load policies from {source}"))?;
     let geo = GeoStore::open(cfg.geo.files(), cfg.geo.optional, Arc::clone(&metrics))?;
     let (audit, audit_writer) = AuditSink::open(
         &cfg.audit.path,

@@ -68,7 +68,7 @@ pub const BUILTIN_TESTS: &[(&str, &str)] = &[
 
 /// A file of a policy set: its path relative to the set's root, the path
 /// to show in messages, and its text.
-pub(crate) struct SourceFile {
+pub struct SourceFile {
     pub rel: String,
     pub shown: String,
     pub text: String,
@@ -195,6 +195,15 @@ pub(crate) fn revision(files: &[SourceFile]) -> String {
 }
 
 pub(crate) fn compile_files(origin: String, files: Vec<SourceFile>) -> anyhow::Result<PolicySet> {
+    compile_files_for(super::ENTRY_POINT, origin, files)
+}
+
+/// As [`compile_files`], for another entry point (a `data.…` path).
+pub(crate) fn compile_files_for(
+    entry: &str,
+    origin: String,
+    files: Vec<SourceFile>,
+) -> anyhow::Result<PolicySet> {
     if !files.iter().any(|f| f.rel.ends_with(".rego")) {
         bail!("{origin}: no .rego files found");
     }
@@ -206,16 +215,13 @@ pub(crate) fn compile_files(origin: String, files: Vec<SourceFile>) -> anyhow::R
         .filter(|f| f.rel.ends_with(".rego"))
         .map(|f| (f.shown, f.text))
         .collect();
-    let mut set = PolicySet::compile(origin, rego, data, revision)?;
+    let mut set = PolicySet::compile_for(entry, origin, rego, data, revision)?;
     set.files = names;
     Ok(set)
 }
 
 /// The files of a source, optionally with its `*_test.rego` files.
-pub(crate) fn source_files(
-    source: &PolicySource,
-    with_tests: bool,
-) -> anyhow::Result<Vec<SourceFile>> {
+pub fn source_files(source: &PolicySource, with_tests: bool) -> anyhow::Result<Vec<SourceFile>> {
     match source {
         PolicySource::Dir(dir) => read_dir_files(dir, with_tests),
         PolicySource::Builtin => Ok(builtin_files(with_tests)),
@@ -225,4 +231,9 @@ pub(crate) fn source_files(
 /// Loads and compiles a policy set. Errors say which file, line and column.
 pub fn load(source: &PolicySource) -> anyhow::Result<PolicySet> {
     compile_files(source.to_string(), source_files(source, false)?)
+}
+
+/// As [`load`], for another entry point (`[policy] decision`, as a `data.…` path).
+pub fn load_for(source: &PolicySource, entry: &str) -> anyhow::Result<PolicySet> {
+    compile_files_for(entry, source.to_string(), source_files(source, false)?)
 }

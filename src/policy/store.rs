@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use super::load::{load, PolicySource};
+use super::load::{load_for, PolicySource};
 use super::PolicySet;
 use crate::metrics::Metrics;
 
 pub struct PolicyStore {
     current: ArcSwap<PolicySet>,
     source: PolicySource,
+    /// The decision rule every set must define (`[policy] decision`).
+    entry: String,
     metrics: Arc<Metrics>,
 }
 
@@ -33,11 +35,21 @@ pub enum ReloadOutcome {
 impl PolicyStore {
     /// Loads the initial set; an error here must stop the process.
     pub fn open(source: PolicySource, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
-        let set = load(&source)?;
+        Self::open_for(source, super::ENTRY_POINT, metrics)
+    }
+
+    /// As [`PolicyStore::open`], with another decision rule (a `data.` path).
+    pub fn open_for(
+        source: PolicySource,
+        entry: &str,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let set = load_for(&source, entry)?;
         metrics.set_policy_revision(&set.revision);
         Ok(Arc::new(PolicyStore {
             current: ArcSwap::from_pointee(set),
             source,
+            entry: entry.to_string(),
             metrics,
         }))
     }
@@ -52,7 +64,7 @@ impl PolicyStore {
 
     /// Compiles the source again and swaps the result in if it compiles.
     pub fn reload(&self) -> anyhow::Result<ReloadOutcome> {
-        match load(&self.source) {
+        match load_for(&self.source, &self.entry) {
             Ok(set) => {
                 if set.revision == self.current.load().revision {
                     return Ok(ReloadOutcome::Unchanged);
