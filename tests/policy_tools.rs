@@ -363,3 +363,128 @@ fn a_bad_decision_path_is_refused_by_check() {
     assert_ne!(code, 0);
     assert!(err.contains("data.envoy.authz.missing"), "{err}");
 }
+
+/// Every field path of a schema node: (path, has children).
+fn schema_paths(node: &serde_json::Value, prefix: &str, out: &mut Vec<(String, bool)>) {
+    if let Some(props) = node["properties"].as_object() {
+        for (name, child) in props {
+            let path = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}.{name}")
+            };
+            out.push((path.clone(), child["properties"].is_object()));
+            schema_paths(child, &path, out);
+        }
+    }
+}
+
+#[test]
+fn the_input_reference_and_the_schema_name_the_same_fields() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("docs/input.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let guide = std::fs::read_to_string(root.join("docs/policies.md")).unwrap();
+    let start = guide
+        .find("\n## Input reference")
+        .expect("Input reference section");
+    // Up to the Scopes table, whose rows are values, not fields.
+    let end = start + guide[start..].find("\n### Scopes").unwrap();
+    let reference = &guide[start..end];
+    let mut paths = Vec::new();
+    schema_paths(&schema, "", &mut paths);
+    assert!(paths.len() > 60, "{paths:?}");
+    // Schema -> guide: every leaf field has its row.
+    let rows: Vec<&str> = reference.lines().filter(|l| l.starts_with("| `")).collect();
+    let first_cells: Vec<String> = rows
+        .iter()
+        .filter_map(|l| l.split('|').nth(1))
+        .map(|c| c.trim().trim_matches('`').to_string())
+        .collect();
+    for (path, has_children) in &paths {
+        if !has_children {
+            assert!(
+                first_cells.contains(path),
+                "docs/policies.md Input reference has no row for `{path}` (in docs/input.schema.json)"
+            );
+        }
+    }
+    // Guide -> schema: every row names a field of the schema.
+    let known: Vec<&String> = paths.iter().map(|(p, _)| p).collect();
+    for cell in &first_cells {
+        assert!(
+            known.contains(&cell),
+            "docs/policies.md documents `{cell}`, which docs/input.schema.json does not have"
+        );
+    }
+    // The shared geo and address objects: each field named in its row.
+    let row_of = |field: &str| {
+        rows.iter()
+            .find(|l| l.starts_with(&format!("| `{field}`")))
+            .unwrap_or_else(|| panic!("no row for {field}"))
+            .to_string()
+    };
+    for (def, row) in [("geo", "source.geo"), ("address", "destination.addresses")] {
+        let fields = schema["$defs"][def]["properties"].as_object().unwrap();
+        let text = row_of(row);
+        for name in fields.keys() {
+            assert!(
+                text.contains(&format!("`{name}`"))
+                    || text.contains(&format!("{name}:"))
+                    || text.contains(&format!("\"{name}\"")),
+                "the `{row}` row does not mention `{name}` ($defs.{def})"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_envoy_input_fields_match_the_schema() {
+    let req = http::Request::builder()
+        .method("GET")
+        .uri("/people/a%20b?lang=en&id=1&id=2")
+        .header("host", "crm.example.eu:8080")
+        .header("accept", "*/*")
+        .header("authorization", "Bearer secret")
+        .body(())
+        .unwrap();
+    let (parts, _) = req.into_parts();
+    let conn = rempart::pipeline::accept::Connection {
+        peer: "10.0.0.7:50000".parse().unwrap(),
+        local: "127.0.0.1:8080".parse().unwrap(),
+        tls: false,
+        client_cert: None,
+    };
+    let redact = [http::header::AUTHORIZATION];
+    let info = rempart::pipeline::accept::describe(&parts, "id-1", &conn, &redact);
+    let dir = tempfile::tempdir().unwrap();
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(trace_input(dir.path())).unwrap()).unwrap();
+    let mut value = regorus::Value::from(base);
+    rempart::policy::envoy::add_envoy_input(&mut value, &parts, &info, conn.peer, conn.local);
+    let doc = serde_json::to_value(&value).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("docs/input.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    if let Err(e) = validator.validate(&doc) {
+        panic!("schema rejects the envoy input: {e}\n{doc}");
+    }
+    let http = &doc["attributes"]["request"]["http"];
+    assert_eq!(http["path"], "/people/a%20b?lang=en&id=1&id=2");
+    assert_eq!(http["host"], "crm.example.eu:8080");
+    assert_eq!(http["headers"][":method"], "GET");
+    assert_eq!(http["headers"]["authorization"], "[redacted]");
+    assert_eq!(doc["parsed_path"], serde_json::json!(["people", "a b"]));
+    assert_eq!(doc["parsed_query"]["id"], serde_json::json!(["1", "2"]));
+    let src = &doc["attributes"]["source"]["address"]["socketAddress"];
+    assert_eq!(
+        (src["address"].as_str(), src["portValue"].as_u64()),
+        (Some("10.0.0.7"), Some(50000))
+    );
+    assert_eq!(doc["version"]["ext_authz"], "v3");
+}

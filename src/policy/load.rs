@@ -166,6 +166,7 @@ fn merge(into: &mut serde_json::Value, other: serde_json::Value, at: &str) -> an
 /// directory `a/b` lands at `data.a.b`, as in OPA bundles.
 fn data_document(files: &[SourceFile]) -> anyhow::Result<serde_json::Value> {
     let mut data = serde_json::Value::Object(Default::default());
+    let mut earlier: Vec<(String, serde_json::Value)> = Vec::new();
     for f in files.iter().filter(|f| f.rel.ends_with("data.json")) {
         let mut doc: serde_json::Value =
             serde_json::from_str(&f.text).map_err(|e| anyhow!("{}: invalid JSON: {e}", f.shown))?;
@@ -178,7 +179,21 @@ fn data_document(files: &[SourceFile]) -> anyhow::Result<serde_json::Value> {
             wrap.insert(dir.to_string(), doc);
             doc = serde_json::Value::Object(wrap);
         }
-        merge(&mut data, doc, "data").with_context(|| format!("in {}", f.shown))?;
+        if let Err(e) = merge(&mut data, doc.clone(), "data") {
+            // Name the file that gave the value first, too.
+            let path = e.to_string();
+            let first = earlier
+                .iter()
+                .find(|(_, d): &&(String, serde_json::Value)| {
+                    path.split(' ').next().is_some_and(|p| {
+                        p.split('.').skip(1).try_fold(d, |v, k| v.get(k)).is_some()
+                    })
+                })
+                .map(|(shown, _)| format!(" (first given by {shown})"))
+                .unwrap_or_default();
+            return Err(anyhow!("in {}: {e}{first}", f.shown));
+        }
+        earlier.push((f.shown.clone(), doc));
     }
     Ok(data)
 }
