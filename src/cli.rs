@@ -212,6 +212,35 @@ enum PolicyCommand {
         #[arg(long, value_name = "PATH")]
         decision: Option<String>,
     },
+    /// Build an OPA bundle (`.manifest`, `*.rego`, data files at their
+    /// paths) from a policy directory, optionally signed; OPA accepts it too.
+    Build {
+        /// Policy directory.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// The bundle to write, e.g. bundle.tar.gz.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        out: PathBuf,
+        /// Manifest revision [default: sha256: digest of the sources]
+        #[arg(long)]
+        revision: Option<String>,
+        /// Manifest root (repeatable) [default: everything]
+        #[arg(long = "root", value_name = "PATH")]
+        roots: Vec<String>,
+        /// Sign the bundle (.signatures.json) with this PEM private key
+        /// (or HMAC secret file for HS*).
+        #[arg(long, value_name = "FILE")]
+        signing_key: Option<PathBuf>,
+        /// JWT algorithm of the signature.
+        #[arg(long, default_value = "RS256", requires = "signing_key")]
+        signing_alg: String,
+        /// Key id written in the signature's `kid` header.
+        #[arg(long, requires = "signing_key")]
+        signing_keyid: Option<String>,
+        /// `scope` claim written in the signature.
+        #[arg(long, requires = "signing_key")]
+        signing_scope: Option<String>,
+    },
     /// Run every `test_*` rule; exit non-zero if any fails.
     Test {
         /// Policy directories [default: ./policies if present, else the built-in set]
@@ -248,6 +277,9 @@ fn parse_upstream(s: &str) -> Result<UpstreamUrl, String> {
 /// Policy directory resolution shared by every command.
 pub fn policy_source(flag: Option<&Path>, config: Option<&Path>) -> PolicySource {
     if let Some(d) = flag.or(config) {
+        if policy::bundle::looks_like_bundle_file(d) {
+            return PolicySource::Bundle(policy::bundle::BundleSpec::local(d.to_path_buf()));
+        }
         return PolicySource::Dir(d.to_path_buf());
     }
     let local = Path::new("./policies");
@@ -255,6 +287,17 @@ pub fn policy_source(flag: Option<&Path>, config: Option<&Path>) -> PolicySource
         PolicySource::Dir(local.to_path_buf())
     } else {
         PolicySource::Builtin
+    }
+}
+
+/// The policy source of serve and check: a `--policies` flag wins, then
+/// `[policy.bundle]`, then `[policy] dir`.
+fn configured_source(flag: Option<&Path>, cfg: &Config) -> anyhow::Result<PolicySource> {
+    match (flag, &cfg.policy.bundle) {
+        (None, Some(b)) => Ok(PolicySource::Bundle(
+            policy::bundle::spec_from_config(b).context("[policy.bundle]")?,
+        )),
+        _ => Ok(policy_source(flag, cfg.policy.dir.as_deref())),
     }
 }
 
@@ -304,6 +347,36 @@ pub fn main() -> ExitCode {
             decision,
         }) => lint(&dirs, strict, decision.as_deref()),
         Command::Policy(PolicyCommand::Fmt { dirs, check }) => fmt(&dirs, check),
+        Command::Policy(PolicyCommand::Build {
+            dir,
+            out,
+            revision,
+            roots,
+            signing_key,
+            signing_alg,
+            signing_keyid,
+            signing_scope,
+        }) => (|| {
+            let signing = signing_key
+                .map(|k| {
+                    policy::bundle::SigningKey::open(&k, &signing_alg, signing_keyid, signing_scope)
+                })
+                .transpose()?;
+            let opts = policy::bundle::build::BuildOptions {
+                revision,
+                roots,
+                signing,
+            };
+            let built = policy::bundle::build::build(&dir, &out, &opts)?;
+            emit(&format!(
+                "ok: {} (revision {}, {} files, {} bytes)",
+                out.display(),
+                built.revision,
+                built.files,
+                built.bytes
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        })(),
         Command::Geoip(GeoipCommand::Lookup { geo, ips }) => geoip_lookup(&geo, &ips),
         Command::Geoip(GeoipCommand::Info { geo }) => geoip_info(&geo),
         Command::Audit(AuditCommand::Verify {
@@ -388,7 +461,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(v) = a.workers {
         cfg.server.workers = v;
     }
-    let source = policy_source(a.policies.as_deref(), cfg.policy.dir.as_deref());
+    let source = configured_source(a.policies.as_deref(), &cfg)?;
     crate::serve::run(cfg, source)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -412,7 +485,7 @@ fn check(path: &Path, policies: Option<&Path>) -> anyhow::Result<ExitCode> {
             ));
         }
     }
-    let source = policy_source(policies, cfg.policy.dir.as_deref());
+    let source = configured_source(policies, &cfg)?;
     let set = policy::load_for(&source, &cfg.policy.entry()?)
         .with_context(|| format!("policies from {source}"))?;
     // The geo files are opened as serve opens them (a missing database is
@@ -452,6 +525,9 @@ fn check_identity_and_tls(cfg: &Config) -> anyhow::Result<()> {
     if let Some(tls) = &cfg.server.tls {
         crate::tls::ingress(tls).context("[server.tls]")?;
     }
+    if let Some(tls) = &cfg.egress.tls {
+        crate::tls::egress(tls).context("[egress.tls]")?;
+    }
     crate::tls::upstream_client_config(&cfg.upstream.tls)?;
     if let Some(jwt) = &cfg.identity.jwt {
         if let Some(file) = &jwt.jwks_file {
@@ -489,7 +565,7 @@ fn sources_of(dirs: &[PathBuf]) -> Vec<PolicySource> {
     if dirs.is_empty() {
         vec![policy_source(None, None)]
     } else {
-        dirs.iter().map(|d| PolicySource::Dir(d.clone())).collect()
+        dirs.iter().map(|d| policy_source(Some(d), None)).collect()
     }
 }
 

@@ -63,6 +63,10 @@ pub struct EgressConfig {
     pub require_proxy_auth: bool,
     /// Accounts for `Proxy-Authorization: Basic`.
     pub users: Vec<ProxyUser>,
+    /// TLS on the egress listener (an HTTPS proxy), with optional client
+    /// certificates that name the calling workload. Same keys as
+    /// `[server.tls]`.
+    pub tls: Option<ServerTlsConfig>,
 }
 
 /// A workload name for the egress requests coming from `sources`.
@@ -70,8 +74,19 @@ pub struct EgressConfig {
 #[serde(deny_unknown_fields)]
 pub struct WorkloadConfig {
     pub name: String,
+    /// Source networks of this workload's requests.
+    #[serde(default)]
     pub sources: Vec<Cidr>,
+    /// Client certificates that stand for this workload (with
+    /// `[egress.tls]` and a `client_ca`), each as `kind:value` with kind
+    /// `uri`, `dns`, `email`, `ip` (subject alternative names), `cn`
+    /// (subject common name) or `sha256` (certificate fingerprint, hex).
+    #[serde(default)]
+    pub certificates: Vec<String>,
 }
+
+/// The `kind:` prefixes a `[[egress.workloads]] certificates` entry may use.
+pub const CERTIFICATE_MATCH_KINDS: &[&str] = &["uri", "dns", "email", "ip", "cn", "sha256"];
 
 /// One `Proxy-Authorization: Basic` account. The password is stored as its
 /// SHA-256 (hex), never in clear.
@@ -100,6 +115,7 @@ impl Default for EgressConfig {
             workloads: Vec::new(),
             require_proxy_auth: false,
             users: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -284,6 +300,8 @@ pub struct PolicyConfig {
     /// The rule whose value decides, as a slash path (`envoy/authz/allow`);
     /// `rempart/decision` when absent.
     pub decision: Option<String>,
+    /// An OPA bundle (file, directory or bundle server) instead of `dir`.
+    pub bundle: Option<BundleConfig>,
 }
 
 /// `[policy] input_compat`.
@@ -329,6 +347,7 @@ impl Default for PolicyConfig {
             redact_headers: Vec::new(),
             input_compat: InputCompat::None,
             decision: None,
+            bundle: None,
         }
     }
 }
@@ -662,6 +681,9 @@ impl Config {
 
     /// Checks that need the whole configuration.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(b) = &self.policy.bundle {
+            b.validate(self.policy.dir.is_some())?;
+        }
         if self.upstream.url.is_none() && self.egress.listen.is_none() {
             bail!("no upstream and no egress listener: set [upstream] url (or pass --upstream URL to rempart serve) for the ingress proxy, and/or [egress] listen for the egress proxy");
         }
@@ -687,9 +709,34 @@ impl Config {
             }
         }
         for w in &self.egress.workloads {
-            if w.name.is_empty() || w.sources.is_empty() {
-                bail!("[[egress.workloads]] entries need a name and at least one source network");
+            if w.name.is_empty() || (w.sources.is_empty() && w.certificates.is_empty()) {
+                bail!("[[egress.workloads]] entries need a name and at least one source network or certificate");
             }
+            for c in &w.certificates {
+                let kind = c.split_once(':').map(|(k, _)| k);
+                if !kind.is_some_and(|k| CERTIFICATE_MATCH_KINDS.contains(&k)) {
+                    bail!(
+                        "[[egress.workloads]] {:?}: certificate {c:?} must be kind:value with kind one of {}",
+                        w.name,
+                        CERTIFICATE_MATCH_KINDS.join(", ")
+                    );
+                }
+            }
+            if !w.certificates.is_empty()
+                && self
+                    .egress
+                    .tls
+                    .as_ref()
+                    .is_none_or(|t| t.client_ca.is_none())
+            {
+                bail!(
+                    "[[egress.workloads]] {:?} names certificates but [egress.tls] has no client_ca: no client certificate would ever be checked",
+                    w.name
+                );
+            }
+        }
+        if let Some(tls) = &self.egress.tls {
+            tls.validate("egress.tls")?;
         }
         if self.identity.trusted_header.is_some() && self.identity.trusted_sources.is_empty() {
             bail!(
@@ -704,7 +751,7 @@ impl Config {
             );
         }
         if let Some(tls) = &self.server.tls {
-            tls.validate()?;
+            tls.validate("server.tls")?;
         }
         self.upstream.tls.validate()?;
         if let Some(jwt) = &self.identity.jwt {
@@ -809,14 +856,15 @@ fn default_tls_reload() -> Seconds {
 }
 
 impl ServerTlsConfig {
-    fn validate(&self) -> anyhow::Result<()> {
+    /// `table` names the configuration table in messages.
+    fn validate(&self, table: &str) -> anyhow::Result<()> {
         match (self.client_auth, &self.client_ca) {
             (ClientAuth::None, Some(_)) => bail!(
-                "[server.tls] client_ca is set but client_auth = \"none\": \
+                "[{table}] client_ca is set but client_auth = \"none\": \
                  say \"optional\" or \"required\""
             ),
             (ClientAuth::Optional | ClientAuth::Required, None) => bail!(
-                "[server.tls] client_auth = \"{}\" needs client_ca (the CA bundle that \
+                "[{table}] client_auth = \"{}\" needs client_ca (the CA bundle that \
                  signs client certificates)",
                 if self.client_auth == ClientAuth::Required {
                     "required"
@@ -991,6 +1039,113 @@ impl JwtConfig {
         }
         Ok(())
     }
+}
+
+/// `[policy.bundle]`: where the OPA bundle comes from and how it is
+/// accepted (see docs/policies.md, "Distributing policies as bundles").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BundleConfig {
+    /// A local bundle: `.tar.gz` file or directory (watched like `dir`).
+    pub path: Option<PathBuf>,
+    /// A bundle server URL polled with `ETag` / `If-None-Match`.
+    pub url: Option<String>,
+    /// Where the last good downloaded bundle is kept, so that rempart
+    /// starts when the server is down.
+    pub persist_dir: PathBuf,
+    /// Polling waits a random time between these two after a success.
+    pub poll_min: Seconds,
+    pub poll_max: Seconds,
+    /// After a failed download, waits double from `backoff_min` up to
+    /// `backoff_max` (with jitter).
+    pub backoff_min: Seconds,
+    pub backoff_max: Seconds,
+    /// Limit of one download, headers and body.
+    pub timeout: Seconds,
+    /// File holding a bearer token sent as `Authorization: Bearer`; read
+    /// before every download so that it can be rotated.
+    pub bearer_token_file: Option<PathBuf>,
+    /// PEM CA bundle to verify an `https` server (default: the system's
+    /// public roots).
+    pub ca: Option<PathBuf>,
+    /// Largest bundle accepted as stored or downloaded (compressed).
+    pub max_bytes: u64,
+    /// Largest total size its files may unpack to.
+    pub max_uncompressed_bytes: u64,
+    /// When present, only bundles signed with this key are accepted.
+    pub signing: Option<BundleSigningConfig>,
+}
+
+impl Default for BundleConfig {
+    fn default() -> Self {
+        BundleConfig {
+            path: None,
+            url: None,
+            persist_dir: PathBuf::from("rempart-bundle"),
+            poll_min: Seconds(Duration::from_secs(60)),
+            poll_max: Seconds(Duration::from_secs(120)),
+            backoff_min: Seconds(Duration::from_secs(1)),
+            backoff_max: Seconds(Duration::from_secs(120)),
+            timeout: Seconds(Duration::from_secs(30)),
+            bearer_token_file: None,
+            ca: None,
+            max_bytes: 32 << 20,
+            max_uncompressed_bytes: 256 << 20,
+            signing: None,
+        }
+    }
+}
+
+impl BundleConfig {
+    fn validate(&self, has_dir: bool) -> anyhow::Result<()> {
+        match (&self.path, &self.url) {
+            (Some(_), Some(_)) => bail!("[policy.bundle] set path or url, not both"),
+            (None, None) => bail!(
+                "[policy.bundle] needs path (a bundle file or directory) or url (a bundle server)"
+            ),
+            _ => {}
+        }
+        if has_dir {
+            bail!("[policy] dir and [policy.bundle] are both set: choose one source of policies");
+        }
+        if let Some(url) = &self.url {
+            let uri: http::Uri = url
+                .parse()
+                .with_context(|| format!("[policy.bundle] url {url:?}"))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                bail!("[policy.bundle] url {url:?} must be an http:// or https:// URL");
+            }
+        }
+        if self.poll_min.0.is_zero() || self.poll_max.0 < self.poll_min.0 {
+            bail!("[policy.bundle] poll_min must be above zero and poll_max at least poll_min");
+        }
+        if self.backoff_min.0.is_zero() || self.backoff_max.0 < self.backoff_min.0 {
+            bail!("[policy.bundle] backoff_min must be above zero and backoff_max at least backoff_min");
+        }
+        if self.max_bytes == 0 || self.max_uncompressed_bytes < self.max_bytes {
+            bail!("[policy.bundle] max_bytes must be above zero and max_uncompressed_bytes at least max_bytes");
+        }
+        Ok(())
+    }
+}
+
+/// `[policy.bundle.signing]`: the key `.signatures.json` must verify with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleSigningConfig {
+    /// PEM public key (RSA, EC, Ed25519), or the shared secret for HS*.
+    pub public_key: PathBuf,
+    /// JWT algorithm, as in OPA's `keys.<id>.algorithm`.
+    #[serde(default = "default_bundle_algorithm")]
+    pub algorithm: String,
+    /// When set, a signature naming another key id (`kid`) is refused.
+    pub keyid: Option<String>,
+    /// The `scope` claim the signature must carry (OPA's `signing.scope`).
+    pub scope: Option<String>,
+}
+
+fn default_bundle_algorithm() -> String {
+    "RS256".into()
 }
 
 #[cfg(test)]

@@ -75,6 +75,7 @@ pub struct Metrics {
     pub jwks_refresh_failure: IntCounter,
     pub jwks_last_success_timestamp: IntGauge,
     pub egress: EgressMetrics,
+    pub bundle: BundleMetrics,
 }
 
 /// Why the egress proxy refused a request before or instead of a policy
@@ -429,8 +430,10 @@ impl Metrics {
             .set(1);
 
         let egress = EgressMetrics::new(&registry);
+        let bundle = BundleMetrics::new(&registry);
         Metrics {
             egress,
+            bundle,
             registry,
             requests,
             policy_evaluation_seconds,
@@ -521,6 +524,99 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// OPA bundle activations and downloads (see docs/metrics.md).
+pub struct BundleMetrics {
+    activation_failures: IntCounterVec,
+    download_failures: IntCounterVec,
+    downloads: IntCounterVec,
+    pub last_activation_timestamp: IntGauge,
+    pub last_download_timestamp: IntGauge,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+impl BundleMetrics {
+    /// Reasons a download fails (`reason` label).
+    pub const DOWNLOAD_FAILURES: [&'static str; 6] =
+        ["connect", "timeout", "status", "too_large", "body", "token"];
+
+    fn new(registry: &Registry) -> Self {
+        let reg = |c: Box<dyn prometheus::core::Collector>| must(registry.register(c));
+        let activation_failures = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_policy_bundle_activation_failures_total",
+                "Bundles refused (the previous policy set kept serving), by reason.",
+            ),
+            &["reason"],
+        ));
+        reg(Box::new(activation_failures.clone()));
+        for r in crate::policy::bundle::Rejection::ALL {
+            activation_failures.with_label_values(&[r.as_str()]);
+        }
+        activation_failures.with_label_values(&["persist"]);
+        let download_failures = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_policy_bundle_download_failures_total",
+                "Failed bundle downloads from the bundle server, by reason.",
+            ),
+            &["reason"],
+        ));
+        reg(Box::new(download_failures.clone()));
+        for r in Self::DOWNLOAD_FAILURES {
+            download_failures.with_label_values(&[r]);
+        }
+        let downloads = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_policy_bundle_downloads_total",
+                "Successful bundle server answers, by result (updated, not_modified).",
+            ),
+            &["result"],
+        ));
+        reg(Box::new(downloads.clone()));
+        for r in ["updated", "not_modified"] {
+            downloads.with_label_values(&[r]);
+        }
+        let last_activation_timestamp = must(IntGauge::new(
+            "rempart_policy_bundle_last_activation_timestamp_seconds",
+            "Unix time a bundle was last activated (0: never).",
+        ));
+        reg(Box::new(last_activation_timestamp.clone()));
+        let last_download_timestamp = must(IntGauge::new(
+            "rempart_policy_bundle_last_download_timestamp_seconds",
+            "Unix time of the last successful answer of the bundle server, 200 or 304 (0: never).",
+        ));
+        reg(Box::new(last_download_timestamp.clone()));
+        BundleMetrics {
+            activation_failures,
+            download_failures,
+            downloads,
+            last_activation_timestamp,
+            last_download_timestamp,
+        }
+    }
+
+    pub fn activated(&self) {
+        self.last_activation_timestamp.set(unix_now());
+    }
+
+    pub fn activation_failure(&self, reason: &str) {
+        self.activation_failures.with_label_values(&[reason]).inc();
+    }
+
+    pub fn download_failure(&self, reason: &str) {
+        self.download_failures.with_label_values(&[reason]).inc();
+    }
+
+    pub fn downloaded(&self, result: &str) {
+        self.downloads.with_label_values(&[result]).inc();
+        self.last_download_timestamp.set(unix_now());
     }
 }
 

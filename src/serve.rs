@@ -24,14 +24,15 @@ use crate::pipeline::egress::EgressGateway;
 use crate::pipeline::identify::jwt::JwtVerifier;
 use crate::pipeline::identify::Identifier;
 use crate::pipeline::{accept, Gateway, Security};
-use crate::policy::{PolicySource, PolicyStore};
+use crate::policy::PolicySource;
 
 pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
     cfg.validate()?;
     let metrics = Arc::new(Metrics::new());
-    let policies =
-        PolicyStore::open_for(source.clone(), &cfg.policy.entry()?, Arc::clone(&metrics))
-            .with_context(|| format!("cannot load policies from {source}"))?;
+    // A bundle server is polled from here on; at start its persisted copy
+    // (or a first download) is what serves.
+    let (policies, bundle_polling) =
+        crate::policy::bundle::fetch::open_store(&cfg, source.clone(), Arc::clone(&metrics))?;
     let geo = GeoStore::open(cfg.geo.files(), cfg.geo.optional, Arc::clone(&metrics))?;
     let (audit, audit_writer) = AuditSink::open(
         &cfg.audit.path,
@@ -55,6 +56,13 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         .map(crate::tls::ingress)
         .transpose()
         .context("[server.tls]")?;
+    let egress_tls = cfg
+        .egress
+        .tls
+        .as_ref()
+        .map(crate::tls::egress)
+        .transpose()
+        .context("[egress.tls]")?;
     let upstream_tls = Arc::new(crate::tls::upstream_client_config(&cfg.upstream.tls)?);
     let jwt = cfg
         .identity
@@ -69,6 +77,9 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         upstream_tls,
     };
     let acceptor = ingress_tls
+        .as_ref()
+        .map(|t| tokio_rustls::TlsAcceptor::from(Arc::clone(&t.config)));
+    let egress_acceptor = egress_tls
         .as_ref()
         .map(|t| tokio_rustls::TlsAcceptor::from(Arc::clone(&t.config)));
     let workers = cfg.worker_count();
@@ -134,6 +145,7 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
             (listener, make)
         });
         let acceptor = acceptor.clone();
+        let egress_acceptor = egress_acceptor.clone();
         let rx = shutdown_rx.clone();
         let header_timeout = cfg.server.header_read_timeout.0;
         let drain = cfg.server.drain_timeout.0;
@@ -164,7 +176,14 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
                     let egress = async {
                         match egress {
                             Some((listener, make)) => {
-                                accept::serve_egress(listener, make(), rx.clone(), drain).await
+                                accept::serve_egress(
+                                    listener,
+                                    make(),
+                                    rx.clone(),
+                                    drain,
+                                    egress_acceptor,
+                                )
+                                .await
                             }
                             None => Ok(()),
                         }
@@ -181,31 +200,29 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
 
     let (reload_tx, reload_rx) = mpsc::channel();
     policies.watch(reload_rx, cfg.policy.reload_interval.0);
+    if let Some(polling) = bundle_polling {
+        polling.spawn(Arc::clone(&policies))?;
+    }
     let (geo_reload_tx, geo_reload_rx) = mpsc::channel();
     geo.watch(geo_reload_rx, cfg.geo.reload_interval.0);
-    let (tls_reload_tx, tls_reload_rx) = mpsc::channel();
-    if let (Some(t), Some(tls_cfg)) = (&ingress_tls, &cfg.server.tls) {
-        let resolver = Arc::clone(&t.resolver);
-        let m = Arc::clone(&metrics);
-        crate::reload::spawn_watcher(
+    let tls_reload_tx = match (&ingress_tls, &cfg.server.tls) {
+        (Some(t), Some(tls_cfg)) => Some(watch_certificate(
             "tls",
+            t,
             tls_cfg.reload_interval.0,
-            tls_reload_rx,
-            resolver.paths(),
-            move || match resolver.reload() {
-                Ok(()) => {
-                    m.tls_cert_reloads_success.inc();
-                    tracing::info!("TLS certificate reloaded");
-                }
-                Err(e) => {
-                    m.tls_cert_reloads_failure.inc();
-                    tracing::error!(
-                        "TLS certificate reload failed, keeping the previous one: {e:#}"
-                    );
-                }
-            },
-        );
-    }
+            &metrics,
+        )),
+        _ => None,
+    };
+    let egress_tls_reload_tx = match (&egress_tls, &cfg.egress.tls) {
+        (Some(t), Some(tls_cfg)) => Some(watch_certificate(
+            "egress-tls",
+            t,
+            tls_cfg.reload_interval.0,
+            &metrics,
+        )),
+        _ => None,
+    };
     let (jwks_reload_tx, jwks_reload_rx) = mpsc::channel();
     if let (Some(j), Some(jwt_cfg)) = (&jwt, &cfg.identity.jwt) {
         if let Some(path) = &jwt_cfg.jwks_file {
@@ -268,7 +285,9 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
                     tracing::info!("SIGHUP: reloading policies, geo data, TLS certificate and JWKS file");
                     let _ = reload_tx.send(());
                     let _ = geo_reload_tx.send(());
-                    let _ = tls_reload_tx.send(());
+                    for tx in [&tls_reload_tx, &egress_tls_reload_tx].into_iter().flatten() {
+                        let _ = tx.send(());
+                    }
                     let _ = jwks_reload_tx.send(());
                 }
                 _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
@@ -297,4 +316,34 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
     audit_writer.finish();
     tracing::info!("audit trail flushed; stopped");
     Ok(())
+}
+
+/// Reloads a listener's certificate and key when their files change
+/// (every `interval`) or when the returned sender is poked (SIGHUP); a
+/// failed reload keeps the previous pair.
+fn watch_certificate(
+    name: &'static str,
+    tls: &crate::tls::Ingress,
+    interval: std::time::Duration,
+    metrics: &Arc<Metrics>,
+) -> mpsc::Sender<()> {
+    let (tx, rx) = mpsc::channel();
+    let resolver = Arc::clone(&tls.resolver);
+    let m = Arc::clone(metrics);
+    crate::reload::spawn_watcher(name, interval, rx, resolver.paths(), move || match resolver
+        .reload()
+    {
+        Ok(()) => {
+            m.tls_cert_reloads_success.inc();
+            tracing::info!(listener = name, "TLS certificate reloaded");
+        }
+        Err(e) => {
+            m.tls_cert_reloads_failure.inc();
+            tracing::error!(
+                listener = name,
+                "TLS certificate reload failed, keeping the previous one: {e:#}"
+            );
+        }
+    });
+    tx
 }

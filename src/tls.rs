@@ -111,36 +111,47 @@ impl ResolvesServerCert for CertResolver {
     }
 }
 
-/// The ingress TLS setup: the rustls configuration and the resolver to
+/// A listener's TLS setup: the rustls configuration and the resolver to
 /// reload.
 pub struct Ingress {
     pub config: Arc<ServerConfig>,
     pub resolver: Arc<CertResolver>,
 }
 
+/// TLS for the ingress listener, which speaks HTTP/2 and HTTP/1.1.
 pub fn ingress(cfg: &ServerTlsConfig) -> anyhow::Result<Ingress> {
+    listener(cfg, "server.tls", &[b"h2", b"http/1.1"])
+}
+
+/// TLS for the egress listener (an HTTPS proxy), which speaks HTTP/1.1
+/// only: `CONNECT` tunnels are HTTP/1.1 upgrades here.
+pub fn egress(cfg: &ServerTlsConfig) -> anyhow::Result<Ingress> {
+    listener(cfg, "egress.tls", &[b"http/1.1"])
+}
+
+fn listener(cfg: &ServerTlsConfig, table: &str, alpn: &[&[u8]]) -> anyhow::Result<Ingress> {
     let resolver = Arc::new(CertResolver::open(&cfg.cert, &cfg.key)?);
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .context("TLS protocol versions")?;
     let builder = match (&cfg.client_ca, cfg.client_auth) {
         (Some(ca), ClientAuth::Optional | ClientAuth::Required) => {
-            let roots = read_roots(ca).context("[server.tls] client_ca")?;
+            let roots = read_roots(ca).with_context(|| format!("[{table}] client_ca"))?;
             let mut verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
             if cfg.client_auth == ClientAuth::Optional {
                 verifier = verifier.allow_unauthenticated();
             }
-            let verifier = verifier
-                .build()
-                .context("[server.tls] cannot build the client certificate verifier")?;
+            let verifier = verifier.build().with_context(|| {
+                format!("[{table}] cannot build the client certificate verifier")
+            })?;
             builder.with_client_cert_verifier(verifier)
         }
         _ => builder.with_no_client_auth(),
     };
     let mut config =
         builder.with_cert_resolver(Arc::clone(&resolver) as Arc<dyn ResolvesServerCert>);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Ingress {
         config: Arc::new(config),
         resolver,

@@ -716,6 +716,81 @@ async fn a_name_with_several_addresses_connects_only_to_an_allowed_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_address_that_does_not_answer_hands_over_to_the_next_allowed_one() {
+    // 127.0.0.5 and .6 are allowed (internal_networks covers loopback, and
+    // they are not located) but nothing listens there: connection refused.
+    const DEAD: &str = "127.0.0.5";
+    const DEAD_TOO: &str = "127.0.0.6";
+    let eu = Server::start(EU, Kind::Http).await;
+    let port = eu.addr.port();
+    let us_same = TcpListener::bind((US, port)).await.unwrap();
+    let dns = Dns::start(&[
+        ("failover.test", &[DEAD, EU]),
+        ("alldead.test", &[DEAD, DEAD_TOO]),
+        ("refusedthendead.test", &[US, DEAD]),
+    ])
+    .await;
+    let s = start(Some(dns.addr), "");
+
+    let (status, head, mut r) = raw(
+        s.proxy,
+        &format!("GET http://failover.test:{port}/ HTTP/1.1\r\nHost: failover.test\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    let body = body_of(&mut r, &head).await;
+    assert!(body.starts_with("hello from 127.0.0.2"));
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    let rec = s.rempart.audit_record(&id).await;
+    assert_eq!(rec["destination"]["ip"], EU, "{rec}");
+    assert_eq!(rec["decision"]["outcome"], "allowed", "{rec}");
+    // Plain requests count their body bytes as they stream.
+    assert_eq!(
+        s.rempart
+            .metric("rempart_egress_bytes_total{flow=\"from_destination\"}")
+            .await,
+        body.len() as f64
+    );
+
+    let (status, head, _) = connect(s.proxy, &format!("failover.test:{port}")).await;
+    assert_eq!(status, 200, "{head}");
+    // The server counts a connection once its accept task ran.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while eu.connections() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(eu.connections(), 2);
+
+    // Every allowed address dead: 502 naming each, not a hang and not 403.
+    let (status, head, mut r) = connect(s.proxy, &format!("alldead.test:{port}")).await;
+    assert_eq!(status, 502, "{head}");
+    let body: serde_json::Value = serde_json::from_str(&body_of(&mut r, &head).await).unwrap();
+    assert_eq!(body["error"], "egress_connect_failed", "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("{DEAD}:{port}"))
+            && message.contains(&format!("{DEAD_TOO}:{port}")),
+        "{message}"
+    );
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    let rec = s.rempart.audit_record(&id).await;
+    assert_eq!(rec["decision"]["outcome"], "error", "{rec}");
+
+    // A refused address is never tried; the allowed one is dead: the
+    // answer is the connection failure.
+    let (status, head, _) = connect(s.proxy, &format!("refusedthendead.test:{port}")).await;
+    assert_eq!(status, 502, "{head}");
+    let pending = tokio::time::timeout(Duration::from_millis(100), us_same.accept()).await;
+    assert!(pending.is_err(), "a forbidden address was connected to");
+    assert!(s
+        .rempart
+        .metrics()
+        .await
+        .lines()
+        .any(|l| l.starts_with("rempart_egress_refusals_total{reason=\"connect_failed\"} 2")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolver_failures_and_timeouts_fail_closed() {
     let dns = Dns::start(&[("eu.test", &[EU])]).await;
     let s = start(Some(dns.addr), "");
@@ -1021,4 +1096,124 @@ fn base64_basic(user: &str, password: &str) -> String {
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
     )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_proxy_with_client_certificates_names_the_workload() {
+    use common::pki::Ca;
+    let eu = Server::start(EU, Kind::Http).await;
+    let us = Server::start(US, Kind::Http).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, eu_ca) = tls_server(EU, "eu.test", dir.path()).await;
+    let dns = Dns::start(&[("eu.test", &[EU])]).await;
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let server_ca = Ca::new("Proxy CA");
+    let (proxy_cert, proxy_key) = server_ca.server("rempart egress");
+    let client_ca = Ca::new("Workload CA");
+    let (creme_cert, creme_key) = client_ca.client_with_sans(
+        "creme",
+        vec![rcgen::SanType::URI(
+            "spiffe://crm.example/creme".try_into().unwrap(),
+        )],
+    );
+    let (other_cert, other_key) = client_ca.client("someone", "someone@example.eu");
+    let paths = [
+        write("proxy-ca.pem", &server_ca.pem),
+        write("proxy.pem", &proxy_cert),
+        write("proxy.key", &proxy_key),
+        write("client-ca.pem", &client_ca.pem),
+        write("creme.pem", &creme_cert),
+        write("creme.key", &creme_key),
+        write("other.pem", &other_cert),
+        write("other.key", &other_key),
+    ];
+    let [proxy_ca, proxy_pem, proxy_key, client_ca_pem, creme_pem, creme_key, other_pem, other_key] =
+        &paths;
+    let s = start_with(
+        Some(dns.addr),
+        &format!(
+            "[egress.tls]\ncert = \"{proxy_pem}\"\nkey = \"{proxy_key}\"\n\
+             client_ca = \"{client_ca_pem}\"\nclient_auth = \"required\"\n\
+             [[egress.workloads]]\nname = \"creme\"\ncertificates = [\"uri:spiffe://crm.example/creme\"]\n"
+        ),
+        |data| {
+            // Only the creme workload may call the US address.
+            data["settings"]["egress"]["allow"]["creme"] =
+                serde_json::json!({"networks": [format!("{US}/32")]});
+        },
+    );
+    let proxy = format!("https://localhost:{}", s.proxy.port());
+    let via = |cert: &str, key: &str, url: &str, extra: &[&str]| {
+        let mut args = vec![
+            "-D",
+            "-",
+            "--proxy",
+            &proxy,
+            "--proxy-cacert",
+            proxy_ca,
+            "--proxy-cert",
+            cert,
+            "--proxy-key",
+            key,
+        ];
+        args.extend_from_slice(extra);
+        args.push(url);
+        curl(&args)
+    };
+
+    // The creme certificate: its workload's allow-list opens the US address.
+    let url = format!("http://{US}:{}/", us.addr.port());
+    let (code, out, err) = via(creme_pem, creme_key, &url, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("hello from 127.0.0.3"), "{out}");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("x-rempart-decision-id: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let rec = s.rempart.audit_record(&id).await;
+    assert_eq!(rec["source"]["workload"], "creme", "{rec}");
+    assert_eq!(rec["identity"]["method"], "mtls", "{rec}");
+    assert_eq!(rec["identity"]["subject"], "CN=creme, O=Example", "{rec}");
+
+    // A CONNECT tunnel inside the TLS connection to the proxy.
+    let url = format!("https://eu.test:{}/", tls.addr.port());
+    let (code, out, err) = via(
+        creme_pem,
+        creme_key,
+        &url,
+        &["--cacert", eu_ca.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("secure hello\n"), "{out}");
+
+    // Another valid certificate names no workload: the US address stays
+    // refused.
+    let url = format!("http://{US}:{}/", us.addr.port());
+    let (code, out, err) = via(other_pem, other_key, &url, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert_eq!(us.connections(), 1);
+
+    // No client certificate: the handshake fails, nothing is proxied.
+    let (code, _, _) = curl(&[
+        "--proxy",
+        &proxy,
+        "--proxy-cacert",
+        proxy_ca,
+        &format!("http://eu.test:{}/", eu.addr.port()),
+    ]);
+    assert_ne!(code, 0);
+    assert_eq!(eu.connections(), 0);
+    assert!(
+        s.rempart
+            .metric("rempart_tls_handshake_failures_total{reason=\"client_cert_missing\"}")
+            .await
+            >= 1.0
+    );
 }

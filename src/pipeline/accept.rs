@@ -23,6 +23,9 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use percent_encoding::percent_decode_str;
 use tokio::sync::watch;
+// One stream type for plain and TLS egress connections, so that one
+// hyper connection type serves both.
+use tokio_util::either::Either;
 
 pub mod target;
 
@@ -104,48 +107,67 @@ pub async fn serve(
                         .into_owned();
                     return watcher.watch(served).await;
                 };
-                let peer = conn.peer;
                 let metrics = Arc::clone(&gateway.metrics);
-                match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => {
-                        let client_cert = tls_stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|chain| chain.first())
-                            .and_then(crate::tls::describe_client_cert)
-                            .map(Arc::new);
-                        let conn = Connection {
-                            tls: true,
-                            client_cert,
-                            ..conn
-                        };
-                        let served = builder
-                            .serve_connection(
-                                TokioIo::new(tls_stream),
-                                ingress_service(gateway, conn),
-                            )
-                            .into_owned();
-                        watcher.watch(served).await
-                    }
-                    Ok(Err(e)) => {
-                        let reason = crate::tls::handshake_failure_reason(&e);
-                        metrics.tls_handshake_failure(reason).inc();
-                        tracing::info!(%peer, reason, "TLS handshake failed: {e}");
-                        Ok(())
-                    }
-                    Err(_) => {
-                        metrics.tls_handshake_failure("timeout").inc();
-                        tracing::info!(%peer, "TLS handshake timed out");
-                        Ok(())
-                    }
-                }
+                let Some((tls_stream, conn)) =
+                    handshake(&acceptor, stream, conn, header_read_timeout, &metrics).await
+                else {
+                    return Ok(());
+                };
+                let served = builder
+                    .serve_connection(TokioIo::new(tls_stream), ingress_service(gateway, conn))
+                    .into_owned();
+                watcher.watch(served).await
             }
         },
         |_, _| {},
         |_| {},
     )
     .await
+}
+
+/// Completes the TLS handshake of an accepted connection, bounded by
+/// `timeout`, and notes the verified client certificate (mTLS). A failed
+/// handshake, e.g. a client without a required certificate, is counted
+/// and logged, and the connection closed: `None`.
+async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    conn: Connection,
+    timeout: Duration,
+    metrics: &Metrics,
+) -> Option<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    Connection,
+)> {
+    let peer = conn.peer;
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => {
+            let client_cert = tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(crate::tls::describe_client_cert)
+                .map(Arc::new);
+            let conn = Connection {
+                tls: true,
+                client_cert,
+                ..conn
+            };
+            Some((tls_stream, conn))
+        }
+        Ok(Err(e)) => {
+            let reason = crate::tls::handshake_failure_reason(&e);
+            metrics.tls_handshake_failure(reason).inc();
+            tracing::info!(%peer, reason, "TLS handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            metrics.tls_handshake_failure("timeout").inc();
+            tracing::info!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
 }
 
 /// The request service of one ingress connection.
@@ -175,12 +197,15 @@ fn ingress_service(
 }
 
 /// Runs one worker's egress (forward proxy) accept loop: HTTP/1.1 only,
-/// with upgrades for `CONNECT` tunnels and a bounded request head.
+/// with upgrades for `CONNECT` tunnels and a bounded request head; over
+/// TLS first when `[egress.tls]` is set (an HTTPS proxy, whose client
+/// certificate may name the workload).
 pub async fn serve_egress(
     listener: std::net::TcpListener,
     gateway: Arc<EgressGateway>,
     shutdown: watch::Receiver<bool>,
     drain: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> anyhow::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
@@ -200,18 +225,31 @@ pub async fn serve_egress(
         first_byte,
         move |stream, conn, watcher| {
             let gw = Arc::clone(&gateway);
-            let service = service_fn(move |req| {
-                let gw = Arc::clone(&gw);
-                let conn = conn.clone();
-                async move {
-                    let handled = tokio::spawn(async move { gw.handle(req, conn).await });
-                    Ok::<_, Infallible>(settle(handled.await))
-                }
-            });
-            let served = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            watcher.watch(served)
+            let builder = builder.clone();
+            let tls = tls.clone();
+            async move {
+                let (stream, conn) = match tls {
+                    None => (Either::Left(stream), conn),
+                    Some(acceptor) => {
+                        match handshake(&acceptor, stream, conn, first_byte, &gw.metrics).await {
+                            Some((s, conn)) => (Either::Right(s), conn),
+                            None => return Ok(()),
+                        }
+                    }
+                };
+                let service = service_fn(move |req| {
+                    let gw = Arc::clone(&gw);
+                    let conn = conn.clone();
+                    async move {
+                        let handled = tokio::spawn(async move { gw.handle(req, conn).await });
+                        Ok::<_, Infallible>(settle(handled.await))
+                    }
+                });
+                let served = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                watcher.watch(served).await
+            }
         },
         count_egress_connection_error,
         |m| m.egress.refusal(Refusal::HeaderTimeout).inc(),
@@ -391,8 +429,10 @@ pub fn describe(
 }
 
 /// Describes an egress request for the policy: as [`describe`], with the
-/// canonical destination as host and port, and scheme `http` (plain proxy
-/// request) or `tunnel` (`CONNECT`, whose content rempart does not see).
+/// canonical destination as host and port, and the scheme of the leg to
+/// the destination: `http` (plain proxy request, even when the client
+/// reached the proxy over TLS) or `tunnel` (`CONNECT`, whose content
+/// rempart does not see).
 pub fn describe_egress(
     parts: &http::request::Parts,
     id: &str,
@@ -407,6 +447,8 @@ pub fn describe_egress(
         info.scheme = "tunnel".into();
         info.path = String::new();
         info.segments.clear();
+    } else {
+        info.scheme = "http".into();
     }
     info
 }

@@ -166,7 +166,7 @@ impl EgressGateway {
         };
 
         // 2. identify
-        let caller = self.identifier.identify(&parts.headers, conn.peer.ip());
+        let caller = self.identifier.identify(&parts.headers, &conn);
         let request = accept::describe_egress(&parts, &id, &conn, &self.redact, &shown_target);
 
         // 3. classify
@@ -296,11 +296,17 @@ impl EgressGateway {
             .map(|ip| locate::locate_address(*ip, &geo))
             .collect();
 
-        // 5. decide: each address in the resolver's order until one is
-        //    allowed; the data goes to that address and no other.
+        // 5. decide and 6. enforce, address by address in the resolver's
+        //    order: the first address that the policy allows and that
+        //    answers gets the data, and no other. An allowed address that
+        //    cannot be reached hands over to the next one, as a browser
+        //    would, so one dead replica does not fail the call.
         let set = self.policies.current();
-        let mut first: Option<(Ruling, Arc<crate::input::Destination>)> = None;
-        let mut chosen: Option<(Ruling, Arc<crate::input::Destination>, IpAddr)> = None;
+        let deadline = Instant::now() + self.limits.connect_timeout;
+        let mut first_refusal: Option<(Ruling, Arc<crate::input::Destination>)> = None;
+        let mut unreachable: Vec<String> = Vec::new();
+        let mut last_failure: Option<(Refusal, Ruling, Arc<crate::input::Destination>)> = None;
+        let mut chosen = None;
         for (i, ip) in ips.iter().enumerate() {
             input.destination = Arc::new(locate::egress_destination(
                 host.clone(),
@@ -309,20 +315,66 @@ impl EgressGateway {
                 Some(i),
             ));
             let ruling = decide::decide(&set, input.to_value(), &self.how, &self.metrics);
-            if ruling.action == Action::Forward {
-                chosen = Some((ruling, Arc::clone(&input.destination), *ip));
+            if ruling.action != Action::Forward {
+                if first_refusal.is_none() {
+                    first_refusal = Some((ruling, Arc::clone(&input.destination)));
+                }
+                continue;
+            }
+            let addr = SocketAddr::new(*ip, target.port);
+            let budget = attempt_budget(deadline, ips.len() - i);
+            if budget.is_zero() {
                 break;
             }
-            if first.is_none() {
-                first = Some((ruling, Arc::clone(&input.destination)));
-            }
+            let failure =
+                match tokio::time::timeout(budget, tokio::net::TcpStream::connect(addr)).await {
+                    Ok(Ok(stream)) => {
+                        chosen = Some((ruling, Arc::clone(&input.destination), stream));
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        unreachable.push(format!("{addr}: {e}"));
+                        Refusal::ConnectFailed
+                    }
+                    Err(_) => {
+                        unreachable.push(format!(
+                            "{addr}: no answer within {}",
+                            humantime::format_duration(budget)
+                        ));
+                        Refusal::ConnectTimeout
+                    }
+                };
+            last_failure = Some((failure, ruling, Arc::clone(&input.destination)));
         }
 
-        // 6. enforce
-        let Some((ruling, destination, ip)) = chosen else {
+        let Some((ruling, destination, stream)) = chosen else {
+            if let Some((refusal, ruling, destination)) = last_failure {
+                // The policy allowed an address but none could be reached.
+                input.destination = destination;
+                let (status, code) = match refusal {
+                    Refusal::ConnectTimeout => {
+                        (StatusCode::GATEWAY_TIMEOUT, "egress_connect_timeout")
+                    }
+                    _ => (StatusCode::BAD_GATEWAY, "egress_connect_failed"),
+                };
+                return self
+                    .failed(
+                        Refused {
+                            refusal,
+                            status,
+                            code,
+                            message: format!("cannot connect to {}", unreachable.join("; ")),
+                        },
+                        &input,
+                        &ruling,
+                        accepted_at,
+                        client_version,
+                    )
+                    .await;
+            }
             // Every address refused: the first one's reasons are the
             // answer (`addresses` in the record shows them all).
-            let Some((ruling, destination)) = first else {
+            let Some((ruling, destination)) = first_refusal else {
                 return enforce::internal_error();
             };
             input.destination = destination;
@@ -343,50 +395,6 @@ impl EgressGateway {
                 .await;
         };
         input.destination = destination;
-        let addr = SocketAddr::new(ip, target.port);
-        let stream = match tokio::time::timeout(
-            self.limits.connect_timeout,
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return self
-                    .failed(
-                        Refused {
-                            refusal: Refusal::ConnectFailed,
-                            status: StatusCode::BAD_GATEWAY,
-                            code: "egress_connect_failed",
-                            message: format!("cannot connect to {addr}: {e}"),
-                        },
-                        &input,
-                        &ruling,
-                        accepted_at,
-                        client_version,
-                    )
-                    .await
-            }
-            Err(_) => {
-                return self
-                    .failed(
-                        Refused {
-                            refusal: Refusal::ConnectTimeout,
-                            status: StatusCode::GATEWAY_TIMEOUT,
-                            code: "egress_connect_timeout",
-                            message: format!(
-                                "no connection to {addr} within {}",
-                                humantime::format_duration(self.limits.connect_timeout)
-                            ),
-                        },
-                        &input,
-                        &ruling,
-                        accepted_at,
-                        client_version,
-                    )
-                    .await
-            }
-        };
         let _ = stream.set_nodelay(true);
 
         match upgrade {
@@ -690,13 +698,20 @@ impl EgressGateway {
         });
         let sent = tokio::time::timeout(
             self.limits.response_timeout,
-            sender.send_request(Request::from_parts(parts, body)),
+            sender.send_request(Request::from_parts(
+                parts,
+                enforce::Metered::new(body, self.metrics.egress.bytes_to_destination.clone()),
+            )),
         )
         .await;
         match sent {
             Ok(Ok(mut resp)) => {
                 enforce::strip_hop_by_hop(resp.headers_mut());
-                (resp.map(ProxyBody::Upstream), None)
+                let counter = self.metrics.egress.bytes_from_destination.clone();
+                (
+                    resp.map(|b| ProxyBody::Metered(enforce::Metered::new(b, counter))),
+                    None,
+                )
             }
             Ok(Err(e)) => fail(
                 StatusCode::BAD_GATEWAY,
@@ -729,4 +744,16 @@ impl EgressGateway {
             }
         }
     }
+}
+
+/// The time one connection attempt may take when `left` addresses (this
+/// one included) remain before `deadline`: an even share of what is left,
+/// but at least two seconds when that much is left, so that one
+/// black-holed address cannot eat the whole budget and a slow-but-alive
+/// one still gets a fair chance (Go's dialer does the same).
+fn attempt_budget(deadline: Instant, left: usize) -> Duration {
+    const SANE_MINIMUM: Duration = Duration::from_secs(2);
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let share = remaining / u32::try_from(left.max(1)).unwrap_or(u32::MAX);
+    share.max(remaining.min(SANE_MINIMUM))
 }

@@ -29,7 +29,49 @@ pub const DECISION_ID: HeaderName = HeaderName::from_static("x-rempart-decision-
 /// one of rempart's own small JSON bodies.
 pub enum ProxyBody {
     Upstream(Incoming),
+    /// An egress destination's answer, its bytes counted as they pass.
+    Metered(Metered),
     Full(Option<Bytes>),
+}
+
+/// A streamed body whose data bytes are added to a counter as they pass
+/// (egress plain requests: bytes to and from the destination).
+pub struct Metered {
+    inner: Incoming,
+    counter: prometheus::IntCounter,
+}
+
+impl Metered {
+    pub fn new(inner: Incoming, counter: prometheus::IntCounter) -> Self {
+        Metered { inner, counter }
+    }
+}
+
+impl Body for Metered {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.counter.inc_by(data.len() as u64);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl Body for ProxyBody {
@@ -42,6 +84,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Metered(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         }
     }
@@ -49,6 +92,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Metered(b) => b.is_end_stream(),
             ProxyBody::Full(b) => b.is_none(),
         }
     }
@@ -56,6 +100,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Metered(b) => b.size_hint(),
             ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
         }

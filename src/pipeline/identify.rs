@@ -93,7 +93,7 @@ impl Identifier {
         let mut identity = match self.bearer_token(headers) {
             Some(token) => self.jwt_identity(&token).await,
             None => match (&conn.client_cert, from_header) {
-                (Some(cert), _) => mtls_identity(cert),
+                (Some(cert), _) => Identity::from_client_cert(cert),
                 (None, Some(h)) => h,
                 (None, None) => Identity::anonymous(),
             },
@@ -236,29 +236,30 @@ fn cookies(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
         })
 }
 
-fn mtls_identity(cert: &ClientCert) -> Identity {
-    let claims = BTreeMap::from([
-        ("subject_dn".to_string(), cert.subject.clone().into()),
-        ("issuer_dn".to_string(), cert.issuer.clone().into()),
-        ("sans".to_string(), cert.sans.clone().into()),
-        (
-            "fingerprint_sha256".to_string(),
-            cert.fingerprint_sha256.clone().into(),
-        ),
-    ]);
-    Identity {
-        authenticated: true,
-        method: "mtls".into(),
-        subject: Some(cert.subject.clone()),
-        name: cert.common_name.clone(),
-        email: cert.email.clone(),
-        issuer: Some(cert.issuer.clone()),
-        claims,
-        ..Identity::default()
-    }
-}
-
 impl Identity {
+    /// The identity a verified client certificate proves (mTLS).
+    pub fn from_client_cert(cert: &ClientCert) -> Identity {
+        let claims = BTreeMap::from([
+            ("subject_dn".to_string(), cert.subject.clone().into()),
+            ("issuer_dn".to_string(), cert.issuer.clone().into()),
+            ("sans".to_string(), cert.sans.clone().into()),
+            (
+                "fingerprint_sha256".to_string(),
+                cert.fingerprint_sha256.clone().into(),
+            ),
+        ]);
+        Identity {
+            authenticated: true,
+            method: "mtls".into(),
+            subject: Some(cert.subject.clone()),
+            name: cert.common_name.clone(),
+            email: cert.email.clone(),
+            issuer: Some(cert.issuer.clone()),
+            claims,
+            ..Identity::default()
+        }
+    }
+
     pub fn anonymous() -> Self {
         Identity {
             authenticated: false,

@@ -7,6 +7,7 @@
 //! reload only swaps an `Arc` (see [`PolicyStore`]).
 
 mod analysis;
+pub mod bundle;
 pub mod envoy;
 pub mod explain;
 pub mod lint;

@@ -46,12 +46,42 @@ impl PolicyStore {
     ) -> anyhow::Result<Arc<Self>> {
         let set = load_for(&source, entry)?;
         metrics.set_policy_revision(&set.revision);
+        if matches!(source, PolicySource::Bundle(_)) {
+            metrics.bundle.activated();
+        }
         Ok(Arc::new(PolicyStore {
             current: ArcSwap::from_pointee(set),
             source,
             entry: entry.to_string(),
             metrics,
         }))
+    }
+
+    /// A store serving `set`, already loaded from `source` (a bundle
+    /// fetched at start-up).
+    pub fn from_set(set: PolicySet, source: PolicySource, metrics: Arc<Metrics>) -> Arc<Self> {
+        metrics.set_policy_revision(&set.revision);
+        if matches!(source, PolicySource::Bundle(_)) {
+            metrics.bundle.activated();
+        }
+        Arc::new(PolicyStore {
+            current: ArcSwap::from_pointee(set),
+            source,
+            // Bundles are compiled for rempart's own decision (a configured
+            // [policy] decision is refused with a bundle, see open_store).
+            entry: super::ENTRY_POINT.to_string(),
+            metrics,
+        })
+    }
+
+    /// Swaps in a set compiled elsewhere (a downloaded bundle).
+    pub fn install(&self, set: PolicySet) {
+        let revision = set.revision.clone();
+        self.current.store(Arc::new(set));
+        self.metrics.policy_reloads_success.inc();
+        self.metrics.bundle.activated();
+        self.metrics.set_policy_revision(&revision);
+        tracing::info!(%revision, "policy bundle activated");
     }
 
     pub fn current(&self) -> Arc<PolicySet> {
@@ -73,11 +103,17 @@ impl PolicyStore {
                 self.current.store(Arc::new(set));
                 self.metrics.policy_reloads_success.inc();
                 self.metrics.set_policy_revision(&revision);
+                if matches!(self.source, PolicySource::Bundle(_)) {
+                    self.metrics.bundle.activated();
+                }
                 tracing::info!(%revision, source = %self.source, "policy set reloaded");
                 Ok(ReloadOutcome::Swapped(revision))
             }
             Err(e) => {
                 self.metrics.policy_reloads_failure.inc();
+                if let Some(reason) = super::bundle::rejection_of(&e) {
+                    self.metrics.bundle.activation_failure(reason.as_str());
+                }
                 tracing::error!(
                     source = %self.source,
                     serving = %self.current.load().revision,
@@ -96,6 +132,10 @@ impl PolicyStore {
         let paths = match &self.source {
             PolicySource::Dir(d) => vec![d.clone()],
             PolicySource::Builtin => Vec::new(),
+            // A downloaded bundle's persisted copy is written by the poller,
+            // which activates it itself: watching it would compile it twice.
+            PolicySource::Bundle(b) if b.origin.is_some() => Vec::new(),
+            PolicySource::Bundle(b) => vec![b.path.clone()],
         };
         crate::reload::spawn_watcher("policy", interval, trigger, paths, move || {
             // Errors are logged and counted inside reload().

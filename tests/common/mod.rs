@@ -2,6 +2,8 @@
 //! a real HTTP client, all on loopback ephemeral ports.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
