@@ -155,5 +155,108 @@ fn bench_geo(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench, bench_geo);
+/// Large data: a 10 000-entry allow-list of partner hosts, looked up in
+/// the ways a policy author may write it, and a set of 100 rules over it
+/// (docs/policies.md "Large data", docs/performance.md).
+fn bench_data(c: &mut Criterion) {
+    const ENTRIES: usize = 10_000;
+    let hosts: Vec<String> = (0..ENTRIES)
+        .map(|i| format!("api{i}.partner{}.example", i % 97))
+        .collect();
+    let by_host: serde_json::Map<String, serde_json::Value> = hosts
+        .iter()
+        .map(|h| (h.clone(), serde_json::Value::Bool(true)))
+        .collect();
+    let data = serde_json::json!({"partners": {"list": hosts, "by_host": by_host}});
+    let decision = "package rempart\n\nimport rego.v1\n\n\
+        decision := {\"allow\": count(deny) == 0, \"deny\": [r | some r in deny], \"warn\": []}\n\n\
+        deny contains {\"code\": \"not_a_partner\", \"message\": input.destination.host} if not listed\n";
+    let lookups = [
+        ("object_key", "listed if data.partners.by_host[input.destination.host]\n"),
+        ("array_in", "listed if input.destination.host in data.partners.list\n"),
+        (
+            "array_loop",
+            "listed if {\n\tsome h in data.partners.list\n\th == input.destination.host\n}\n",
+        ),
+        (
+            "set_comprehension",
+            "partner_set := {h | some h in data.partners.list}\n\nlisted if partner_set[input.destination.host]\n",
+        ),
+    ];
+    // The last entry: the worst case for a scan.
+    let mut probe = input();
+    let mut dest = (*probe.destination).clone();
+    dest.host = hosts[ENTRIES - 1].clone();
+    probe.destination = std::sync::Arc::new(dest);
+    let value = probe.to_value();
+    let limits = EvalLimits::default();
+    let mut group = c.benchmark_group("data10k");
+    for (name, rule) in lookups {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(
+            dir.path().join("decision.rego"),
+            format!("{decision}\n{rule}"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("data.json"), data.to_string()).unwrap();
+        let set = policy::load(&PolicySource::Dir(dir.path().to_path_buf())).expect("compiles");
+        assert!(
+            set.evaluate(value.clone(), &limits)
+                .expect("evaluates")
+                .allow
+        );
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                set.evaluate(black_box(value.clone()), &limits)
+                    .map(|d| d.allow)
+            })
+        });
+    }
+    group.finish();
+
+    // 100 rules and the 10k entries: compile time, and p50/p99 of single
+    // evaluations (criterion reports means; a gateway cares about the tail).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut rules = String::from(decision);
+    rules.push_str(lookups[0].1);
+    for i in 0..99 {
+        rules.push_str(&format!(
+            "\ndeny contains {{\"code\": \"rule_{i}\", \"message\": \"header {i}\"}} if {{\n\
+             \tinput.direction == \"ingress\"\n\tinput.request.headers[\"x-bench-{i}\"] == \"{i}\"\n\
+             \tnot input.identity.authenticated\n}}\n"
+        ));
+    }
+    std::fs::write(dir.path().join("decision.rego"), rules).unwrap();
+    std::fs::write(dir.path().join("data.json"), data.to_string()).unwrap();
+    let started = std::time::Instant::now();
+    let set = policy::load(&PolicySource::Dir(dir.path().to_path_buf())).expect("compiles");
+    let compile = started.elapsed();
+    let mut samples: Vec<std::time::Duration> = (0..20_000)
+        .map(|_| {
+            let v = value.clone();
+            let t = std::time::Instant::now();
+            let allow = set.evaluate(v, &limits).map(|d| d.allow);
+            let took = t.elapsed();
+            assert!(matches!(allow, Ok(true)));
+            took
+        })
+        .collect();
+    samples.sort();
+    let pct = |p: usize| samples[samples.len() * p / 100];
+    eprintln!(
+        "data10k/100rules: compile+load {compile:?}; eval p50 {:?}, p99 {:?}, max {:?} over {} evaluations",
+        pct(50),
+        pct(99),
+        samples[samples.len() - 1],
+        samples.len()
+    );
+    c.bench_function("data10k/100rules/eval", |b| {
+        b.iter(|| {
+            set.evaluate(black_box(value.clone()), &limits)
+                .map(|d| d.allow)
+        })
+    });
+}
+
+criterion_group!(benches, bench, bench_geo, bench_data);
 criterion_main!(benches);

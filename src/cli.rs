@@ -1,4 +1,4 @@
-//! The command line: `rempart serve | check | policy eval | policy test`.
+//! The command line: `rempart serve | check | policy eval | test | lint | fmt | …`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -246,6 +246,13 @@ enum PolicyCommand {
         /// Evaluate with the tree-walking interpreter instead of the VM.
         #[arg(long)]
         interpreter: bool,
+        /// Also print which deny/warn/allow definitions fired, with file
+        /// and line, and the input values they read.
+        #[arg(long)]
+        explain: bool,
+        /// Decision rule, as in `[policy] decision` [default: rempart/decision]
+        #[arg(long, value_name = "PATH")]
+        decision: Option<String>,
     },
     /// Build an OPA bundle (`.manifest`, `*.rego`, data files at their
     /// paths) from a policy directory, optionally signed; OPA accepts it too.
@@ -280,6 +287,28 @@ enum PolicyCommand {
     Test {
         /// Policy directories [default: ./policies if present, else the built-in set]
         dirs: Vec<PathBuf>,
+    },
+    /// Report syntax and compile errors, forbidden or unimplemented
+    /// builtins (errors) and unused rules (warnings), as file:line:col;
+    /// exit 1 on any error (on any warning too with --strict).
+    Lint {
+        /// Policy directories [default: ./policies if present, else the built-in set]
+        dirs: Vec<PathBuf>,
+        /// Fail on warnings too.
+        #[arg(long)]
+        strict: bool,
+        /// Decision rule, as in `[policy] decision` [default: rempart/decision]
+        #[arg(long, value_name = "PATH")]
+        decision: Option<String>,
+    },
+    /// Fix the layout of .rego files (tabs, trailing whitespace, blank
+    /// lines, final newline); with --check, only report and exit 1 if a
+    /// file would change.
+    Fmt {
+        /// Policy directories [default: ./policies]
+        dirs: Vec<PathBuf>,
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -344,8 +373,22 @@ pub fn main() -> ExitCode {
             policies,
             input,
             interpreter,
-        }) => eval(policies.as_deref(), &input, interpreter),
+            explain,
+            decision,
+        }) => eval(
+            policies.as_deref(),
+            &input,
+            interpreter,
+            explain,
+            decision.as_deref(),
+        ),
         Command::Policy(PolicyCommand::Test { dirs }) => test(&dirs),
+        Command::Policy(PolicyCommand::Lint {
+            dirs,
+            strict,
+            decision,
+        }) => lint(&dirs, strict, decision.as_deref()),
+        Command::Policy(PolicyCommand::Fmt { dirs, check }) => fmt(&dirs, check),
         Command::Policy(PolicyCommand::Build {
             dir,
             out,
@@ -486,7 +529,8 @@ fn check(path: &Path, policies: Option<&Path>) -> anyhow::Result<ExitCode> {
         }
     }
     let source = configured_source(policies, &cfg)?;
-    let set = policy::load(&source).with_context(|| format!("policies from {source}"))?;
+    let set = policy::load_for(&source, &cfg.policy.entry()?)
+        .with_context(|| format!("policies from {source}"))?;
     // The geo files are opened as serve opens them (a missing database is
     // an error unless [geo] optional = true).
     let geo = if cfg.geo.optional {
@@ -551,7 +595,89 @@ fn check_identity_and_tls(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn eval(policies: Option<&Path>, input: &Path, interpreter: bool) -> anyhow::Result<ExitCode> {
+/// The entry point of a `--decision` flag (`envoy/authz/allow`).
+fn entry_of(decision: Option<&str>) -> anyhow::Result<String> {
+    match decision {
+        None => Ok(policy::ENTRY_POINT.to_string()),
+        Some(d) => crate::config::decision_entry(d).map_err(|e| anyhow!("--decision: {e}")),
+    }
+}
+
+/// The sources named on a command line, or the default one.
+fn sources_of(dirs: &[PathBuf]) -> Vec<PolicySource> {
+    if dirs.is_empty() {
+        vec![policy_source(None, None)]
+    } else {
+        dirs.iter().map(|d| policy_source(Some(d), None)).collect()
+    }
+}
+
+fn lint(dirs: &[PathBuf], strict: bool, decision: Option<&str>) -> anyhow::Result<ExitCode> {
+    let entry = entry_of(decision)?;
+    let (mut errors, mut warnings) = (0usize, 0usize);
+    for source in sources_of(dirs) {
+        let files = policy::source_files(&source, true)
+            .with_context(|| format!("policies from {source}"))?;
+        for f in policy::lint::lint(&source.to_string(), files, &entry) {
+            match f.severity {
+                policy::lint::Severity::Error => errors += 1,
+                policy::lint::Severity::Warning => warnings += 1,
+            }
+            emit(&f.to_string())?;
+        }
+    }
+    emit(&format!("lint: {errors} error(s), {warnings} warning(s)"))?;
+    Ok(if errors > 0 || (strict && warnings > 0) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn fmt(dirs: &[PathBuf], check: bool) -> anyhow::Result<ExitCode> {
+    let dirs: Vec<PathBuf> = if dirs.is_empty() {
+        vec![PathBuf::from("./policies")]
+    } else {
+        dirs.to_vec()
+    };
+    let (mut changed, mut unfixable) = (0usize, 0usize);
+    for dir in &dirs {
+        let files = policy::source_files(&PolicySource::Dir(dir.clone()), true)?;
+        for f in files.iter().filter(|f| f.rel.ends_with(".rego")) {
+            let (findings, fixed) = policy::lint::fmt_file(f);
+            for finding in &findings {
+                emit(&finding.to_string())?;
+            }
+            unfixable += findings.iter().filter(|f| f.code == "indent").count();
+            if fixed != f.text {
+                changed += 1;
+                if !check {
+                    let path = dir.join(&f.rel);
+                    std::fs::write(&path, fixed)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    emit(&format!("fixed {}", f.shown))?;
+                }
+            }
+        }
+    }
+    let verb = if check { "would change" } else { "changed" };
+    emit(&format!(
+        "fmt: {changed} file(s) {verb}, {unfixable} line(s) indented with spaces (fix by hand)"
+    ))?;
+    Ok(if check && (changed > 0 || unfixable > 0) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn eval(
+    policies: Option<&Path>,
+    input: &Path,
+    interpreter: bool,
+    explain: bool,
+    decision: Option<&str>,
+) -> anyhow::Result<ExitCode> {
     let text = if input.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?
     } else {
@@ -561,8 +687,10 @@ fn eval(policies: Option<&Path>, input: &Path, interpreter: bool) -> anyhow::Res
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| anyhow!("{}: invalid JSON: {e}", input.display()))?;
     let source = policy_source(policies, None);
-    let set = policy::load(&source).with_context(|| format!("policies from {source}"))?;
-    let value = regorus::Value::from(json);
+    let entry = entry_of(decision)?;
+    let set =
+        policy::load_for(&source, &entry).with_context(|| format!("policies from {source}"))?;
+    let value = regorus::Value::from(json.clone());
     let out = if interpreter {
         set.evaluate_with_interpreter(value)?
     } else {
@@ -570,21 +698,34 @@ fn eval(policies: Option<&Path>, input: &Path, interpreter: bool) -> anyhow::Res
     };
     // Read the result as serve does, so a DSI sees the decision that
     // would be applied (and the same errors).
-    let decision = policy::Decision::from_value(&out)?;
+    let decision = set.read_decision(&out)?;
     let mut doc: serde_json::Value = serde_json::to_value(&decision)?;
     if let Some(obj) = doc.as_object_mut() {
         obj.insert("policy_revision".into(), set.revision.clone().into());
+        if let Some(r) = &decision.response {
+            obj.insert(
+                "response".into(),
+                serde_json::json!({
+                    "http_status": r.http_status,
+                    "headers": r.headers,
+                    "response_headers_to_add": r.response_headers_to_add,
+                    "request_headers_to_remove": r.request_headers_to_remove,
+                    "body": r.body,
+                }),
+            );
+        }
+        if explain {
+            let files = policy::source_files(&source, false)?;
+            let explanation = policy::explain::explain(&source.to_string(), files, &entry, &json)?;
+            obj.insert("explain".into(), serde_json::to_value(&explanation)?);
+        }
     }
     emit(&serde_json::to_string_pretty(&doc)?)?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn test(dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    let sources: Vec<PolicySource> = if dirs.is_empty() {
-        vec![policy_source(None, None)]
-    } else {
-        dirs.iter().map(|d| policy_source(Some(d), None)).collect()
-    };
+    let sources = sources_of(dirs);
     let (mut passed, mut failed) = (0usize, 0usize);
     for source in &sources {
         let results =

@@ -345,8 +345,47 @@ pub struct PolicyConfig {
     /// Request headers whose values policies never see, in addition to
     /// the credentials always redacted (see [`ALWAYS_REDACTED`]).
     pub redact_headers: Vec<HeaderName>,
+    /// Extra input shapes: `envoy` adds OPA-Envoy's `attributes`,
+    /// `parsed_path` and `parsed_query` to every ingress input.
+    pub input_compat: InputCompat,
+    /// The rule whose value decides, as a slash path (`envoy/authz/allow`);
+    /// `rempart/decision` when absent.
+    pub decision: Option<String>,
     /// An OPA bundle (file, directory or bundle server) instead of `dir`.
     pub bundle: Option<BundleConfig>,
+}
+
+/// `[policy] input_compat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InputCompat {
+    /// rempart's input only.
+    #[default]
+    None,
+    /// rempart's input plus OPA-Envoy's fields.
+    Envoy,
+}
+
+/// `envoy/authz/allow` (as OPA's `path` setting) or `data.envoy.authz.allow`
+/// -> `data.envoy.authz.allow`.
+pub fn decision_entry(path: &str) -> anyhow::Result<String> {
+    let trimmed = path.trim_matches('/');
+    let dotted = trimmed
+        .strip_prefix("data.")
+        .map(str::to_string)
+        .unwrap_or_else(|| trimmed.replace('/', "."));
+    let valid = !dotted.is_empty()
+        && dotted.split('.').all(|seg| {
+            !seg.is_empty()
+                && !seg.starts_with(|c: char| c.is_ascii_digit())
+                && seg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+    if !valid {
+        anyhow::bail!(
+            "{path:?} is not a rule path: write package and rule separated by '/', e.g. \"envoy/authz/allow\""
+        );
+    }
+    Ok(format!("data.{dotted}"))
 }
 
 impl Default for PolicyConfig {
@@ -357,12 +396,22 @@ impl Default for PolicyConfig {
             eval_timeout: Seconds(Duration::from_millis(100)),
             reload_interval: Seconds(Duration::from_secs(2)),
             redact_headers: Vec::new(),
+            input_compat: InputCompat::None,
+            decision: None,
             bundle: None,
         }
     }
 }
 
 impl PolicyConfig {
+    /// The decision rule as a `data.` path.
+    pub fn entry(&self) -> anyhow::Result<String> {
+        match &self.decision {
+            None => Ok(crate::policy::ENTRY_POINT.to_string()),
+            Some(d) => decision_entry(d).map_err(|e| anyhow::anyhow!("[policy] decision: {e}")),
+        }
+    }
+
     /// Every header whose value policies never see: the credentials
     /// always redacted, then the configured ones.
     pub fn redacted_headers(&self) -> Vec<http::HeaderName> {
@@ -794,6 +843,7 @@ impl Config {
         if self.classify.body_inspect_max_bytes > 16 * 1024 * 1024 {
             bail!("[classify] body_inspect_max_bytes is at most 16 MiB (the body is held in memory while it is inspected)");
         }
+        self.policy.entry()?;
         if self.egress.max_header_bytes < 8192 {
             bail!("[egress] max_header_bytes must be at least 8192");
         }

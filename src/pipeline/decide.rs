@@ -85,6 +85,7 @@ pub fn refusal(code: &str, message: &str, outcome: Outcome, revision: String) ->
                 message: message.into(),
             }],
             warn: Vec::new(),
+            response: None,
         },
         error: None,
         revision,
@@ -146,6 +147,7 @@ pub fn rule(
                         message: "the policy could not be evaluated".into(),
                     }],
                     warn: Vec::new(),
+                    response: None,
                 },
                 error: Some(error),
                 revision,
@@ -175,6 +177,7 @@ mod tests {
                 message: String::new(),
             }],
             warn: vec![],
+            response: None,
         }
     }
 
@@ -185,6 +188,7 @@ mod tests {
             allow: true,
             deny: vec![],
             warn: vec![],
+            response: None,
         };
         let r = rule(Ok(ok), &how(Mode::Enforce, OnError::Deny), "r".into(), &m);
         assert_eq!((r.action, r.outcome), (Action::Forward, Outcome::Allowed));

@@ -229,6 +229,31 @@ pub fn forbidden(decision_id: &str, reasons: &[Reason]) -> Response<ProxyBody> {
     )
 }
 
+/// A denial shaped by an OPA-Envoy decision: its `http_status` (403 by
+/// default), its `headers`, and its `body` (else rempart's JSON denial).
+pub fn envoy_denial(
+    decision_id: &str,
+    over: &crate::policy::envoy::ResponseOverride,
+    reasons: &[Reason],
+) -> Response<ProxyBody> {
+    let status = over
+        .http_status
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::FORBIDDEN);
+    let mut resp = match &over.body {
+        Some(body) => {
+            let mut resp = Response::new(ProxyBody::Full(Some(Bytes::from(body.clone()))));
+            resp.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            resp
+        }
+        None => forbidden(decision_id, reasons),
+    };
+    *resp.status_mut() = status;
+    crate::policy::envoy::add_headers(&over.headers, resp.headers_mut());
+    resp
+}
+
 pub fn policy_unavailable(decision_id: &str) -> Response<ProxyBody> {
     json_response(
         StatusCode::SERVICE_UNAVAILABLE,

@@ -76,6 +76,8 @@ pub struct Gateway {
     redact: Vec<http::HeaderName>,
     profiles: Arc<crate::profile::Profiles>,
     body_limits: classify::BodyLimits,
+    /// `[policy] input_compat = "envoy"`: add OPA-Envoy's input fields.
+    envoy_input: bool,
     audit: AuditSink,
     audit_scope: AuditRecordScope,
     /// Status answered in sync durability mode when a record cannot be made durable.
@@ -125,6 +127,7 @@ impl Gateway {
                 max_bytes: cfg.classify.body_inspect_max_bytes,
                 timeout: cfg.classify.body_inspect_timeout.0,
             },
+            envoy_input: cfg.policy.input_compat == crate::config::InputCompat::Envoy,
             audit,
             audit_scope: cfg.audit.record,
             audit_failure_status: cfg.audit.failure_status,
@@ -187,7 +190,16 @@ impl Gateway {
 
         // 5. decide
         let set = self.policies.current();
-        let value = input.to_value_with_destination(upstream.value.clone());
+        let mut value = input.to_value_with_destination(upstream.value.clone());
+        if self.envoy_input {
+            crate::policy::envoy::add_envoy_input(
+                &mut value,
+                &parts,
+                &input.request,
+                conn.peer,
+                conn.local,
+            );
+        }
         let ruling = decide::decide(&set, value, &self.how, &self.metrics);
 
         // 6. enforce
@@ -201,8 +213,12 @@ impl Gateway {
             && ruling.action == Action::Forward
             && self.audit.is_failing()
             && record::worth_recording(self.audit_scope, &ruling, outcome);
+        let overrides = ruling.decision.response.as_deref();
         let mut response = match ruling.action {
-            Action::Deny => enforce::forbidden(&id, &ruling.decision.deny),
+            Action::Deny => match overrides {
+                Some(o) => enforce::envoy_denial(&id, o, &ruling.decision.deny),
+                None => enforce::forbidden(&id, &ruling.decision.deny),
+            },
             Action::Unavailable => enforce::policy_unavailable(&id),
             Action::Forward if audit_refused => {
                 self.metrics.audit_sync_failures.inc();
@@ -211,12 +227,25 @@ impl Gateway {
                 enforce::audit_unavailable(&id, self.audit_failure_status)
             }
             Action::Forward => {
+                // An OPA-Envoy decision may add or remove request headers
+                // (only when it allowed: a monitored denial changes nothing).
+                if let Some(o) = overrides.filter(|_| ruling.decision.allow) {
+                    crate::policy::envoy::apply_to_request(o, &mut parts.headers);
+                }
                 match self
                     .upstream
                     .forward(parts, body, conn.peer.ip(), conn.tls, &self.metrics)
                     .await
                 {
-                    Forwarded::Response(resp) => resp.map(ProxyBody::Upstream),
+                    Forwarded::Response(mut resp) => {
+                        if let Some(o) = overrides.filter(|_| ruling.decision.allow) {
+                            crate::policy::envoy::add_headers(
+                                &o.response_headers_to_add,
+                                resp.headers_mut(),
+                            );
+                        }
+                        resp.map(ProxyBody::Upstream)
+                    }
                     Forwarded::Failed { kind, message } => {
                         self.metrics.upstream_error(kind).inc();
                         tracing::warn!(decision_id = %id, "upstream failed: {message}");

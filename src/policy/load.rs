@@ -76,7 +76,7 @@ pub const BUILTIN_TESTS: &[(&str, &str)] = &[
 
 /// A file of a policy set: its path relative to the set's root, the path
 /// to show in messages, and its text.
-pub(crate) struct SourceFile {
+pub struct SourceFile {
     pub rel: String,
     pub shown: String,
     pub text: String,
@@ -174,6 +174,7 @@ fn merge(into: &mut serde_json::Value, other: serde_json::Value, at: &str) -> an
 /// directory `a/b` lands at `data.a.b`, as in OPA bundles.
 fn data_document(files: &[SourceFile]) -> anyhow::Result<serde_json::Value> {
     let mut data = serde_json::Value::Object(Default::default());
+    let mut earlier: Vec<(String, serde_json::Value)> = Vec::new();
     for f in files.iter().filter(|f| f.rel.ends_with("data.json")) {
         let mut doc: serde_json::Value =
             serde_json::from_str(&f.text).map_err(|e| anyhow!("{}: invalid JSON: {e}", f.shown))?;
@@ -186,7 +187,21 @@ fn data_document(files: &[SourceFile]) -> anyhow::Result<serde_json::Value> {
             wrap.insert(dir.to_string(), doc);
             doc = serde_json::Value::Object(wrap);
         }
-        merge(&mut data, doc, "data").with_context(|| format!("in {}", f.shown))?;
+        if let Err(e) = merge(&mut data, doc.clone(), "data") {
+            // Name the file that gave the value first, too.
+            let path = e.to_string();
+            let first = earlier
+                .iter()
+                .find(|(_, d): &&(String, serde_json::Value)| {
+                    path.split(' ').next().is_some_and(|p| {
+                        p.split('.').skip(1).try_fold(d, |v, k| v.get(k)).is_some()
+                    })
+                })
+                .map(|(shown, _)| format!(" (first given by {shown})"))
+                .unwrap_or_default();
+            return Err(anyhow!("in {}: {e}{first}", f.shown));
+        }
+        earlier.push((f.shown.clone(), doc));
     }
     Ok(data)
 }
@@ -203,6 +218,15 @@ pub(crate) fn revision(files: &[SourceFile]) -> String {
 }
 
 pub(crate) fn compile_files(origin: String, files: Vec<SourceFile>) -> anyhow::Result<PolicySet> {
+    compile_files_for(super::ENTRY_POINT, origin, files)
+}
+
+/// As [`compile_files`], for another entry point (a `data.…` path).
+pub(crate) fn compile_files_for(
+    entry: &str,
+    origin: String,
+    files: Vec<SourceFile>,
+) -> anyhow::Result<PolicySet> {
     if !files.iter().any(|f| f.rel.ends_with(".rego")) {
         bail!("{origin}: no .rego files found");
     }
@@ -214,16 +238,13 @@ pub(crate) fn compile_files(origin: String, files: Vec<SourceFile>) -> anyhow::R
         .filter(|f| f.rel.ends_with(".rego"))
         .map(|f| (f.shown, f.text))
         .collect();
-    let mut set = PolicySet::compile(origin, rego, data, revision)?;
+    let mut set = PolicySet::compile_for(entry, origin, rego, data, revision)?;
     set.files = names;
     Ok(set)
 }
 
 /// The files of a source, optionally with its `*_test.rego` files.
-pub(crate) fn source_files(
-    source: &PolicySource,
-    with_tests: bool,
-) -> anyhow::Result<Vec<SourceFile>> {
+pub fn source_files(source: &PolicySource, with_tests: bool) -> anyhow::Result<Vec<SourceFile>> {
     match source {
         PolicySource::Dir(dir) => read_dir_files(dir, with_tests),
         PolicySource::Builtin => Ok(builtin_files(with_tests)),
@@ -237,4 +258,15 @@ pub fn load(source: &PolicySource) -> anyhow::Result<PolicySet> {
         return Ok(super::bundle::load(spec)?);
     }
     compile_files(source.to_string(), source_files(source, false)?)
+}
+
+/// As [`load`], for another entry point (`[policy] decision`, as a `data.…` path).
+pub fn load_for(source: &PolicySource, entry: &str) -> anyhow::Result<PolicySet> {
+    if entry == super::ENTRY_POINT {
+        return load(source);
+    }
+    if matches!(source, PolicySource::Bundle(_)) {
+        bail!("[policy] decision {entry} is not supported with a bundle yet: bundles are read for data.rempart.decision");
+    }
+    compile_files_for(entry, source.to_string(), source_files(source, false)?)
 }

@@ -6,12 +6,16 @@
 //! per-thread virtual machine: no lock is taken on the request path, and a
 //! reload only swaps an `Arc` (see [`PolicyStore`]).
 
+mod analysis;
 pub mod bundle;
+pub mod envoy;
+pub mod explain;
+pub mod lint;
 mod load;
 mod store;
 pub mod testing;
 
-pub use load::{load, PolicySource};
+pub use load::{load, load_for, source_files, PolicySource};
 pub use store::PolicyStore;
 
 use std::cell::RefCell;
@@ -28,6 +32,9 @@ use serde::Serialize;
 /// The rule every policy set must define.
 pub const ENTRY_POINT: &str = "data.rempart.decision";
 
+/// Package of the generated rule that reads a configured decision.
+const WRAPPER_PACKAGE: &str = "rempart_configured_decision";
+
 /// One compiled, immutable policy set.
 pub struct PolicySet {
     /// `sha256:` + hex of the first 8 bytes of the hash over every file's
@@ -37,7 +44,15 @@ pub struct PolicySet {
     pub origin: String,
     /// Files that make it up, relative to the origin.
     pub files: Vec<String>,
-    program: Arc<Program>,
+    /// The rule evaluated for each request (`data.rempart.decision`, or
+    /// the configured `[policy] decision`).
+    entry: String,
+    /// The rule actually evaluated: `entry`, or the generated rule that
+    /// reads it (see [`PolicySet::compile_for`]).
+    evaluated: String,
+    /// `None` when the RVM cannot compile the configured decision (some
+    /// OPA-Envoy idioms): evaluation then goes through the interpreter.
+    program: Option<Arc<Program>>,
     data: Value,
     /// Kept to evaluate through the interpreter (`policy eval --interpreter`,
     /// and the test that proves the RVM gives the same answers).
@@ -70,12 +85,18 @@ pub struct Decision {
     pub allow: bool,
     pub deny: Vec<Reason>,
     pub warn: Vec<Reason>,
+    /// Status, headers and body an OPA-Envoy style decision asked for
+    /// (see [`envoy`]); `None` for rempart's own decision shape.
+    #[serde(skip)]
+    pub response: Option<Box<envoy::ResponseOverride>>,
 }
 
 impl PolicySet {
-    /// Compiles sources into a set. `files` are `(relative path, text)`;
-    /// `data` is the merged data document.
-    pub(crate) fn compile(
+    /// Compiles sources into a set for the entry point `entry` (a `data.`
+    /// path, [`ENTRY_POINT`] by default). `files` are `(relative path,
+    /// text)`; `data` is the merged data document.
+    pub(crate) fn compile_for(
+        entry: &str,
         origin: String,
         files: Vec<(String, String)>,
         data: Value,
@@ -101,28 +122,91 @@ impl PolicySet {
         engine
             .add_data(data.clone())
             .map_err(|e| anyhow!("policy data: {e}"))?;
-        let entry: regorus::Rc<str> = ENTRY_POINT.into();
+        // A configured entry may name a document made of several rules
+        // (OPA-Envoy's `result["allowed"] := allow` defines
+        // `result.allowed`), which regorus cannot take as an entry point:
+        // it is read through one generated rule instead.
+        let evaluated = if entry == ENTRY_POINT {
+            entry.to_string()
+        } else {
+            // An undefined reference is legal Rego: check that a rule
+            // defines the configured decision, or every request would fail.
+            let defined = files.iter().any(|(path, text)| {
+                let file = load::SourceFile {
+                    rel: path.clone(),
+                    shown: path.clone(),
+                    text: text.clone(),
+                };
+                analysis::parse_file(&file).is_ok_and(|f| {
+                    f.rules.iter().any(|r| {
+                        let full = format!("data.{}.{}", r.package, r.name);
+                        full == entry
+                            || full
+                                .strip_prefix(entry)
+                                .is_some_and(|rest| rest.starts_with('.'))
+                    })
+                })
+            });
+            if !defined {
+                return Err(anyhow!(
+                    "no rule defines {entry} ([policy] decision): check the package and rule names"
+                ));
+            }
+            engine
+                .add_policy(
+                    "<rempart>/configured_decision.rego".into(),
+                    format!(
+                        "package {WRAPPER_PACKAGE}
+
+import rego.v1
+
+value := {entry}
+"
+                    ),
+                )
+                .map_err(|e| anyhow!("[policy] decision {entry}: {e}"))?;
+            format!("data.{WRAPPER_PACKAGE}.value")
+        };
+        let entry_rc: regorus::Rc<str> = evaluated.as_str().into();
         let compiled = engine
-            .compile_with_entrypoint(&entry)
+            .compile_with_entrypoint(&entry_rc)
             .map_err(|e| anyhow!("{e}"))
-            .with_context(|| format!("cannot compile entry point {ENTRY_POINT}"))?;
-        let program = regorus::languages::rego::compiler::Compiler::compile_from_policy(
+            .with_context(|| format!("cannot compile entry point {entry}"))?;
+        let program = match regorus::languages::rego::compiler::Compiler::compile_from_policy(
             &compiled,
-            &[ENTRY_POINT],
-        )
-        .map_err(|e| anyhow!("{e}"))
-        .with_context(|| format!("cannot compile {ENTRY_POINT} to the policy VM"))?;
+            &[evaluated.as_str()],
+        ) {
+            Ok(program) => Some(program),
+            // rempart's own decision always runs on the VM (the shipped
+            // set must compile to it); a configured OPA-Envoy decision
+            // that uses a construct the VM lacks falls back to the
+            // interpreter, which gives the same answers, more slowly.
+            Err(e) if entry != ENTRY_POINT => {
+                tracing::warn!(
+                    "{entry} cannot run on the policy VM ({e}); evaluating it with the interpreter"
+                );
+                None
+            }
+            Err(e) => {
+                return Err(anyhow!("{e}"))
+                    .with_context(|| format!("cannot compile {entry} to the policy VM"))
+            }
+        };
         // A data file that defines a path a rule also defines would make
         // every evaluation fail: reject the set now, not on first request.
-        let mut probe = RegoVM::new();
-        probe.load_program(program.clone());
-        probe
-            .set_data(data.clone())
-            .map_err(|e| anyhow!("policy data conflicts with a rule: {e}"))?;
+        if let Some(program) = &program {
+            let mut probe = RegoVM::new();
+            probe.load_program(program.clone());
+            probe
+                .set_data(data.clone())
+                .map_err(|e| anyhow!("policy data conflicts with a rule: {e}"))?;
+        }
         let set = PolicySet {
             revision,
             origin,
             files: files.into_iter().map(|(p, _)| p).collect(),
+            entry: entry.to_string(),
+            evaluated,
             program,
             data,
             engine,
@@ -134,19 +218,51 @@ impl PolicySet {
     /// virtual machine.
     pub fn evaluate(&self, input: Value, limits: &EvalLimits) -> anyhow::Result<Decision> {
         let raw = self.evaluate_raw(input, limits)?;
-        Decision::from_value(&raw)
+        self.read_decision(&raw)
+    }
+
+    /// Whether decisions run on the policy VM (else the interpreter).
+    pub fn on_vm(&self) -> bool {
+        self.program.is_some()
+    }
+
+    /// The entry point this set was compiled for.
+    pub fn entry(&self) -> &str {
+        &self.entry
+    }
+
+    /// Reads the entry point's result: rempart's `{allow, deny, warn}` for
+    /// `data.rempart.decision`, OPA-Envoy's boolean or `{allowed, ...}`
+    /// object for any other configured entry point.
+    pub fn read_decision(&self, raw: &Value) -> anyhow::Result<Decision> {
+        if self.entry == ENTRY_POINT {
+            Decision::from_value(raw)
+        } else {
+            envoy::read_decision(&self.entry, raw)
+        }
     }
 
     /// The untyped result document, for `rempart policy eval`.
     pub fn evaluate_raw(&self, input: Value, limits: &EvalLimits) -> anyhow::Result<Value> {
+        let Some(program) = &self.program else {
+            let mut engine = self.engine.clone();
+            engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
+                limit: limits.timeout,
+                check_interval: NonZeroU32::MIN.saturating_add(255),
+            });
+            engine.set_input(input);
+            return engine
+                .eval_rule(self.evaluated.clone())
+                .map_err(|e| anyhow!("policy evaluation failed: {e}"));
+        };
         THREAD_VM.with(|cell| {
             let mut slot = cell.borrow_mut();
-            let id = Arc::as_ptr(&self.program) as usize;
+            let id = Arc::as_ptr(program) as usize;
             let vm = match &mut *slot {
                 Some((loaded, vm)) if *loaded == id => vm,
                 other => {
                     let mut vm = RegoVM::new();
-                    vm.load_program(self.program.clone());
+                    vm.load_program(program.clone());
                     vm.set_data(self.data.clone())
                         .map_err(|e| anyhow!("policy data conflicts with a rule: {e}"))?;
                     vm.set_max_instructions(limits.max_instructions);
@@ -178,7 +294,7 @@ impl PolicySet {
         let mut engine = self.engine.clone();
         engine.set_input(input);
         engine
-            .eval_rule(ENTRY_POINT.to_string())
+            .eval_rule(self.evaluated.clone())
             .map_err(|e| anyhow!("policy evaluation failed: {e}"))
     }
 
@@ -276,6 +392,7 @@ impl Decision {
             allow: allow && deny.is_empty(),
             deny,
             warn,
+            response: None,
         })
     }
 }

@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use super::load::{load, PolicySource};
+use super::load::{load_for, PolicySource};
 use super::PolicySet;
 use crate::metrics::Metrics;
 
 pub struct PolicyStore {
     current: ArcSwap<PolicySet>,
     source: PolicySource,
+    /// The decision rule every set must define (`[policy] decision`).
+    entry: String,
     metrics: Arc<Metrics>,
 }
 
@@ -33,7 +35,16 @@ pub enum ReloadOutcome {
 impl PolicyStore {
     /// Loads the initial set; an error here must stop the process.
     pub fn open(source: PolicySource, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
-        let set = load(&source)?;
+        Self::open_for(source, super::ENTRY_POINT, metrics)
+    }
+
+    /// As [`PolicyStore::open`], with another decision rule (a `data.` path).
+    pub fn open_for(
+        source: PolicySource,
+        entry: &str,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let set = load_for(&source, entry)?;
         metrics.set_policy_revision(&set.revision);
         if matches!(source, PolicySource::Bundle(_)) {
             metrics.bundle.activated();
@@ -41,6 +52,7 @@ impl PolicyStore {
         Ok(Arc::new(PolicyStore {
             current: ArcSwap::from_pointee(set),
             source,
+            entry: entry.to_string(),
             metrics,
         }))
     }
@@ -55,6 +67,9 @@ impl PolicyStore {
         Arc::new(PolicyStore {
             current: ArcSwap::from_pointee(set),
             source,
+            // Bundles are compiled for rempart's own decision (a configured
+            // [policy] decision is refused with a bundle, see open_store).
+            entry: super::ENTRY_POINT.to_string(),
             metrics,
         })
     }
@@ -79,7 +94,7 @@ impl PolicyStore {
 
     /// Compiles the source again and swaps the result in if it compiles.
     pub fn reload(&self) -> anyhow::Result<ReloadOutcome> {
-        match load(&self.source) {
+        match load_for(&self.source, &self.entry) {
             Ok(set) => {
                 if set.revision == self.current.load().revision {
                     return Ok(ReloadOutcome::Unchanged);

@@ -349,10 +349,18 @@ pub fn open_store(
         _ => None,
     };
     let Some((spec, bcfg)) = server else {
-        let store = PolicyStore::open(source.clone(), metrics)
+        // (load_for refuses a configured decision with a bundle file.)
+        let store = PolicyStore::open_for(source.clone(), &cfg.policy.entry()?, metrics)
             .with_context(|| format!("cannot load policies from {source}"))?;
         return Ok((store, None));
     };
+    let entry = cfg.policy.entry()?;
+    if entry != crate::policy::ENTRY_POINT {
+        anyhow::bail!(
+            "[policy] decision {entry} is not supported with a bundle yet: bundles are read for {}",
+            crate::policy::ENTRY_POINT
+        );
+    }
     let mut poller = Poller::new(bcfg, &spec, Arc::clone(&metrics))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
