@@ -230,6 +230,12 @@ pub(crate) fn parse_file(f: &SourceFile) -> Result<ParsedFile, SyntaxError> {
     })
 }
 
+/// Rego's keywords (v1), which are never references.
+const REGO_KEYWORDS: &[&str] = &[
+    "as", "contains", "default", "else", "every", "false", "if", "import", "in", "not", "null",
+    "package", "some", "true", "with",
+];
+
 /// Every dotted reference of a file, with the byte offset it starts at.
 fn references(source: &Source) -> anyhow::Result<Vec<(u32, Reference)>> {
     let mut lexer = Lexer::new(source);
@@ -247,8 +253,11 @@ fn references(source: &Source) -> anyhow::Result<Vec<(u32, Reference)>> {
     let mut i = 0;
     while i < tokens.len() {
         let tok = &tokens[i];
-        // A reference starts at an identifier not preceded by a dot.
-        let starts = matches!(tok.0, TokenKind::Ident) && (i == 0 || text(i - 1) != ".");
+        // A reference starts at an identifier not preceded by a dot; the
+        // lexer gives keywords as identifiers too.
+        let starts = matches!(tok.0, TokenKind::Ident)
+            && (i == 0 || text(i - 1) != ".")
+            && !REGO_KEYWORDS.contains(&tok.1.text());
         if !starts {
             i += 1;
             continue;
