@@ -27,7 +27,7 @@ fn trace_input(dir: &std::path::Path) -> std::path::PathBuf {
                         "addresses": []},
         "identity": {"authenticated": true, "method": "header", "subject": "bob", "name": null, "email": null,
                      "roles": ["sales"], "groups": [], "claims": {}, "issuer": null, "error": null, "sources": ["header"]},
-        "resource": {"crm": "generic", "type": "contacts", "id": null, "operation": "delete", "bulk": true},
+        "resource": {"crm": "generic", "type": "contacts", "id": null, "operation": "delete", "bulk": true, "inspection": null},
         "time": {"rfc3339": "2026-11-27T09:30:00Z", "unix_ns": 0, "weekday": 5, "hour": 9}
     });
     let path = dir.join("trace.json");
