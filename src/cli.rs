@@ -144,6 +144,18 @@ enum AuditCommand {
         /// ingress or egress.
         #[arg(long)]
         direction: Option<String>,
+        /// resource.type (e.g. contact).
+        #[arg(long = "type", value_name = "TYPE")]
+        resource_type: Option<String>,
+        /// resource.id.
+        #[arg(long = "id", value_name = "ID")]
+        resource_id: Option<String>,
+        /// resource.operation (e.g. export, delete).
+        #[arg(long)]
+        operation: Option<String>,
+        /// json: each record as in the trail; table: one aligned line a record.
+        #[arg(long, value_parser = ["json", "table"], default_value = "json")]
+        format: String,
     },
     /// Create an Ed25519 key pair for signed checkpoints: the private key
     /// (PKCS#8 PEM, mode 0600) at OUT, the public key at OUT.pub.
@@ -440,8 +452,17 @@ pub fn main() -> ExitCode {
             method,
             path,
             direction,
+            resource_type,
+            resource_id,
+            operation,
+            format,
         }) => audit_query(
             &files,
+            if format == "table" {
+                crate::audit::query::Format::Table
+            } else {
+                crate::audit::query::Format::Json
+            },
             &crate::audit::query::Filter {
                 since,
                 until,
@@ -453,6 +474,9 @@ pub fn main() -> ExitCode {
                 method,
                 path_prefix: path,
                 direction,
+                resource_type,
+                resource_id,
+                operation,
             },
         ),
         Command::Report(args) => report(&args),
@@ -817,11 +841,15 @@ fn parse_time(s: &str) -> Result<std::time::SystemTime, String> {
         .map_err(|e| format!("invalid time {s:?}: {e} (write e.g. 2026-11-01T00:00:00Z)"))
 }
 
-fn audit_query(args: &[PathBuf], filter: &crate::audit::query::Filter) -> anyhow::Result<ExitCode> {
+fn audit_query(
+    args: &[PathBuf],
+    format: crate::audit::query::Format,
+    filter: &crate::audit::query::Filter,
+) -> anyhow::Result<ExitCode> {
     let files = crate::audit::verify::expand(args).map_err(|b| anyhow!("{b}"))?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let n = crate::audit::query::query(&files, filter, &mut out)?;
+    let n = crate::audit::query::query(&files, filter, format, &mut out)?;
     std::io::Write::flush(&mut out)?;
     eprintln!("rempart: {n} matching record(s)");
     Ok(ExitCode::SUCCESS)

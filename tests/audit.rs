@@ -822,6 +822,30 @@ async fn audit_query_answers_by_decision_path_time_and_subject() {
         "get",
     ]);
     assert_eq!(ids(&out), allowed);
+    // What was touched: resource type, id and operation.
+    let (_, out, _) = run(&["audit", "query", trail, "--type", "contacts", "--id", "1"]);
+    assert_eq!(ids(&out), vec![allowed[1].clone()]);
+    let (_, out, _) = run(&["audit", "query", trail, "--operation", "read"]);
+    assert_eq!(ids(&out), allowed);
+    let (_, out, _) = run(&["audit", "query", trail, "--operation", "export"]);
+    assert!(out.is_empty(), "{out}");
+    // The table: a header, then one aligned line a record.
+    let (code, out, err) = run(&[
+        "audit",
+        "query",
+        trail,
+        "--decision",
+        "denied",
+        "--format",
+        "table",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with("TIME"), "{out}");
+    assert!(lines[1].contains("denied"), "{out}");
+    assert!(lines[1].contains("TRACE /api/contacts"), "{out}");
+    assert!(lines[1].ends_with("method_not_allowed"), "{out}");
     let (_, out, _) = run(&["audit", "query", trail, "--since", "2999-01-01T00:00:00Z"]);
     assert!(out.is_empty(), "{out}");
     let (_, out, _) = run(&["audit", "query", trail, "--subject", "nobody"]);

@@ -459,6 +459,79 @@ async fn report_renders_markdown_and_self_contained_html() {
     assert!(err.contains("--audit") && err.contains("--config"), "{err}");
 }
 
+/// Runs headless Chromium (Debian package `chromium`, installed by
+/// .ci/run) with `args`; fails the test, never skips it, when Chromium is
+/// missing.
+fn chromium(profile: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .env("HOME", profile)
+        .output()
+        .expect("chromium is installed (see .ci/run)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_html_report_renders_in_headless_chromium() {
+    let mut s = scene("").await;
+    assert!(s.rempart.stop().success());
+    let page = s.dir.path().join("report.html");
+    let (code, _, err) = common::run(&[
+        "report",
+        "--config",
+        s.config.to_str().unwrap(),
+        "--format",
+        "html",
+        "-o",
+        page.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let url = format!("file://{}", page.display());
+    let profile = s.dir.path().join("chromium");
+    std::fs::create_dir_all(&profile).unwrap();
+
+    // The DOM Chromium built: the score, every criterion, the charts.
+    let (ok, dom, err) = chromium(&profile, &["--dump-dom", &url]);
+    assert!(ok, "{err}");
+    assert!(
+        dom.contains("40 <span class=\"muted\">/ 100</span>"),
+        "{dom}"
+    );
+    assert!(dom.contains("Outside the CLOUD Act"), "{dom}");
+    assert!(dom.contains("<svg"), "{dom}");
+
+    // A screenshot: a PNG of the requested size with real content (a blank
+    // page of that size compresses to a few KiB).
+    let shot = s.dir.path().join("report.png");
+    let (ok, _, err) = chromium(
+        &profile,
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1200,1600",
+            &url,
+        ],
+    );
+    assert!(ok, "{err}");
+    let png = std::fs::read(&shot).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
+    assert_eq!((width, height), (1200, 1600));
+    assert!(png.len() > 40_000, "a near-blank page: {} bytes", png.len());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn admin_report_serves_the_live_trail_as_json_or_html() {
     let s = scene("[report]\nmax_records = 3\n").await;

@@ -1,6 +1,6 @@
 //! `rempart audit query`: the questions a DPO asks of the local trail
 //! ("who exported contacts last month", "every request that went to a
-//! non-EU operator this week"), answered as JSON lines.
+//! non-EU operator this week"), answered as JSON lines or as a table.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -28,6 +28,22 @@ pub struct Filter {
     /// Prefix of `request.path`.
     pub path_prefix: Option<String>,
     pub direction: Option<String>,
+    /// `resource.type` (e.g. `contact`).
+    pub resource_type: Option<String>,
+    /// `resource.id`.
+    pub resource_id: Option<String>,
+    /// `resource.operation` (e.g. `export`).
+    pub operation: Option<String>,
+}
+
+/// How matching records are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// Each record as it is in the trail, one JSON object a line.
+    #[default]
+    Json,
+    /// One aligned line a record with the fields a DPO reads first.
+    Table,
 }
 
 impl Filter {
@@ -65,6 +81,9 @@ impl Filter {
             && eq(&self.sovereign, "/destination/geo/sovereign", false)
             && eq(&self.method, "/request/method", true)
             && eq(&self.direction, "/direction", false)
+            && eq(&self.resource_type, "/resource/type", false)
+            && eq(&self.resource_id, "/resource/id", false)
+            && eq(&self.operation, "/resource/operation", false)
             && self.path_prefix.as_ref().is_none_or(|p| {
                 str_at("/request/path").is_some_and(|got| got.starts_with(p.as_str()))
             })
@@ -72,9 +91,17 @@ impl Filter {
 }
 
 /// Writes the matching records of `files` (in order) to `out`, as they are
-/// in the trail; returns how many matched.
-pub fn query(files: &[PathBuf], filter: &Filter, out: &mut dyn Write) -> anyhow::Result<u64> {
+/// in the trail or as table rows; returns how many matched.
+pub fn query(
+    files: &[PathBuf],
+    filter: &Filter,
+    format: Format,
+    out: &mut dyn Write,
+) -> anyhow::Result<u64> {
     let mut matched = 0;
+    if format == Format::Table {
+        writeln!(out, "{}", table_row(&TABLE_HEADER.map(String::from)))?;
+    }
     for path in files {
         let reader = open_lines(path).with_context(|| format!("cannot open {}", path.display()))?;
         for (i, line) in reader.lines().enumerate() {
@@ -86,13 +113,92 @@ pub fn query(files: &[PathBuf], filter: &Filter, out: &mut dyn Write) -> anyhow:
                 continue;
             };
             if filter.matches(&v) {
-                out.write_all(line.as_bytes())?;
-                out.write_all(b"\n")?;
+                match format {
+                    Format::Json => writeln!(out, "{line}")?,
+                    Format::Table => writeln!(out, "{}", table_row(&table_cells(&v)))?,
+                }
                 matched += 1;
             }
         }
     }
     Ok(matched)
+}
+
+const TABLE_HEADER: [&str; 8] = [
+    "TIME",
+    "DIR",
+    "OUTCOME",
+    "SUBJECT",
+    "REQUEST",
+    "RESOURCE",
+    "DESTINATION",
+    "REASONS",
+];
+
+/// Fixed widths keep rows aligned without reading the whole trail first;
+/// the last column is not cut.
+const TABLE_WIDTHS: [usize; 7] = [20, 7, 9, 16, 40, 24, 28];
+
+fn table_row(cells: &[String; 8]) -> String {
+    let mut row = String::new();
+    for (cell, width) in cells.iter().zip(TABLE_WIDTHS) {
+        let shown: String = if cell.chars().count() > width {
+            cell.chars()
+                .take(width.saturating_sub(1))
+                .chain(['…'])
+                .collect()
+        } else {
+            cell.clone()
+        };
+        row.push_str(&format!("{shown:<width$} "));
+    }
+    row.push_str(&cells[7]);
+    row
+}
+
+fn table_cells(v: &serde_json::Value) -> [String; 8] {
+    let s = |path: &str| {
+        v.pointer(path)
+            .and_then(|x| x.as_str())
+            .unwrap_or("-")
+            .to_string()
+    };
+    // Second precision is enough to read; the JSON form keeps the rest.
+    let time: String = s("/timestamp").chars().take(19).collect();
+    let request = match v.pointer("/request/path").and_then(|p| p.as_str()) {
+        Some(p) if !p.is_empty() => format!("{} {p}", s("/request/method")),
+        _ => format!("{} {}", s("/request/method"), s("/request/host")),
+    };
+    let resource = match v.pointer("/resource/id").and_then(|x| x.as_str()) {
+        Some(id) => format!("{} {}/{id}", s("/resource/operation"), s("/resource/type")),
+        None => format!("{} {}", s("/resource/operation"), s("/resource/type")),
+    };
+    let destination = format!(
+        "{} {} {}",
+        s("/destination/host"),
+        s("/destination/geo/country"),
+        s("/destination/geo/operator")
+    );
+    let reasons: Vec<&str> = ["/decision/deny", "/decision/warn"]
+        .iter()
+        .filter_map(|p| v.pointer(p).and_then(|x| x.as_array()))
+        .flatten()
+        .filter_map(|r| r.get("code").and_then(|c| c.as_str()))
+        .collect();
+    [
+        time,
+        s("/direction"),
+        s("/decision/outcome"),
+        s("/identity/subject"),
+        request,
+        resource,
+        destination,
+        if reasons.is_empty() {
+            "-".to_string()
+        } else {
+            reasons.join(",")
+        },
+    ]
 }
 
 #[cfg(test)]
@@ -104,6 +210,7 @@ mod tests {
         let rec = serde_json::json!({
             "decision_id": "x", "timestamp": "2026-11-20T10:00:00Z", "direction": "ingress",
             "request": {"method": "GET", "path": "/api/contacts/export"},
+            "resource": {"crm": "generic", "type": "contacts", "id": null, "operation": "export", "bulk": true},
             "identity": {"subject": "bob"},
             "decision": {"outcome": "allowed"},
             "destination": {"geo": {"country": "US", "operator": "amazon", "sovereign": "outside_eu"}}
@@ -127,5 +234,23 @@ mod tests {
             ..Filter::default()
         }));
         assert!(!Filter::default().matches(&serde_json::json!({"type": "checkpoint"})));
+        // "Who exported contacts": resource filters.
+        assert!(f(Filter {
+            resource_type: Some("contacts".into()),
+            operation: Some("export".into()),
+            ..Filter::default()
+        }));
+        assert!(!f(Filter {
+            operation: Some("delete".into()),
+            ..Filter::default()
+        }));
+        assert!(!f(Filter {
+            resource_id: Some("42".into()),
+            ..Filter::default()
+        }));
+        let cells = table_cells(&rec);
+        assert_eq!(cells[3], "bob");
+        assert_eq!(cells[4], "GET /api/contacts/export");
+        assert_eq!(cells[5], "export contacts");
     }
 }
