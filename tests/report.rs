@@ -147,14 +147,25 @@ async fn scene(report_table: &str) -> Scene {
         connect(proxy, &format!("{US_OPERATOR_IN_EU}:443")).await.0,
         403
     );
-    // The tunnel's closing record (its bytes) is written when it closes.
+    // The tunnel's closing record (its bytes) is written when it closes,
+    // which may be before or after the two refusals' records reach the
+    // file: wait for all of them (5 ingress and 3 egress decisions, 1
+    // transfer), so that every reader of the trail sees the same 8.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !rempart
-        .audit_records()
-        .iter()
-        .any(|r| r.get("transfer").is_some())
-    {
-        assert!(std::time::Instant::now() < deadline, "no transfer record");
+    loop {
+        let records = rempart.audit_records();
+        let transfers = records
+            .iter()
+            .filter(|r| r.get("transfer").is_some_and(|t| !t.is_null()))
+            .count();
+        if transfers == 1 && records.len() - transfers == 8 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "trail incomplete: {} records, {transfers} transfer(s)",
+            records.len()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Scene {

@@ -386,7 +386,10 @@ impl Rempart {
 
     pub fn audit_records(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(&self.audit).unwrap_or_default();
-        text.lines()
+        // A record being written may be read half-way: only whole lines.
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
+            .lines()
             .map(|l| {
                 serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}"))
             })
