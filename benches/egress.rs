@@ -103,6 +103,61 @@ fn open_tunnel(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
     s
 }
 
+/// The yardstick "a plain copy": a relay that accepts a connection, opens
+/// one to `target`, and copies each way with a 64 KiB buffer in two
+/// threads. Like the tunnel, every byte crosses two TCP connections.
+fn plain_relay(target: SocketAddr) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(client) = s else { continue };
+            let Ok(upstream) = TcpStream::connect(target) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                (upstream, client),
+            ] {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if to.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat(5): 12 and 13 here.
+    // The kernel reports them in USER_HZ, 100 on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn push(mut s: TcpStream, bytes: u64) -> Duration {
     let block = vec![0x5au8; 256 * 1024];
     let started = Instant::now();
@@ -135,15 +190,23 @@ fn main() {
     let target = sink();
     let (mut child, proxy) = start_rempart(dir.path());
 
+    let relay = plain_relay(target);
     for round in 1..=rounds {
         let direct = push(TcpStream::connect(target).unwrap(), bytes);
+        let copied = push(TcpStream::connect(relay).unwrap(), bytes);
+        let cpu_before = cpu_seconds(child.id());
         let tunnel = push(open_tunnel(proxy, target), bytes);
+        let cpu = cpu_seconds(child.id()) - cpu_before;
         let gbps = |d: Duration| bytes as f64 * 8.0 / d.as_secs_f64() / 1e9;
         println!(
-            "round {round}: throughput direct {:.2} Gbit/s, tunnel {:.2} Gbit/s, ratio {:.2}",
+            "round {round}: throughput direct {:.2} Gbit/s, plain copy relay {:.2} Gbit/s, tunnel {:.2} Gbit/s; \
+             tunnel/direct {:.2}, tunnel/relay {:.2}; rempart CPU {:.2} s per GiB",
             gbps(direct),
+            gbps(copied),
             gbps(tunnel),
-            direct.as_secs_f64() / tunnel.as_secs_f64()
+            direct.as_secs_f64() / tunnel.as_secs_f64(),
+            copied.as_secs_f64() / tunnel.as_secs_f64(),
+            cpu / (bytes as f64 / f64::from(1u32 << 30)),
         );
         let started = Instant::now();
         for _ in 0..connects {

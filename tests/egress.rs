@@ -952,6 +952,46 @@ async fn a_tunnel_carries_a_large_transfer_both_ways_intact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_behind_the_connect_head_reach_the_destination_first() {
+    // Some clients do not wait for the 200 before their first bytes (TLS
+    // false start, pipelining proxies): hyper has already read them with
+    // the head, and the tunnel must send them before anything else.
+    let echo = Server::start(EU, Kind::Echo).await;
+    let s = start(None, "");
+    let target = echo.addr.to_string();
+    let (status, head, mut stream) = raw(
+        s.proxy,
+        &format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\nearly bytes|"),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    stream.write_all(b"later bytes").await.unwrap();
+    let mut back = [0u8; 23];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&back, b"early bytes|later bytes");
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let closing = loop {
+        if let Some(r) = s
+            .rempart
+            .audit_records()
+            .into_iter()
+            .find(|r| r["decision_id"] == id.as_str() && r.get("transfer").is_some())
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no closing record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(closing["transfer"]["bytes_to_destination"], 23);
+    assert_eq!(closing["transfer"]["bytes_from_destination"], 23);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_requests_goes_through_http_and_https_proxy_settings() {
     let eu = Server::start(EU, Kind::Http).await;
     let us = Server::start(US, Kind::Http).await;

@@ -196,6 +196,11 @@ fn ingress_service(
     })
 }
 
+/// The client side of an egress connection, as a tunnel gets it back from
+/// hyper's upgrade.
+pub type EgressIo =
+    TokioIo<Either<tokio::net::TcpStream, tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>;
+
 /// Runs one worker's egress (forward proxy) accept loop: HTTP/1.1 only,
 /// with upgrades for `CONNECT` tunnels and a bounded request head; over
 /// TLS first when `[egress.tls]` is set (an HTTPS proxy, whose client
@@ -207,9 +212,11 @@ pub async fn serve_egress(
     drain: Duration,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> anyhow::Result<()> {
-    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    // hyper's own HTTP/1 connection rather than hyper-util's `auto` one,
+    // which wraps the socket in a private type: a tunnel takes its client
+    // socket back from the upgrade (see `EgressGateway::spawn_tunnel`).
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(gateway.limits.header_read_timeout)
         .max_buf_size(gateway.limits.max_header_bytes)
@@ -217,6 +224,7 @@ pub async fn serve_egress(
     let metrics = Arc::clone(&gateway.metrics);
     let gw_for_drain = Arc::clone(&gateway);
     let first_byte = gateway.limits.header_read_timeout;
+    let stop = shutdown.clone();
     accept_loop(
         listener,
         shutdown,
@@ -227,6 +235,7 @@ pub async fn serve_egress(
             let gw = Arc::clone(&gateway);
             let builder = builder.clone();
             let tls = tls.clone();
+            let mut stop = stop.clone();
             async move {
                 let (stream, conn) = match tls {
                     None => (Either::Left(stream), conn),
@@ -245,10 +254,22 @@ pub async fn serve_egress(
                         Ok::<_, Infallible>(settle(handled.await))
                     }
                 });
-                let served = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                watcher.watch(served).await
+                let io: EgressIo = TokioIo::new(stream);
+                let served = builder.serve_connection(io, service).with_upgrades();
+                tokio::pin!(served);
+                // hyper-util's watcher only takes its own connection types:
+                // the drain waits for this connection as long as `watcher`
+                // lives, and the graceful stop is asked here.
+                let ended = tokio::select! {
+                    r = served.as_mut() => r,
+                    // (The guard wait_for returns is not Send: drop it here.)
+                    Ok(()) = async { stop.wait_for(|stop| *stop).await.map(drop) } => {
+                        served.as_mut().graceful_shutdown();
+                        served.await
+                    }
+                };
+                drop(watcher);
+                ended.map_err(Into::into)
             }
         },
         count_egress_connection_error,

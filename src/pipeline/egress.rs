@@ -584,15 +584,7 @@ impl EgressGateway {
         let gw = Arc::clone(self);
         tokio::spawn(async move {
             let carried = match upgrade.await {
-                Ok(client) => {
-                    tunnel::carry(
-                        TokioIo::new(client),
-                        destination,
-                        gw.limits.tunnel_idle_timeout,
-                        gw.limits.tunnel_max_duration,
-                    )
-                    .await
-                }
+                Ok(client) => gw.carry(client, destination).await,
                 Err(e) => {
                     tracing::debug!(decision_id = %input.request.id, "CONNECT upgrade failed: {e}");
                     tunnel::Carried {
@@ -633,6 +625,57 @@ impl EgressGateway {
             gw.tunnels.fetch_sub(1, Ordering::AcqRel);
             gw.tunnels_closed.notify_waiters();
         });
+    }
+
+    /// Carries an upgraded `CONNECT` connection's bytes to and from
+    /// `destination`. A client on plain TCP is taken back from hyper and
+    /// tunnelled with `splice(2)` on Linux; a TLS client (an HTTPS proxy)
+    /// goes through a copy.
+    async fn carry(
+        &self,
+        client: hyper::upgrade::Upgraded,
+        mut destination: tokio::net::TcpStream,
+    ) -> tunnel::Carried {
+        let (idle, max) = (
+            self.limits.tunnel_idle_timeout,
+            self.limits.tunnel_max_duration,
+        );
+        let parts = match client.downcast::<accept::EgressIo>() {
+            Ok(parts) => parts,
+            // Not the listener's own stream type (never expected): copy.
+            Err(client) => {
+                return tunnel::carry(TokioIo::new(client), destination, idle, max).await
+            }
+        };
+        // Bytes the client sent right behind its CONNECT head, already read
+        // by hyper: they go first.
+        let early = parts.read_buf;
+        if !early.is_empty() {
+            use tokio::io::AsyncWriteExt;
+            if destination.write_all(&early).await.is_err() {
+                return tunnel::Carried {
+                    to_destination: 0,
+                    from_destination: 0,
+                    duration: Duration::ZERO,
+                    closed: tunnel::Closed::Error,
+                };
+            }
+        }
+        let mut carried = match parts.io.into_inner() {
+            #[cfg(target_os = "linux")]
+            tokio_util::either::Either::Left(tcp) => {
+                tunnel::carry_tcp(tcp, destination, idle, max).await
+            }
+            #[cfg(not(target_os = "linux"))]
+            tokio_util::either::Either::Left(tcp) => {
+                tunnel::carry(tcp, destination, idle, max).await
+            }
+            tokio_util::either::Either::Right(tls) => {
+                tunnel::carry(tls, destination, idle, max).await
+            }
+        };
+        carried.to_destination += early.len() as u64;
+        carried
     }
 
     /// Sends a plain HTTP proxy request on the connection to the checked

@@ -3,6 +3,8 @@
 //! keep-alive connection and stream the answer back (502/504 when the
 //! upstream fails). Bodies are streamed both ways, never buffered whole.
 
+#[cfg(target_os = "linux")]
+mod splice;
 pub mod tunnel;
 
 use std::pin::Pin;

@@ -1,15 +1,20 @@
 //! Part of **enforce** for the egress proxy: carry a `CONNECT` tunnel's
 //! bytes both ways once it was allowed and connected.
 //!
-//! The copy is tokio's `copy_bidirectional` (back-pressure comes from
-//! awaiting each write before reading more) with 64 KiB buffers; each side
-//! is wrapped in a counter so that the bytes carried are known however the
-//! tunnel ends, and the activity stamp drives the idle timeout.
+//! Two ways to carry, with the same accounting and timeouts:
+//! - [`carry_tcp`] (Linux, the client on plain TCP): `splice(2)` moves the
+//!   bytes socket → pipe → socket inside the kernel, so they are never
+//!   copied into rempart (see [`super::splice`]);
+//! - [`carry`] (any stream: a client on TLS, other systems): tokio's
+//!   `copy_bidirectional` with 64 KiB buffers, back-pressure coming from
+//!   awaiting each write before reading more.
+//!
+//! Either way the bytes carried are known however the tunnel ends, and the
+//! time of the last byte drives the idle timeout.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -51,6 +56,79 @@ pub struct Carried {
     pub closed: Closed,
 }
 
+/// Bytes moved each way so far, and when the last one moved. Shared by
+/// reference between the two directions of one tunnel (one task).
+pub(super) struct Progress {
+    started: Instant,
+    to_destination: AtomicU64,
+    from_destination: AtomicU64,
+    /// Nanoseconds since `started` of the last byte moved.
+    last: AtomicU64,
+}
+
+/// Which way bytes went.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Way {
+    ToDestination,
+    FromDestination,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            started: Instant::now(),
+            to_destination: AtomicU64::new(0),
+            from_destination: AtomicU64::new(0),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn moved(&self, way: Way, n: usize) {
+        let counter = match way {
+            Way::ToDestination => &self.to_destination,
+            Way::FromDestination => &self.from_destination,
+        };
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        let ns = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(ns, Ordering::Relaxed);
+    }
+
+    fn last_activity(&self) -> Instant {
+        self.started + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+
+    /// Runs `transfer` until it ends, no byte moved for `idle`, or `max`
+    /// elapsed.
+    async fn supervise<F>(&self, transfer: F, idle: Duration, max: Duration) -> Carried
+    where
+        F: std::future::Future<Output = io::Result<()>>,
+    {
+        let deadline = self.started + max;
+        tokio::pin!(transfer);
+        let closed = loop {
+            let idle_at = self.last_activity() + idle;
+            tokio::select! {
+                r = &mut transfer => break match r {
+                    Ok(()) => Closed::Completed,
+                    Err(_) => Closed::Error,
+                },
+                _ = tokio::time::sleep_until(deadline) => break Closed::MaxDuration,
+                _ = tokio::time::sleep_until(idle_at) => {
+                    if self.last_activity() + idle <= Instant::now() {
+                        break Closed::IdleTimeout;
+                    }
+                }
+            }
+        };
+        Carried {
+            to_destination: self.to_destination.load(Ordering::Relaxed),
+            from_destination: self.from_destination.load(Ordering::Relaxed),
+            duration: self.started.elapsed(),
+            closed,
+        }
+    }
+}
+
 /// Copies between `client` and `destination` until both are done, no byte
 /// moved for `idle`, or `max` elapsed.
 pub async fn carry<C, D>(client: C, destination: D, idle: Duration, max: Duration) -> Carried
@@ -58,74 +136,56 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    let started = Instant::now();
-    let activity = Arc::new(Activity(AtomicU64::new(0)));
-    let mut client = Counted::new(client, Arc::clone(&activity), started);
-    let mut destination = Counted::new(destination, Arc::clone(&activity), started);
-    let deadline = started + max;
-    let closed = {
-        let copy =
-            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut destination, BUFFER, BUFFER);
-        tokio::pin!(copy);
-        loop {
-            let idle_at = activity.last(started) + idle;
-            tokio::select! {
-                r = &mut copy => break match r {
-                    Ok(_) => Closed::Completed,
-                    Err(_) => Closed::Error,
-                },
-                _ = tokio::time::sleep_until(deadline) => break Closed::MaxDuration,
-                _ = tokio::time::sleep_until(idle_at) => {
-                    if activity.last(started) + idle <= Instant::now() {
-                        break Closed::IdleTimeout;
-                    }
-                }
-            }
-        }
+    let progress = Progress::new();
+    // Bytes read from the client go to the destination, and back.
+    let mut client = Counted::new(client, &progress, Way::ToDestination);
+    let mut destination = Counted::new(destination, &progress, Way::FromDestination);
+    let copy = async {
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut destination, BUFFER, BUFFER)
+            .await
+            .map(|_| ())
     };
-    Carried {
-        // Bytes read from the client went to the destination, and back.
-        to_destination: client.read,
-        from_destination: destination.read,
-        duration: started.elapsed(),
-        closed,
-    }
+    progress.supervise(copy, idle, max).await
 }
 
-/// The time of the last byte moved, as nanoseconds since the tunnel began.
-struct Activity(AtomicU64);
-
-impl Activity {
-    fn touch(&self, started: Instant) {
-        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.0.store(ns, Ordering::Relaxed);
-    }
-
-    fn last(&self, started: Instant) -> Instant {
-        started + Duration::from_nanos(self.0.load(Ordering::Relaxed))
-    }
+/// As [`carry`], for a client and a destination both on plain TCP: the
+/// bytes stay in the kernel (`splice(2)`).
+#[cfg(target_os = "linux")]
+pub async fn carry_tcp(
+    client: tokio::net::TcpStream,
+    destination: tokio::net::TcpStream,
+    idle: Duration,
+    max: Duration,
+) -> Carried {
+    let progress = Progress::new();
+    let both = async {
+        tokio::try_join!(
+            super::splice::one_way(&client, &destination, &progress, Way::ToDestination),
+            super::splice::one_way(&destination, &client, &progress, Way::FromDestination),
+        )
+        .map(|_| ())
+    };
+    progress.supervise(both, idle, max).await
 }
 
-/// A stream that counts the bytes read from it and stamps activity.
-struct Counted<S> {
+/// A stream that counts the bytes read from it.
+struct Counted<'p, S> {
     inner: S,
-    read: u64,
-    activity: Arc<Activity>,
-    started: Instant,
+    progress: &'p Progress,
+    way: Way,
 }
 
-impl<S> Counted<S> {
-    fn new(inner: S, activity: Arc<Activity>, started: Instant) -> Self {
+impl<'p, S> Counted<'p, S> {
+    fn new(inner: S, progress: &'p Progress, way: Way) -> Self {
         Counted {
             inner,
-            read: 0,
-            activity,
-            started,
+            progress,
+            way,
         }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -136,14 +196,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            this.read += n as u64;
-            this.activity.touch(this.started);
+            this.progress.moved(this.way, n);
         }
         r
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -201,6 +260,88 @@ mod tests {
         let c = tunnel.await.unwrap();
         assert_eq!((c.to_destination, c.from_destination), (5, 6));
         assert_eq!(c.closed, Closed::Completed);
+    }
+
+    /// Two connected loopback TCP sockets.
+    #[cfg(target_os = "linux")]
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn splice_carries_large_transfers_both_ways_and_half_closes() {
+        let (mut client_peer, client) = tcp_pair().await;
+        let (dest, mut dest_peer) = tcp_pair().await;
+        let tunnel = tokio::spawn(carry_tcp(
+            client,
+            dest,
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+        ));
+        // 8 MiB up and 5 MiB down at once, each a pattern that shows any
+        // lost, doubled or reordered chunk.
+        let up: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..5 << 20).map(|i: u32| (i % 241) as u8).collect();
+        let (up2, down2) = (up.clone(), down.clone());
+        let dest_side = tokio::spawn(async move {
+            let (mut r, mut w) = dest_peer.split();
+            let (got, sent) = tokio::join!(
+                async {
+                    let mut got = Vec::new();
+                    r.read_to_end(&mut got).await.unwrap();
+                    got
+                },
+                async {
+                    w.write_all(&down2).await.unwrap();
+                    w.shutdown().await.unwrap();
+                }
+            );
+            let () = sent;
+            got
+        });
+        let (mut r, mut w) = client_peer.split();
+        let (got, ()) = tokio::join!(
+            async {
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).await.unwrap();
+                got
+            },
+            async {
+                w.write_all(&up2).await.unwrap();
+                // Half-close: the destination sees the end of the upload
+                // while its download still flows.
+                w.shutdown().await.unwrap();
+            }
+        );
+        assert!(got == down, "download differs ({} bytes)", got.len());
+        let at_dest = dest_side.await.unwrap();
+        assert!(at_dest == up, "upload differs ({} bytes)", at_dest.len());
+        let c = tunnel.await.unwrap();
+        assert_eq!(c.closed, Closed::Completed);
+        assert_eq!(
+            (c.to_destination, c.from_destination),
+            (up.len() as u64, down.len() as u64)
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn splice_tunnel_closes_when_idle() {
+        let (_client_peer, client) = tcp_pair().await;
+        let (dest, _dest_peer) = tcp_pair().await;
+        let c = carry_tcp(
+            client,
+            dest,
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(c.closed, Closed::IdleTimeout);
+        assert_eq!((c.to_destination, c.from_destination), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]
