@@ -296,6 +296,10 @@ enum PolicyCommand {
         /// `scope` claim written in the signature.
         #[arg(long, requires = "signing_key")]
         signing_scope: Option<String>,
+        /// Decision rule the bundle must define, as in `[policy] decision`
+        /// [default: rempart/decision]
+        #[arg(long, value_name = "PATH")]
+        decision: Option<String>,
     },
     /// Run every `test_*` rule; exit non-zero if any fails.
     Test {
@@ -412,6 +416,7 @@ pub fn main() -> ExitCode {
             signing_alg,
             signing_keyid,
             signing_scope,
+            decision,
         }) => (|| {
             let signing = signing_key
                 .map(|k| {
@@ -422,6 +427,7 @@ pub fn main() -> ExitCode {
                 revision,
                 roots,
                 signing,
+                entry: entry_of(decision.as_deref())?,
             };
             let built = policy::bundle::build::build(&dir, &out, &opts)?;
             emit(&format!(

@@ -254,19 +254,14 @@ pub fn source_files(source: &PolicySource, with_tests: bool) -> anyhow::Result<V
 
 /// Loads and compiles a policy set. Errors say which file, line and column.
 pub fn load(source: &PolicySource) -> anyhow::Result<PolicySet> {
-    if let PolicySource::Bundle(spec) = source {
-        return Ok(super::bundle::load(spec)?);
-    }
-    compile_files(source.to_string(), source_files(source, false)?)
+    load_for(source, super::ENTRY_POINT)
 }
 
-/// As [`load`], for another entry point (`[policy] decision`, as a `data.…` path).
+/// As [`load`], for another entry point (`[policy] decision`, as a `data.…`
+/// path): directories and bundles alike must define it.
 pub fn load_for(source: &PolicySource, entry: &str) -> anyhow::Result<PolicySet> {
-    if entry == super::ENTRY_POINT {
-        return load(source);
-    }
-    if matches!(source, PolicySource::Bundle(_)) {
-        bail!("[policy] decision {entry} is not supported with a bundle yet: bundles are read for data.rempart.decision");
+    if let PolicySource::Bundle(spec) = source {
+        return Ok(super::bundle::load(spec, entry)?);
     }
     compile_files_for(entry, source.to_string(), source_files(source, false)?)
 }
