@@ -761,6 +761,18 @@ allow if {
 }
 "#;
 
+/// Tests of [`ENVOY_POLICY`], shipped in its bundles (`policy test`).
+const ENVOY_POLICY_TEST: &str = r#"package envoy.authz_test
+
+import rego.v1
+
+get_partner(name) := {"attributes": {"request": {"http": {"method": "GET"}}}, "parsed_path": ["partners", name]}
+
+test_acme_is_listed if data.envoy.authz.allow with input as get_partner("acme")
+
+test_unknown_is_not if not data.envoy.authz.allow with input as get_partner("unknown")
+"#;
+
 /// The `[policy]` table of an instance that runs OPA-Envoy policies.
 const ENVOY_DECISION: &str =
     "[policy]\ninput_compat = \"envoy\"\ndecision = \"envoy/authz/allow\"\n";
@@ -771,6 +783,7 @@ fn envoy_dir(root: &Path, name: &str, partners: &[&str]) -> PathBuf {
     let dir = root.join(name);
     std::fs::create_dir_all(dir.join("partners")).unwrap();
     std::fs::write(dir.join("authz.rego"), ENVOY_POLICY).unwrap();
+    std::fs::write(dir.join("authz_test.rego"), ENVOY_POLICY_TEST).unwrap();
     let allowed: serde_json::Map<String, serde_json::Value> = partners
         .iter()
         .map(|p| (p.to_string(), true.into()))
@@ -910,6 +923,17 @@ async fn local_envoy_bundle_reloads_its_data_for_the_configured_decision() {
         &tmp.path().join("rempart-style.tar.gz"),
         &[],
     );
+    // policy test runs its tests for the decision it is read for.
+    let v1_path = tmp.path().join("v1.tar.gz");
+    let v1_path = v1_path.to_str().unwrap();
+    let (code, stdout, stderr) =
+        run(&["policy", "test", v1_path, "--decision", "envoy/authz/allow"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("2 passed, 0 failed"), "{stdout}");
+    let (code, _, stderr) = run(&["policy", "test", v1_path]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("data.rempart.decision"), "{stderr}");
+
     let live = tmp.path().join("live.tar.gz");
     std::fs::write(&live, &v1).unwrap();
     let cfg = tmp.path().join("rempart.toml");
@@ -957,12 +981,7 @@ async fn local_envoy_bundle_reloads_its_data_for_the_configured_decision() {
     // The same bundle given with --policies reads the same decision.
     let rp = Rempart::try_start(
         &upstream.url(),
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--policies",
-            tmp.path().join("v1.tar.gz").to_str().unwrap(),
-        ],
+        &["--config", cfg.to_str().unwrap(), "--policies", v1_path],
     )
     .unwrap();
     assert_eq!(rp.policy_revision().await, rev1);

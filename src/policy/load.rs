@@ -217,11 +217,8 @@ pub(crate) fn revision(files: &[SourceFile]) -> String {
     format!("sha256:{}", hex::encode(&h.finalize()[..8]))
 }
 
-pub(crate) fn compile_files(origin: String, files: Vec<SourceFile>) -> anyhow::Result<PolicySet> {
-    compile_files_for(super::ENTRY_POINT, origin, files)
-}
-
-/// As [`compile_files`], for another entry point (a `data.…` path).
+/// Compiles a set's files for the decision rule `entry` (a `data.…`
+/// path: [`super::ENTRY_POINT`] or the configured `[policy] decision`).
 pub(crate) fn compile_files_for(
     entry: &str,
     origin: String,
