@@ -28,6 +28,20 @@ access_active if {
 	object.get(access, "enabled", false) == true
 }
 
+# The rules below add to access_deny / access_warn, which are evaluated
+# only when access control is active: otherwise regorus skips their bodies.
+# Each definition still states its own conditions, so that it reads (and
+# `policy eval --explain` reports it) on its own; the gate only saves work.
+deny contains reason if {
+	access_active
+	some reason in access_deny
+}
+
+warn contains reason if {
+	access_active
+	some reason in access_warn
+}
+
 public_resource if input.resource.type in object.get(access, "public_types", [])
 
 # The CRM's own login pages and assets stay open (see identity.rego).
@@ -49,7 +63,7 @@ bulk_or_export if input.resource.operation == "export"
 
 bulk_roles := object.get(access, "bulk_roles", ["dpo"])
 
-deny contains {
+access_deny contains {
 	"code": "bulk_requires_role",
 	"message": sprintf("%s%s of %s requires one of the roles: %s", [bulk_word, input.resource.operation, input.resource.type, roles_text(bulk_roles)]),
 } if {
@@ -66,7 +80,7 @@ bulk_word := "" if input.resource.bulk != true
 
 delete_roles := object.get(access, "delete_roles", ["admin"])
 
-deny contains {
+access_deny contains {
 	"code": "delete_requires_role",
 	"message": sprintf("deleting %s requires one of the roles: %s", [input.resource.type, roles_text(delete_roles)]),
 } if {
@@ -93,7 +107,7 @@ source_country := c if {
 	is_string(c)
 } else := "unknown"
 
-deny contains {
+access_deny contains {
 	"code": "personal_data_outside_eea",
 	"message": sprintf("%s records hold personal data and may not be reached from outside the EU/EEA (source country: %s)", [input.resource.type, source_country]),
 } if {
@@ -112,7 +126,7 @@ permitted if {
 	op in {"*", input.resource.operation}
 }
 
-deny contains {
+access_deny contains {
 	"code": "permission_denied",
 	"message": sprintf("no role of %s may %s %s (roles: %s)", [subject_text, input.resource.operation, input.resource.type, roles_text(input.identity.roles)]),
 } if {
@@ -138,12 +152,12 @@ unknown_route if {
 
 unknown_route_message := sprintf("%s %s matches no route of the %s profile", [input.request.method, input.request.path, input.resource.crm])
 
-deny contains {"code": "unclassified_request", "message": unknown_route_message} if {
+access_deny contains {"code": "unclassified_request", "message": unknown_route_message} if {
 	unknown_route
 	object.get(access, "unknown_routes", "warn") == "deny"
 }
 
-warn contains {"code": "unclassified_request", "message": unknown_route_message} if {
+access_warn contains {"code": "unclassified_request", "message": unknown_route_message} if {
 	unknown_route
 	object.get(access, "unknown_routes", "warn") == "warn"
 }

@@ -4,9 +4,18 @@ package rempart
 
 import rego.v1
 
+# The request-hygiene rules below add to ingress_deny, which only an
+# ingress request evaluates (regorus skips their bodies on the egress).
+# Each definition still states the direction itself, so that it reads (and
+# `policy eval --explain` reports it) on its own.
+deny contains reason if {
+	input.direction == "ingress"
+	some reason in ingress_deny
+}
+
 # Methods a CRM never needs from a browser or an API client (TRACE echoes
 # credentials back; CONNECT on the ingress is a misrouted proxy request).
-deny contains {
+ingress_deny contains {
 	"code": "method_not_allowed",
 	"message": sprintf("method %s is not allowed", [input.request.method]),
 } if {
@@ -16,34 +25,42 @@ deny contains {
 
 # A `..` or `.` segment, or a decoded segment that hides a slash or a
 # backslash, is a traversal attempt whatever the CRM does with it.
-deny contains {
+ingress_deny contains {
 	"code": "path_traversal",
 	"message": "the path tries to leave its directory",
 } if {
 	input.direction == "ingress"
-	some segment in input.request.segments
-	traversal_segment(segment)
+	path_traversal
 }
 
-traversal_segment(s) if s in {"..", "."}
+path_traversal if {
+	some segment in input.request.segments
+	segment in {"..", "."}
+}
 
-traversal_segment(s) if contains(s, "/")
+# One search over the segments joined by a newline (which is neither "/"
+# nor "\\"), rather than a call per segment: this runs on every request.
+path_traversal if contains(segments_joined, "/")
 
-traversal_segment(s) if contains(s, "\\")
+path_traversal if contains(segments_joined, "\\")
+
+segments_joined := concat("\n", input.request.segments)
 
 # Paths that must never be served: any path with a segment naming
 # repository metadata or a secrets file (compared per segment, so that
-# "//.git/config" cannot slip past and "/.github" is not caught).
-deny contains {
+# "//.git/config" cannot slip past and "/.github" is not caught). Segments
+# are compared lower-cased with data.settings.blocked_segments, whose
+# entries must therefore be written in lower case (library_test.rego checks
+# the data it runs with): lower-casing the list on every request would cost
+# more than the rest of the rule.
+ingress_deny contains {
 	"code": "blocked_path",
 	"message": sprintf("path %s is blocked (segment %s)", [input.request.path, segment]),
 } if {
 	input.direction == "ingress"
 	some segment in input.request.segments
-	lower(segment) in blocked_segments
+	lower(segment) in data.settings.blocked_segments
 }
-
-blocked_segments := {lower(s) | some s in data.settings.blocked_segments}
 
 # Bulk operations (exports, mass deletes) are allowed here but always
 # flagged, so that a DPO can find them in the trail.

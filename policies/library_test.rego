@@ -52,6 +52,37 @@ test_encoded_slash_segment_is_denied if {
 	"path_traversal" in codes(d.deny)
 }
 
+test_single_dot_and_backslash_segments_are_denied if {
+	dot := rempart.decision with input as with_request({"path": "/a/./b", "segments": ["a", ".", "b"]})
+	codes(dot.deny) == {"path_traversal"}
+	backslash := rempart.decision with input as with_request({"path": "/a/%5C..", "segments": ["a", "\\.."]})
+	codes(backslash.deny) == {"path_traversal"}
+}
+
+test_dotted_names_are_not_traversal if {
+	d := rempart.decision with input as with_request({"path": "/files/report..v2/.well", "segments": ["files", "report..v2", ".well"]})
+	d.allow
+}
+
+test_traversal_rules_are_ingress_only if {
+	d := rempart.decision with input as object.union(with_request({"method": "TRACE", "segments": [".."]}), {"direction": "egress"})
+	not "path_traversal" in codes(d.deny)
+	not "method_not_allowed" in codes(d.deny)
+}
+
+# blocked_path compares lower-cased segments with the list as written: an
+# entry with a capital letter would never match.
+test_blocked_segments_are_written_in_lower_case if {
+	every s in data.settings.blocked_segments {
+		s == lower(s)
+	}
+}
+
+test_blocked_ds_store_is_denied_whatever_its_case if {
+	d := rempart.decision with input as with_request({"path": "/img/.DS_Store", "segments": ["img", ".DS_Store"]})
+	codes(d.deny) == {"blocked_path"}
+}
+
 test_blocked_prefix_is_denied_case_insensitively if {
 	d := rempart.decision with input as with_request({"path": "/.GIT/config", "segments": [".GIT", "config"]})
 	codes(d.deny) == {"blocked_path"}

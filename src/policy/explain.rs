@@ -28,6 +28,13 @@ use super::load::{compile_files_for, SourceFile};
 /// point's own rule name (e.g. `allow` of `data.envoy.authz.allow`).
 const DECISION_RULES: &[&str] = &["deny", "warn", "allow"];
 
+/// A family of reasons that a gated `deny`/`warn` definition reads
+/// (`egress_deny`, `access_warn`: see policies/egress.rego), reported as
+/// the reasons themselves.
+fn feeds_decision(name: &str) -> bool {
+    name.ends_with("_deny") || name.ends_with("_warn")
+}
+
 /// Name given to the copy of definition `i`.
 const COPY_PREFIX: &str = "__rempart_explain_";
 
@@ -149,8 +156,19 @@ pub fn explain(
             // rempart's own `decision` only gathers deny and warn: its
             // value is the decision printed anyway.
             let wanted = DECISION_RULES.contains(&r.name.as_str())
+                || (feeds_decision(&r.name) && r.shape == RuleShape::PartialSet)
                 || (r.name == entry_rule && entry != super::ENTRY_POINT);
             if !wanted || matches!(r.shape, RuleShape::Default | RuleShape::Function) {
+                continue;
+            }
+            // A gate (`deny contains r if { cond; some r in egress_deny }`)
+            // passes on what its family's definitions give: those are
+            // reported one by one instead.
+            let gate = DECISION_RULES.contains(&r.name.as_str())
+                && r.refs
+                    .iter()
+                    .any(|x| x.path.len() == 1 && feeds_decision(&x.path[0]));
+            if gate {
                 continue;
             }
             let Some(rest) = r.text.strip_prefix(r.name.as_str()) else {

@@ -14,6 +14,21 @@ import rego.v1
 
 egress := data.settings.egress
 
+# The egress rules below add to egress_deny / egress_warn, which only an
+# egress request evaluates: on the ingress (most traffic) regorus skips
+# their bodies instead of entering each one to test the direction. Each
+# definition still states the direction itself, so that it reads (and
+# `policy eval --explain` reports it) on its own.
+deny contains reason if {
+	input.direction == "egress"
+	some reason in egress_deny
+}
+
+warn contains reason if {
+	input.direction == "egress"
+	some reason in egress_warn
+}
+
 # Allow-list entries that apply to this caller: "*" and its workload.
 egress_allow_entries contains entry if {
 	input.direction == "egress"
@@ -51,7 +66,7 @@ host_matches(host, pattern) if {
 
 # Cloud metadata services hand out the instance's credentials: never
 # reachable from the CRM, whatever the allow-lists say.
-deny contains {
+egress_deny contains {
 	"code": "egress_metadata_service",
 	"message": sprintf("%s (%s) is a cloud metadata service", [input.destination.host, input.destination.ip]),
 } if {
@@ -62,7 +77,7 @@ deny contains {
 # Private, loopback, link-local, CGNAT, multicast, reserved... addresses:
 # the CRM's calls must not reach the inside of the network (SSRF), except
 # the internal services the DSI lists.
-deny contains {
+egress_deny contains {
 	"code": "egress_special_destination",
 	"message": sprintf("destination %s resolves to %s, a %s address", [input.destination.host, input.destination.ip, input.destination.scope]),
 } if {
@@ -80,7 +95,7 @@ egress_internal if {
 
 # Allow-list only (Smokescreen's "enforce" role): anything not listed is
 # refused.
-deny contains {
+egress_deny contains {
 	"code": "egress_not_allowlisted",
 	"message": sprintf("destination %s is not on the egress allow-list of %s", [input.destination.host, workload_name]),
 } if {
@@ -91,7 +106,7 @@ deny contains {
 
 # Report-only roll-out of an allow-list: unlisted destinations pass, with
 # a warning in the trail, until default_deny is switched on.
-warn contains {
+egress_warn contains {
 	"code": "egress_not_allowlisted",
 	"message": sprintf("destination %s is not on the egress allow-list of %s", [input.destination.host, workload_name]),
 } if {
