@@ -11,7 +11,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use rempart::policy::bundle::build::tarball;
 use rempart::policy::bundle::read::RawFile;
 use rempart::policy::bundle::{load_bytes, BundleLimits};
-use rempart::policy::EvalLimits;
+use rempart::policy::{EvalLimits, ENTRY_POINT};
 
 const HEAD: &str = r#"package rempart
 
@@ -62,7 +62,10 @@ fn benches(c: &mut Criterion) {
     let many_rules = bundle(100, 10);
     let much_data = bundle(1, 10_000);
     c.bench_function("bundle_activate_100_rules_10k_data", |b| {
-        b.iter(|| load_bytes(black_box(&big), &limits, None, "bench".into()).expect("bundle loads"))
+        b.iter(|| {
+            load_bytes(black_box(&big), &limits, None, "bench".into(), ENTRY_POINT)
+                .expect("bundle loads")
+        })
     });
     let input: regorus::Value = serde_json::json!({
         "request": {"path": "/blocked7/x", "host": "partner42.example.eu"}
@@ -75,7 +78,7 @@ fn benches(c: &mut Criterion) {
         ("100_rules_10_data", &many_rules),
         ("1_rule_10k_data", &much_data),
     ] {
-        let set = load_bytes(bytes, &limits, None, name.into()).expect("bundle loads");
+        let set = load_bytes(bytes, &limits, None, name.into(), ENTRY_POINT).expect("bundle loads");
         c.bench_function(&format!("bundle_eval_{name}"), |b| {
             b.iter(|| {
                 set.evaluate(black_box(input.clone()), &eval_limits)

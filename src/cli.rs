@@ -296,11 +296,19 @@ enum PolicyCommand {
         /// `scope` claim written in the signature.
         #[arg(long, requires = "signing_key")]
         signing_scope: Option<String>,
+        /// Decision rule the bundle must define, as in `[policy] decision`
+        /// [default: rempart/decision]
+        #[arg(long, value_name = "PATH")]
+        decision: Option<String>,
     },
     /// Run every `test_*` rule; exit non-zero if any fails.
     Test {
         /// Policy directories [default: ./policies if present, else the built-in set]
         dirs: Vec<PathBuf>,
+        /// Decision rule the set defines, as in `[policy] decision`
+        /// [default: rempart/decision]
+        #[arg(long, value_name = "PATH")]
+        decision: Option<String>,
     },
     /// Report syntax and compile errors, forbidden or unimplemented
     /// builtins (errors) and unused rules (warnings), as file:line:col;
@@ -396,7 +404,7 @@ pub fn main() -> ExitCode {
             explain,
             decision.as_deref(),
         ),
-        Command::Policy(PolicyCommand::Test { dirs }) => test(&dirs),
+        Command::Policy(PolicyCommand::Test { dirs, decision }) => test(&dirs, decision.as_deref()),
         Command::Policy(PolicyCommand::Lint {
             dirs,
             strict,
@@ -412,6 +420,7 @@ pub fn main() -> ExitCode {
             signing_alg,
             signing_keyid,
             signing_scope,
+            decision,
         }) => (|| {
             let signing = signing_key
                 .map(|k| {
@@ -422,6 +431,7 @@ pub fn main() -> ExitCode {
                 revision,
                 roots,
                 signing,
+                entry: entry_of(decision.as_deref())?,
             };
             let built = policy::bundle::build::build(&dir, &out, &opts)?;
             emit(&format!(
@@ -750,12 +760,13 @@ fn eval(
     Ok(ExitCode::SUCCESS)
 }
 
-fn test(dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
+fn test(dirs: &[PathBuf], decision: Option<&str>) -> anyhow::Result<ExitCode> {
+    let entry = entry_of(decision)?;
     let sources = sources_of(dirs);
     let (mut passed, mut failed) = (0usize, 0usize);
     for source in &sources {
-        let results =
-            policy::testing::run(source).with_context(|| format!("policies from {source}"))?;
+        let results = policy::testing::run(source, &entry)
+            .with_context(|| format!("policies from {source}"))?;
         if results.is_empty() {
             return Err(anyhow!("{source}: no test_* rules found"));
         }

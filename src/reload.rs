@@ -51,10 +51,18 @@ pub fn spawn_watcher(
     reload: impl Fn() + Send + 'static,
 ) {
     let poll = !interval.is_zero() && !paths.is_empty();
+    // Taken now, not when the thread first runs: a change made after the
+    // caller loaded the files (and announced itself ready) but before a
+    // busy machine schedules the thread would otherwise become the
+    // baseline, and never be reloaded.
+    let mut seen = if poll {
+        fingerprint(&paths)
+    } else {
+        Vec::new()
+    };
     let spawned = std::thread::Builder::new()
         .name(format!("{name}-watch"))
         .spawn(move || {
-            let mut seen = fingerprint(&paths);
             let wait = if poll {
                 interval
             } else {

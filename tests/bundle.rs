@@ -1,6 +1,7 @@
 //! OPA bundles end to end: `rempart policy build`, a real bundle server on
 //! loopback (hyper, honouring If-None-Match), and the real rempart binary.
 
+#[macro_use]
 mod common;
 
 use std::convert::Infallible;
@@ -8,7 +9,6 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{get, run, Rempart, Upstream};
@@ -237,34 +237,6 @@ fn start_with(upstream: &Upstream, cfg: &Path) -> Result<Rempart, String> {
     Rempart::try_start(&upstream.url(), &["--config", cfg.to_str().unwrap()])
 }
 
-async fn readyz_revision(rp: &Rempart) -> String {
-    let r = get(&format!("http://{}/readyz", rp.admin)).await;
-    r.json()["policy_revision"].as_str().unwrap().to_string()
-}
-
-/// Waits until the condition holds (checked every 20 ms, up to 10 s).
-macro_rules! eventually {
-    ($what:expr, $cond:expr) => {{
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let done: bool = $cond;
-            if done {
-                break;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {}", $what);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }};
-}
-
-/// Reads one sample, 0 when absent.
-async fn sample(rp: &Rempart, name: &str) -> f64 {
-    let text = rp.metrics().await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revision_change_304_and_revision_in_records_and_readyz() {
     let tmp = tempfile::tempdir().unwrap();
@@ -289,7 +261,7 @@ async fn revision_change_304_and_revision_in_records_and_readyz() {
     );
     let rp = start_with(&upstream, &cfg).unwrap();
 
-    assert_eq!(readyz_revision(&rp).await, "v1");
+    assert_eq!(rp.policy_revision().await, "v1");
     let r = get(&rp.url("/b")).await;
     assert_eq!(r.status, 200, "v1 does not block /b");
     let rec = rp.audit_record(&r.decision_id()).await;
@@ -297,21 +269,15 @@ async fn revision_change_304_and_revision_in_records_and_readyz() {
 
     // Polls with If-None-Match get 304 and keep v1.
     eventually!("304 answers", server.not_modified() >= 2);
-    assert_eq!(readyz_revision(&rp).await, "v1");
+    assert_eq!(rp.policy_revision().await, "v1");
     assert!(
-        sample(
-            &rp,
-            "rempart_policy_bundle_downloads_total{result=\"not_modified\"}"
-        )
-        .await
+        rp.sample("rempart_policy_bundle_downloads_total{result=\"not_modified\"}")
+            .await
             >= 1.0
     );
     assert!(
-        sample(
-            &rp,
-            "rempart_policy_bundle_last_activation_timestamp_seconds"
-        )
-        .await
+        rp.sample("rempart_policy_bundle_last_activation_timestamp_seconds")
+            .await
             > 1.7e9
     );
     assert!(server
@@ -324,13 +290,14 @@ async fn revision_change_304_and_revision_in_records_and_readyz() {
 
     // A new revision is picked up, and decides.
     server.serve(v2, "e2");
-    eventually!("v2 active", readyz_revision(&rp).await == "v2");
+    eventually!("v2 active", rp.policy_revision().await == "v2");
     let r = get(&rp.url("/b")).await;
     assert_eq!(r.status, 403, "v2 blocks /b");
     let rec = rp.audit_record(&r.decision_id()).await;
     assert_eq!(rec["policy_revision"], "v2", "{rec}");
     assert_eq!(
-        sample(&rp, "rempart_policy_revision_info{revision=\"v2\"}").await,
+        rp.sample("rempart_policy_revision_info{revision=\"v2\"}")
+            .await,
         1.0
     );
     // The persisted copy is the new one, with its ETag.
@@ -368,16 +335,13 @@ async fn server_down_at_start_and_mid_run() {
     let server = BundleServer::start(v1, "e1").await;
     let cfg = server_config(tmp.path(), &server.url(), "");
     let mut rp = start_with(&upstream, &cfg).unwrap();
-    assert_eq!(readyz_revision(&rp).await, "v1");
+    assert_eq!(rp.policy_revision().await, "v1");
     assert!(tmp.path().join("persist/bundle.tar.gz").is_file());
     server.stop().await;
     eventually!(
         "download failures",
-        sample(
-            &rp,
-            "rempart_policy_bundle_download_failures_total{reason=\"connect\"}",
-        )
-        .await
+        rp.sample("rempart_policy_bundle_download_failures_total{reason=\"connect\"}",)
+            .await
             >= 2.0
     );
     assert_eq!(get(&rp.url("/a")).await.status, 403, "v1 still decides");
@@ -387,7 +351,7 @@ async fn server_down_at_start_and_mid_run() {
 
     // Restart while the server is down: starts from the persisted bundle.
     let rp = start_with(&upstream, &cfg).unwrap();
-    assert_eq!(readyz_revision(&rp).await, "v1");
+    assert_eq!(rp.policy_revision().await, "v1");
     assert_eq!(get(&rp.url("/a")).await.status, 403);
     assert!(
         rp.log_text().contains("starting from the persisted bundle"),
@@ -412,7 +376,7 @@ async fn refused_bundles_keep_the_last_good_one() {
         "max_bytes = 65536\nmax_uncompressed_bytes = 1048576",
     );
     let rp = start_with(&upstream, &cfg).unwrap();
-    assert_eq!(readyz_revision(&rp).await, "v1");
+    assert_eq!(rp.policy_revision().await, "v1");
 
     let manifest: &[u8] = br#"{"revision":"evil"}"#;
     let zeros = vec![0u8; 4 << 20];
@@ -500,10 +464,10 @@ async fn refused_bundles_keep_the_last_good_one() {
         ),
     ];
     for (i, (what, bytes, metric)) in cases.into_iter().enumerate() {
-        let before = sample(&rp, metric).await;
+        let before = rp.sample(metric).await;
         server.serve(bytes, &format!("bad{i}"));
-        eventually!(what, sample(&rp, metric).await > before);
-        assert_eq!(readyz_revision(&rp).await, "v1", "{what}: v1 keeps serving");
+        eventually!(what, rp.sample(metric).await > before);
+        assert_eq!(rp.policy_revision().await, "v1", "{what}: v1 keeps serving");
         assert_eq!(get(&rp.url("/a")).await.status, 403, "{what}: v1 decides");
     }
     let log = rp.log_text();
@@ -615,7 +579,7 @@ async fn signed_bundles_only_when_a_key_is_configured() {
         ),
     );
     let rp = start_with(&upstream, &cfg).unwrap();
-    assert_eq!(readyz_revision(&rp).await, "v1");
+    assert_eq!(rp.policy_revision().await, "v1");
 
     let metric = "rempart_policy_bundle_activation_failures_total{reason=\"signature\"}";
     for (i, (what, bytes, needle)) in [
@@ -626,14 +590,14 @@ async fn signed_bundles_only_when_a_key_is_configured() {
     .into_iter()
     .enumerate()
     {
-        let before = sample(&rp, metric).await;
+        let before = rp.sample(metric).await;
         server.serve(bytes, &format!("bad{i}"));
-        eventually!(what, sample(&rp, metric).await > before);
-        assert_eq!(readyz_revision(&rp).await, "v1", "{what}");
+        eventually!(what, rp.sample(metric).await > before);
+        assert_eq!(rp.policy_revision().await, "v1", "{what}");
         assert!(rp.log_text().contains(needle), "{what}: {}", rp.log_text());
     }
     server.serve(v2, "e2");
-    eventually!("signed v2", readyz_revision(&rp).await == "v2");
+    eventually!("signed v2", rp.policy_revision().await == "v2");
     assert_eq!(get(&rp.url("/b")).await.status, 403);
 }
 
@@ -761,7 +725,7 @@ async fn local_bundle_file_reloads_and_keeps_last_good() {
     .unwrap();
     let upstream = Upstream::start().await;
     let rp = start_with(&upstream, &cfg).unwrap();
-    assert_eq!(readyz_revision(&rp).await, "v1");
+    assert_eq!(rp.policy_revision().await, "v1");
 
     let write = |bytes: &[u8]| {
         let tmpfile = tmp.path().join("next.tar.gz");
@@ -769,10 +733,258 @@ async fn local_bundle_file_reloads_and_keeps_last_good() {
         std::fs::rename(&tmpfile, &live).unwrap();
     };
     write(&v2);
-    eventually!("v2 from the file", readyz_revision(&rp).await == "v2");
+    eventually!("v2 from the file", rp.policy_revision().await == "v2");
     let metric = "rempart_policy_bundle_activation_failures_total{reason=\"unreadable\"}";
     write(b"garbage, not a tarball, and longer than before");
-    eventually!("refusal counted", sample(&rp, metric).await >= 1.0);
-    assert_eq!(readyz_revision(&rp).await, "v2");
+    eventually!("refusal counted", rp.sample(metric).await >= 1.0);
+    assert_eq!(rp.policy_revision().await, "v2");
     assert_eq!(get(&rp.url("/b")).await.status, 403);
+}
+
+/// An OPA-Envoy style policy (as in OPA-Envoy's primer: `package
+/// envoy.authz`, `default allow := false`, the request read from
+/// `input.attributes.request.http` and `input.parsed_path`) whose partner
+/// allow-list is data: `GET /partners/<name>` is allowed when
+/// `data.partners.allowed[name]` is true.
+const ENVOY_POLICY: &str = r#"package envoy.authz
+
+import rego.v1
+
+import input.attributes.request.http
+
+default allow := false
+
+allow if {
+	http.method == "GET"
+	input.parsed_path[0] == "partners"
+	data.partners.allowed[input.parsed_path[1]]
+}
+"#;
+
+/// Tests of [`ENVOY_POLICY`], shipped in its bundles (`policy test`).
+const ENVOY_POLICY_TEST: &str = r#"package envoy.authz_test
+
+import rego.v1
+
+get_partner(name) := {"attributes": {"request": {"http": {"method": "GET"}}}, "parsed_path": ["partners", name]}
+
+test_acme_is_listed if data.envoy.authz.allow with input as get_partner("acme")
+
+test_unknown_is_not if not data.envoy.authz.allow with input as get_partner("unknown")
+"#;
+
+/// The `[policy]` table of an instance that runs OPA-Envoy policies.
+const ENVOY_DECISION: &str =
+    "[policy]\ninput_compat = \"envoy\"\ndecision = \"envoy/authz/allow\"\n";
+
+/// Writes (or rewrites) the OPA-Envoy policy directory `name`, with the
+/// partners allowed in `partners/data.json`.
+fn envoy_dir(root: &Path, name: &str, partners: &[&str]) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(dir.join("partners")).unwrap();
+    std::fs::write(dir.join("authz.rego"), ENVOY_POLICY).unwrap();
+    std::fs::write(dir.join("authz_test.rego"), ENVOY_POLICY_TEST).unwrap();
+    let allowed: serde_json::Map<String, serde_json::Value> = partners
+        .iter()
+        .map(|p| (p.to_string(), true.into()))
+        .collect();
+    std::fs::write(
+        dir.join("partners/data.json"),
+        serde_json::json!({ "allowed": allowed }).to_string(),
+    )
+    .unwrap();
+    dir
+}
+
+/// Builds the OPA-Envoy bundle of `dir` for its decision, with the
+/// default (content digest) revision.
+fn build_envoy(dir: &Path, out: &Path) -> Vec<u8> {
+    build(dir, out, &["--decision", "envoy/authz/allow"])
+}
+
+/// The status of `GET /partners/<name>` through the proxy.
+async fn partner_status(rp: &Rempart, name: &str) -> u16 {
+    get(&rp.url(&format!("/partners/{name}"))).await.status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_bundle_from_a_server_decides_with_the_configured_decision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = envoy_dir(tmp.path(), "envoy", &["acme"]);
+    // A bundle must be built for the decision it will be read for.
+    let (code, _, stderr) = run(&[
+        "policy",
+        "build",
+        dir.to_str().unwrap(),
+        "-o",
+        tmp.path().join("wrong.tar.gz").to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0, "built for data.rempart.decision: {stderr}");
+    let v1 = build_envoy(&dir, &tmp.path().join("v1.tar.gz"));
+    let server = BundleServer::start(v1, "e1").await;
+    let upstream = Upstream::start().await;
+    let cfg = server_config(tmp.path(), &server.url(), ENVOY_DECISION);
+    let rp = start_with(&upstream, &cfg).unwrap();
+    let rev1 = rp.policy_revision().await;
+    assert!(rev1.starts_with("sha256:"), "{rev1}");
+
+    // Allow and deny through the proxy, by the OPA-Envoy rule.
+    assert_eq!(partner_status(&rp, "acme").await, 200);
+    assert_eq!(upstream.seen_paths(), ["/partners/acme"]);
+    let denied = get(&rp.url("/partners/globex")).await;
+    assert_eq!(denied.status, 403);
+    let rec = rp.audit_record(&denied.decision_id()).await;
+    assert_eq!(rec["decision"]["outcome"], "denied", "{rec}");
+    assert_eq!(rec["policy_revision"], rev1.as_str(), "{rec}");
+    let post = common::request("POST", &rp.url("/partners/acme"), &[]).await;
+    assert_eq!(post.status, 403, "the rule allows GET only");
+    assert_eq!(
+        upstream.seen_paths().len(),
+        1,
+        "denials never reach the CRM"
+    );
+
+    // The same bundle with only its data.json changed, under a new ETag.
+    envoy_dir(tmp.path(), "envoy", &["acme", "globex"]);
+    let v2 = build_envoy(&dir, &tmp.path().join("v2.tar.gz"));
+    server.serve(v2.clone(), "e2");
+    eventually!("the data-only bundle", rp.policy_revision().await != rev1);
+    let rev2 = rp.policy_revision().await;
+    let allowed = get(&rp.url("/partners/globex")).await;
+    assert_eq!(allowed.status, 200, "the new data decides");
+    let rec = rp.audit_record(&allowed.decision_id()).await;
+    assert_eq!(rec["policy_revision"], rev2.as_str(), "{rec}");
+
+    // Refused: a data.json that is not JSON, then a bundle that does not
+    // define the configured decision. The data-only bundle keeps serving.
+    let broken = repack(&v2, |name, data| {
+        if name.ends_with("data.json") {
+            br#"{"allowed": {"#.to_vec()
+        } else {
+            data
+        }
+    });
+    let rempart_style = build(
+        &policy_dir(tmp.path(), "rempart-style", &[]),
+        &tmp.path().join("rempart-style.tar.gz"),
+        &[],
+    );
+    for (what, bytes, etag, reason, needle) in [
+        (
+            "broken data",
+            broken,
+            "e3",
+            "invalid",
+            "partners/data.json: invalid JSON",
+        ),
+        (
+            "no envoy decision",
+            rempart_style,
+            "e4",
+            "compile",
+            "no rule defines data.envoy.authz.allow",
+        ),
+    ] {
+        let metric =
+            format!("rempart_policy_bundle_activation_failures_total{{reason=\"{reason}\"}}");
+        let before = rp.sample(&metric).await;
+        server.serve(bytes, etag);
+        eventually!(what, rp.sample(&metric).await > before);
+        assert_eq!(rp.policy_revision().await, rev2, "{what}");
+        assert_eq!(partner_status(&rp, "globex").await, 200, "{what}");
+        assert_eq!(partner_status(&rp, "initech").await, 403, "{what}");
+        assert!(rp.log_text().contains(needle), "{what}: {}", rp.log_text());
+    }
+    // The persisted copy is the last good bundle.
+    assert_eq!(
+        std::fs::read(tmp.path().join("persist/bundle.tar.gz")).unwrap(),
+        v2
+    );
+
+    // Restarted with the server gone: the persisted copy is compiled for
+    // the configured decision too.
+    drop(rp);
+    server.stop().await;
+    let rp = start_with(&upstream, &cfg).unwrap();
+    assert_eq!(rp.policy_revision().await, rev2);
+    assert_eq!(partner_status(&rp, "globex").await, 200);
+    assert_eq!(partner_status(&rp, "initech").await, 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_envoy_bundle_reloads_its_data_for_the_configured_decision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = envoy_dir(tmp.path(), "envoy", &["acme"]);
+    let v1 = build_envoy(&dir, &tmp.path().join("v1.tar.gz"));
+    envoy_dir(tmp.path(), "envoy", &["acme", "globex"]);
+    let v2 = build_envoy(&dir, &tmp.path().join("v2.tar.gz"));
+    let rempart_style = build(
+        &policy_dir(tmp.path(), "rempart-style", &[]),
+        &tmp.path().join("rempart-style.tar.gz"),
+        &[],
+    );
+    // policy test runs its tests for the decision it is read for.
+    let v1_path = tmp.path().join("v1.tar.gz");
+    let v1_path = v1_path.to_str().unwrap();
+    let (code, stdout, stderr) =
+        run(&["policy", "test", v1_path, "--decision", "envoy/authz/allow"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("2 passed, 0 failed"), "{stdout}");
+    let (code, _, stderr) = run(&["policy", "test", v1_path]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("data.rempart.decision"), "{stderr}");
+
+    let live = tmp.path().join("live.tar.gz");
+    std::fs::write(&live, &v1).unwrap();
+    let cfg = tmp.path().join("rempart.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{ENVOY_DECISION}reload_interval = \"100ms\"\n[policy.bundle]\npath = \"{}\"\n",
+            live.display()
+        ),
+    )
+    .unwrap();
+    let upstream = Upstream::start().await;
+    let rp = start_with(&upstream, &cfg).unwrap();
+    let rev1 = rp.policy_revision().await;
+    assert_eq!(partner_status(&rp, "acme").await, 200);
+    assert_eq!(partner_status(&rp, "globex").await, 403);
+
+    let write = |bytes: &[u8]| {
+        let next = tmp.path().join("next.tar.gz");
+        std::fs::write(&next, bytes).unwrap();
+        std::fs::rename(&next, &live).unwrap();
+    };
+    // Only the data changed: the watcher activates it for envoy/authz/allow.
+    write(&v2);
+    eventually!("v2 from the file", rp.policy_revision().await != rev1);
+    let rev2 = rp.policy_revision().await;
+    let allowed = get(&rp.url("/partners/globex")).await;
+    assert_eq!(allowed.status, 200);
+    let rec = rp.audit_record(&allowed.decision_id()).await;
+    assert_eq!(rec["policy_revision"], rev2.as_str(), "{rec}");
+
+    // A bundle without the configured decision is refused on reload.
+    let metric = "rempart_policy_bundle_activation_failures_total{reason=\"compile\"}";
+    write(&rempart_style);
+    eventually!("refusal counted", rp.sample(metric).await >= 1.0);
+    assert_eq!(rp.policy_revision().await, rev2);
+    assert_eq!(partner_status(&rp, "globex").await, 200);
+    let log = rp.log_text();
+    assert!(
+        log.contains("policy reload rejected")
+            && log.contains("no rule defines data.envoy.authz.allow"),
+        "{log}"
+    );
+
+    // The same bundle given with --policies reads the same decision.
+    let rp = Rempart::try_start(
+        &upstream.url(),
+        &["--config", cfg.to_str().unwrap(), "--policies", v1_path],
+    )
+    .unwrap();
+    assert_eq!(rp.policy_revision().await, rev1);
+    assert_eq!(partner_status(&rp, "acme").await, 200);
+    assert_eq!(partner_status(&rp, "globex").await, 403);
 }

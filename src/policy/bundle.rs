@@ -20,7 +20,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context};
 use serde::Deserialize;
 
-use super::load::{compile_files, SourceFile};
+use super::load::{compile_files_for, SourceFile};
 use super::PolicySet;
 use read::RawFile;
 pub use sign::{SigningKey, VerificationKey};
@@ -226,21 +226,24 @@ pub fn read_spec(spec: &BundleSpec) -> Result<Vec<RawFile>, BundleError> {
     read::from_tarball(&bytes, &spec.limits)
 }
 
-/// Loads, checks and compiles the bundle `spec` names.
-pub fn load(spec: &BundleSpec) -> Result<PolicySet, BundleError> {
+/// Loads, checks and compiles the bundle `spec` names, for the decision
+/// rule `entry` (a `data.` path: [`super::ENTRY_POINT`] or the configured
+/// `[policy] decision`).
+pub fn load(spec: &BundleSpec, entry: &str) -> Result<PolicySet, BundleError> {
     let files = read_spec(spec)?;
-    activate(files, spec.verification.as_deref(), spec.origin())
+    activate(files, spec.verification.as_deref(), spec.origin(), entry)
 }
 
-/// Checks and compiles a downloaded bundle.
+/// Checks and compiles a downloaded bundle for the decision rule `entry`.
 pub fn load_bytes(
     bytes: &[u8],
     limits: &BundleLimits,
     verification: Option<&VerificationKey>,
     origin: String,
+    entry: &str,
 ) -> Result<PolicySet, BundleError> {
     let files = read::from_tarball(bytes, limits)?;
-    activate(files, verification, origin)
+    activate(files, verification, origin, entry)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -417,11 +420,13 @@ pub(crate) fn source_files(spec: &BundleSpec, with_tests: bool) -> anyhow::Resul
     Ok(sources(rego, data, &origin))
 }
 
-/// The common gate: signature, manifest, roots, compilation.
+/// The common gate: signature, manifest, roots, compilation for `entry`
+/// (a bundle that does not define that rule is refused, as `compile`).
 pub(crate) fn activate(
     files: Vec<RawFile>,
     verification: Option<&VerificationKey>,
     origin: String,
+    entry: &str,
 ) -> Result<PolicySet, BundleError> {
     if let Some(key) = verification {
         key.verify(&files)?;
@@ -436,8 +441,8 @@ pub(crate) fn activate(
     let (rego, data) = split(files, &origin, false)?;
     check_roots(&roots, &rego, &data)?;
     let all = sources(rego, data, &origin);
-    let mut set =
-        compile_files(origin, all).map_err(|e| BundleError::new(Rejection::Compile, e))?;
+    let mut set = compile_files_for(entry, origin, all)
+        .map_err(|e| BundleError::new(Rejection::Compile, e))?;
     if !manifest.revision.is_empty() {
         set.revision = manifest.revision;
     }
@@ -457,5 +462,59 @@ mod tests {
         assert!(root_contains("", "a/b"));
         assert!(root_contains("rempart", "rempart/x"));
         assert!(!root_contains("rempart", "rempartx"));
+    }
+
+    fn envoy_bundle() -> Vec<u8> {
+        let policy = "package envoy.authz\n\nimport rego.v1\n\ndefault allow := false\n\n\
+                      allow if input.parsed_path[0] in data.partners.open\n";
+        build::tarball(&[
+            RawFile {
+                name: "authz.rego".into(),
+                bytes: policy.as_bytes().to_vec(),
+            },
+            RawFile {
+                name: "partners/data.json".into(),
+                bytes: br#"{"open": ["people"]}"#.to_vec(),
+            },
+        ])
+        .expect("tarball")
+    }
+
+    #[test]
+    fn a_bundle_is_compiled_for_the_configured_decision() {
+        let limits = BundleLimits::default();
+        let set = load_bytes(
+            &envoy_bundle(),
+            &limits,
+            None,
+            "t".into(),
+            "data.envoy.authz.allow",
+        )
+        .expect("the bundle defines the configured decision");
+        assert_eq!(set.entry(), "data.envoy.authz.allow");
+        let allowed = |path: &str| {
+            let input = serde_json::json!({ "parsed_path": [path] });
+            set.evaluate(input.into(), &crate::policy::EvalLimits::default())
+                .expect("evaluates")
+                .allow
+        };
+        assert!(allowed("people"));
+        assert!(!allowed("admin"));
+
+        // A bundle without the rule is refused for it, saying which rule.
+        let e = load_bytes(
+            &envoy_bundle(),
+            &limits,
+            None,
+            "bundle t".into(),
+            "data.envoy.authz.result",
+        )
+        .expect_err("no rule defines the decision");
+        assert_eq!(e.reason, Rejection::Compile);
+        let text = e.to_string();
+        assert!(
+            text.contains("bundle t") && text.contains("no rule defines data.envoy.authz.result"),
+            "{text}"
+        );
     }
 }

@@ -217,11 +217,8 @@ pub(crate) fn revision(files: &[SourceFile]) -> String {
     format!("sha256:{}", hex::encode(&h.finalize()[..8]))
 }
 
-pub(crate) fn compile_files(origin: String, files: Vec<SourceFile>) -> anyhow::Result<PolicySet> {
-    compile_files_for(super::ENTRY_POINT, origin, files)
-}
-
-/// As [`compile_files`], for another entry point (a `data.…` path).
+/// Compiles a set's files for the decision rule `entry` (a `data.…`
+/// path: [`super::ENTRY_POINT`] or the configured `[policy] decision`).
 pub(crate) fn compile_files_for(
     entry: &str,
     origin: String,
@@ -254,19 +251,14 @@ pub fn source_files(source: &PolicySource, with_tests: bool) -> anyhow::Result<V
 
 /// Loads and compiles a policy set. Errors say which file, line and column.
 pub fn load(source: &PolicySource) -> anyhow::Result<PolicySet> {
-    if let PolicySource::Bundle(spec) = source {
-        return Ok(super::bundle::load(spec)?);
-    }
-    compile_files(source.to_string(), source_files(source, false)?)
+    load_for(source, super::ENTRY_POINT)
 }
 
-/// As [`load`], for another entry point (`[policy] decision`, as a `data.…` path).
+/// As [`load`], for another entry point (`[policy] decision`, as a `data.…`
+/// path): directories and bundles alike must define it.
 pub fn load_for(source: &PolicySource, entry: &str) -> anyhow::Result<PolicySet> {
-    if entry == super::ENTRY_POINT {
-        return load(source);
-    }
-    if matches!(source, PolicySource::Bundle(_)) {
-        bail!("[policy] decision {entry} is not supported with a bundle yet: bundles are read for data.rempart.decision");
+    if let PolicySource::Bundle(spec) = source {
+        return Ok(super::bundle::load(spec, entry)?);
     }
     compile_files_for(entry, source.to_string(), source_files(source, false)?)
 }

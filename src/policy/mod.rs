@@ -149,7 +149,7 @@ impl PolicySet {
             });
             if !defined {
                 return Err(anyhow!(
-                    "no rule defines {entry} ([policy] decision): check the package and rule names"
+                    "{origin}: no rule defines {entry} ([policy] decision): check the package and rule names"
                 ));
             }
             engine

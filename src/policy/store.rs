@@ -58,24 +58,30 @@ impl PolicyStore {
     }
 
     /// A store serving `set`, already loaded from `source` (a bundle
-    /// fetched at start-up).
+    /// fetched at start-up). Every later set must define the decision rule
+    /// `set` was compiled for.
     pub fn from_set(set: PolicySet, source: PolicySource, metrics: Arc<Metrics>) -> Arc<Self> {
         metrics.set_policy_revision(&set.revision);
         if matches!(source, PolicySource::Bundle(_)) {
             metrics.bundle.activated();
         }
         Arc::new(PolicyStore {
+            entry: set.entry().to_string(),
             current: ArcSwap::from_pointee(set),
             source,
-            // Bundles are compiled for rempart's own decision (a configured
-            // [policy] decision is refused with a bundle, see open_store).
-            entry: super::ENTRY_POINT.to_string(),
             metrics,
         })
     }
 
-    /// Swaps in a set compiled elsewhere (a downloaded bundle).
+    /// The decision rule every set of this store defines (a `data.` path).
+    pub fn entry(&self) -> &str {
+        &self.entry
+    }
+
+    /// Swaps in a set compiled elsewhere (a downloaded bundle), which
+    /// must have been compiled for [`PolicyStore::entry`].
     pub fn install(&self, set: PolicySet) {
+        debug_assert_eq!(set.entry(), self.entry, "{}", set.origin);
         let revision = set.revision.clone();
         self.current.store(Arc::new(set));
         self.metrics.policy_reloads_success.inc();

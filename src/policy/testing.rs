@@ -1,7 +1,7 @@
 //! `rempart policy test`: runs every `test_*` rule of a policy set, the
 //! `opa test` habit. A test passes when its rule evaluates to `true`.
 
-use super::load::{compile_files, source_files, PolicySource, SourceFile};
+use super::load::{compile_files_for, source_files, PolicySource, SourceFile};
 
 #[derive(Debug)]
 pub struct TestResult {
@@ -40,7 +40,9 @@ fn test_rules(file: &SourceFile) -> Vec<(String, usize, String)> {
     out
 }
 
-pub fn run(source: &PolicySource) -> anyhow::Result<Vec<TestResult>> {
+/// Runs the tests of `source`, compiled (tests included) for the decision
+/// rule `entry`, which the set must define as it must to be served.
+pub fn run(source: &PolicySource, entry: &str) -> anyhow::Result<Vec<TestResult>> {
     let files = source_files(source, true)?;
     let mut wanted = Vec::new();
     for f in &files {
@@ -48,7 +50,7 @@ pub fn run(source: &PolicySource) -> anyhow::Result<Vec<TestResult>> {
             wanted.push((f.shown.clone(), line, rule, path));
         }
     }
-    let set = compile_files(source.to_string(), files)?;
+    let set = compile_files_for(entry, source.to_string(), files)?;
     Ok(wanted
         .into_iter()
         .map(|(file, line, rule, path)| {

@@ -428,9 +428,45 @@ impl Rempart {
             .unwrap_or_else(|| panic!("no sample {sample} in\n{text}"))
     }
 
+    /// The value of one sample, 0 when absent (a labelled counter that
+    /// has not counted yet is not exported).
+    pub async fn sample(&self, sample: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    /// The policy revision `/readyz` reports as serving.
+    pub async fn policy_revision(&self) -> String {
+        let r = get(&format!("http://{}/readyz", self.admin)).await;
+        r.json()["policy_revision"].as_str().unwrap().to_string()
+    }
+
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
+}
+
+/// Waits until the condition holds (checked every 20 ms, up to 10 s).
+/// Test files use it with `#[macro_use] mod common;`.
+#[allow(unused_macros)]
+macro_rules! eventually {
+    ($what:expr, $cond:expr) => {{
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let done: bool = $cond;
+            if done {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {}",
+                $what
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }};
 }
 
 impl Drop for Rempart {

@@ -22,6 +22,9 @@ pub struct BuildOptions {
     /// `.manifest` roots; default: everything (`[""]`).
     pub roots: Vec<String>,
     pub signing: Option<SigningKey>,
+    /// The decision rule the bundle must define (`--decision`, as
+    /// `[policy] decision` of the instances that will serve it).
+    pub entry: String,
 }
 
 /// What was built.
@@ -115,6 +118,7 @@ pub fn build(dir: &Path, out: &Path, opts: &BuildOptions) -> anyhow::Result<Buil
         &BundleLimits::default(),
         None,
         format!("bundle {}", out.display()),
+        &opts.entry,
     )
     .map_err(|e| anyhow!("{}: the bundle would be refused: {e}", dir.display()))?;
     let tmp = out.with_extension("tmp");

@@ -216,13 +216,20 @@ impl Poller {
             .map_err(|_| failed("timeout", anyhow!("no complete answer within {timeout:?}")))?
     }
 
-    /// Checks a downloaded bundle, then persists it with its ETag.
-    fn accept(&self, bytes: &[u8], etag: Option<&str>) -> Result<PolicySet, super::BundleError> {
+    /// Checks a downloaded bundle, compiled for the decision rule `entry`,
+    /// then persists it with its ETag.
+    fn accept(
+        &self,
+        bytes: &[u8],
+        etag: Option<&str>,
+        entry: &str,
+    ) -> Result<PolicySet, super::BundleError> {
         let set = super::load_bytes(
             bytes,
             &self.limits,
             self.verification.as_deref(),
             format!("bundle {}", self.shown),
+            entry,
         )?;
         let saved = std::fs::create_dir_all(&self.persist_dir)
             .and_then(|()| write_atomically(&persisted_bundle(&self.persist_dir), bytes))
@@ -268,7 +275,9 @@ impl Poller {
             }
             Ok(Answer::Updated { bytes, etag }) => {
                 self.metrics.bundle.downloaded("updated");
-                match self.accept(&bytes, etag.as_deref()) {
+                // Compiled for the rule the store decides with, so that a
+                // bundle without the configured decision is refused here.
+                match self.accept(&bytes, etag.as_deref(), store.entry()) {
                     Ok(set) => {
                         self.etag = etag;
                         store.install(set);
@@ -348,25 +357,20 @@ pub fn open_store(
         }
         _ => None,
     };
+    // The persisted copy, every download and every reload are compiled
+    // for this rule (`[policy] decision`), like a directory.
+    let entry = cfg.policy.entry()?;
     let Some((spec, bcfg)) = server else {
-        // (load_for refuses a configured decision with a bundle file.)
-        let store = PolicyStore::open_for(source.clone(), &cfg.policy.entry()?, metrics)
+        let store = PolicyStore::open_for(source.clone(), &entry, metrics)
             .with_context(|| format!("cannot load policies from {source}"))?;
         return Ok((store, None));
     };
-    let entry = cfg.policy.entry()?;
-    if entry != crate::policy::ENTRY_POINT {
-        anyhow::bail!(
-            "[policy] decision {entry} is not supported with a bundle yet: bundles are read for {}",
-            crate::policy::ENTRY_POINT
-        );
-    }
     let mut poller = Poller::new(bcfg, &spec, Arc::clone(&metrics))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the bundle poller")?;
-    let persisted = super::load(&spec);
+    let persisted = super::load(&spec, &entry);
     let set = match persisted {
         Ok(set) => {
             poller.etag = std::fs::read_to_string(persisted_etag(&bcfg.persist_dir))
@@ -396,10 +400,12 @@ pub fn open_store(
             match answer {
                 Ok(Answer::Updated { bytes, etag }) => {
                     metrics.bundle.downloaded("updated");
-                    let set = poller.accept(&bytes, etag.as_deref()).map_err(|e| {
-                        metrics.bundle.activation_failure(e.reason.as_str());
-                        anyhow!("bundle from {} refused: {e}", poller.shown)
-                    })?;
+                    let set = poller
+                        .accept(&bytes, etag.as_deref(), &entry)
+                        .map_err(|e| {
+                            metrics.bundle.activation_failure(e.reason.as_str());
+                            anyhow!("bundle from {} refused: {e}", poller.shown)
+                        })?;
                     poller.etag = etag;
                     set
                 }
