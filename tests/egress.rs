@@ -416,6 +416,22 @@ async fn body_of(r: &mut BufReader<TcpStream>, head: &str) -> String {
     String::from_utf8(b).unwrap()
 }
 
+/// The record a tunnel writes when it closes (its bytes and duration).
+async fn closing_record(rempart: &Rempart, id: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(r) = rempart
+            .audit_records()
+            .into_iter()
+            .find(|r| r["decision_id"] == id && r.get("transfer").is_some())
+        {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "no closing record for {id}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn deny_codes(record: &serde_json::Value) -> Vec<String> {
     record["decision"]["deny"]
         .as_array()
@@ -934,19 +950,7 @@ async fn a_tunnel_carries_a_large_transfer_both_ways_intact() {
     assert_eq!(hash.finalize(), sent_hash, "bytes changed in the tunnel");
     drop(rd);
     // The closing record counts every byte, both ways.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let closing = loop {
-        if let Some(r) = s
-            .rempart
-            .audit_records()
-            .into_iter()
-            .find(|r| r["decision_id"] == id.as_str() && r.get("transfer").is_some())
-        {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "no closing record");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let closing = closing_record(&s.rempart, &id).await;
     assert_eq!(closing["transfer"]["bytes_to_destination"], SIZE as u64);
     assert_eq!(closing["transfer"]["bytes_from_destination"], SIZE as u64);
 }
@@ -974,19 +978,7 @@ async fn bytes_sent_behind_the_connect_head_reach_the_destination_first() {
     assert_eq!(&back, b"early bytes|later bytes");
     let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
     drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let closing = loop {
-        if let Some(r) = s
-            .rempart
-            .audit_records()
-            .into_iter()
-            .find(|r| r["decision_id"] == id.as_str() && r.get("transfer").is_some())
-        {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "no closing record");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let closing = closing_record(&s.rempart, &id).await;
     assert_eq!(closing["transfer"]["bytes_to_destination"], 23);
     assert_eq!(closing["transfer"]["bytes_from_destination"], 23);
 }

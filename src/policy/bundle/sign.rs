@@ -171,6 +171,33 @@ impl std::fmt::Debug for VerificationKey {
     }
 }
 
+/// The kind of key file an algorithm needs, read the same way for
+/// signing and for verifying.
+enum KeyKind {
+    /// HS*: the shared secret itself.
+    Secret,
+    Rsa,
+    Ec,
+    Ed,
+}
+
+impl KeyKind {
+    fn of(algorithm: Algorithm) -> anyhow::Result<KeyKind> {
+        Ok(match algorithm {
+            a if is_hmac(a) => KeyKind::Secret,
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512 => KeyKind::Rsa,
+            Algorithm::ES256 | Algorithm::ES384 => KeyKind::Ec,
+            Algorithm::EdDSA => KeyKind::Ed,
+            other => bail!("signing algorithm {other:?} is not supported for bundles"),
+        })
+    }
+}
+
 impl VerificationKey {
     /// Reads a PEM public key (RSA, EC or Ed25519; a certificate is not
     /// accepted), or for HS* the shared secret, from `path`.
@@ -183,17 +210,11 @@ impl VerificationKey {
         let algorithm = parse_algorithm(algorithm)?;
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read bundle verification key {}", path.display()))?;
-        let key = match algorithm {
-            a if is_hmac(a) => Ok(DecodingKey::from_secret(trim_secret(&bytes))),
-            Algorithm::RS256
-            | Algorithm::RS384
-            | Algorithm::RS512
-            | Algorithm::PS256
-            | Algorithm::PS384
-            | Algorithm::PS512 => DecodingKey::from_rsa_pem(&bytes),
-            Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(&bytes),
-            Algorithm::EdDSA => DecodingKey::from_ed_pem(&bytes),
-            other => bail!("signing algorithm {other:?} is not supported for bundles"),
+        let key = match KeyKind::of(algorithm)? {
+            KeyKind::Secret => Ok(DecodingKey::from_secret(trim_secret(&bytes))),
+            KeyKind::Rsa => DecodingKey::from_rsa_pem(&bytes),
+            KeyKind::Ec => DecodingKey::from_ec_pem(&bytes),
+            KeyKind::Ed => DecodingKey::from_ed_pem(&bytes),
         }
         .map_err(|e| {
             anyhow!(
@@ -332,17 +353,11 @@ impl SigningKey {
         let algorithm = parse_algorithm(algorithm)?;
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read signing key {}", path.display()))?;
-        let key = match algorithm {
-            a if is_hmac(a) => Ok(EncodingKey::from_secret(trim_secret(&bytes))),
-            Algorithm::RS256
-            | Algorithm::RS384
-            | Algorithm::RS512
-            | Algorithm::PS256
-            | Algorithm::PS384
-            | Algorithm::PS512 => EncodingKey::from_rsa_pem(&bytes),
-            Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(&bytes),
-            Algorithm::EdDSA => EncodingKey::from_ed_pem(&bytes),
-            other => bail!("signing algorithm {other:?} is not supported for bundles"),
+        let key = match KeyKind::of(algorithm)? {
+            KeyKind::Secret => Ok(EncodingKey::from_secret(trim_secret(&bytes))),
+            KeyKind::Rsa => EncodingKey::from_rsa_pem(&bytes),
+            KeyKind::Ec => EncodingKey::from_ec_pem(&bytes),
+            KeyKind::Ed => EncodingKey::from_ed_pem(&bytes),
         }
         .map_err(|e| {
             anyhow!(
