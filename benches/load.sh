@@ -32,6 +32,9 @@
 #                        MODERATE_CONNECTIONS*1000/(PACE_MS+latency) req/s;
 #                        0 = closed loop, each target as fast as it answers
 #   SKIP_BUILD [0]       1 = use target/release/rempart as it is
+#   POLICIES [policies/] the policy directory rempart serves (e.g. one with
+#                        decision.rego alone, to measure the proxy without
+#                        the shipped rules)
 #   REMPART_CONFIG []    a TOML file passed to rempart with --config (e.g. an
 #                        [audit] table with durability = "sync"); the flags the
 #                        script passes (upstream, listen, audit, policies,
@@ -70,7 +73,7 @@ URL_PATH=/api/contacts/42
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=$ROOT/target/release/rempart
-POLICIES=$ROOT/policies
+POLICIES=${POLICIES:-$ROOT/policies}
 
 log() { printf '[load.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
