@@ -158,6 +158,23 @@ fn listener(cfg: &ServerTlsConfig, table: &str, alpn: &[&[u8]]) -> anyhow::Resul
     })
 }
 
+/// The connector of rempart's own outbound HTTP(S) calls (JWKS, bundle
+/// server, decision-log collector): HTTP/1.1, and TLS trusting `ca` (or the
+/// built-in Mozilla roots) for `https` URLs. `setting` names the CA setting
+/// in errors (`[identity.jwt] jwks_ca`).
+pub fn https_connector(ca: Option<&Path>, setting: &str) -> anyhow::Result<HttpsConnector> {
+    let tls = client_config(ca, None).with_context(|| setting.to_string())?;
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build())
+}
+
+/// See [`https_connector`].
+pub type HttpsConnector =
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
 /// A client configuration trusting `ca` (or the built-in Mozilla roots),
 /// presenting the optional client certificate. No ALPN here: the
 /// hyper-rustls connector offers what its HTTP client speaks.

@@ -9,8 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
+
+use crate::tls::HttpsConnector;
 
 /// How an upload ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -24,7 +25,7 @@ pub enum Outcome {
 
 pub struct Uploader {
     runtime: tokio::runtime::Runtime,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<HttpsConnector, Full<Bytes>>,
     uri: http::Uri,
     bearer_token_file: Option<PathBuf>,
     timeout: Duration,
@@ -40,7 +41,7 @@ impl Uploader {
         let uri: http::Uri = url
             .parse()
             .with_context(|| format!("[audit.decision_log] url {url:?}"))?;
-        let tls = crate::tls::client_config(ca, None).context("[audit.decision_log] ca")?;
+        let https = crate::tls::https_connector(ca, "[audit.decision_log] ca")?;
         if let Some(path) = &bearer_token_file {
             read_token(path)?;
         }
@@ -48,11 +49,6 @@ impl Uploader {
             .enable_all()
             .build()
             .context("cannot start the decision-log runtime")?;
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .build();
         let client = Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(https);

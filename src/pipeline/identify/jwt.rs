@@ -480,10 +480,7 @@ pub fn strings_at(claims: &BTreeMap<String, Json>, path: &[String]) -> Vec<Strin
 /// Fetches the JWKS over HTTP(S).
 struct Fetcher {
     uri: http::Uri,
-    client: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Empty<Bytes>,
-    >,
+    client: hyper_util::client::legacy::Client<crate::tls::HttpsConnector, Empty<Bytes>>,
 }
 
 impl Fetcher {
@@ -491,12 +488,7 @@ impl Fetcher {
         let uri: http::Uri = url
             .parse()
             .with_context(|| format!("[identity.jwt] jwks_url {url:?}"))?;
-        let tls = crate::tls::client_config(ca, None).context("[identity.jwt] jwks_ca")?;
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .build();
+        let https = crate::tls::https_connector(ca, "[identity.jwt] jwks_ca")?;
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build(https);

@@ -44,10 +44,7 @@ fn failed(reason: &'static str, error: anyhow::Error) -> DownloadError {
     DownloadError { reason, error }
 }
 
-type HttpsClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Empty<Bytes>,
->;
+type HttpsClient = hyper_util::client::legacy::Client<crate::tls::HttpsConnector, Empty<Bytes>>;
 
 /// The bundle server client and its polling state.
 pub struct Poller {
@@ -112,13 +109,7 @@ impl Poller {
         let uri: http::Uri = url
             .parse()
             .with_context(|| format!("[policy.bundle] url {url:?}"))?;
-        let tls =
-            crate::tls::client_config(cfg.ca.as_deref(), None).context("[policy.bundle] ca")?;
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .build();
+        let https = crate::tls::https_connector(cfg.ca.as_deref(), "[policy.bundle] ca")?;
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build(https);
