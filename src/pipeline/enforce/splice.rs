@@ -25,9 +25,12 @@ use super::tunnel::{Progress, Way};
 
 /// Bytes asked of each `splice` from the source: the pipe holds 64 KiB by
 /// default (16 pages), and a larger request is cut to what fits.
+///
+/// The pipe keeps the kernel's default size: a larger one was no faster
+/// here, and would count against the user's pipe-page quota
+/// (`/proc/sys/fs/pipe-user-pages-soft`), past which every new pipe gets a
+/// single page.
 const CHUNK: usize = 1 << 20;
-
-const PIPE_SIZE: usize = 1 << 20;
 
 /// Moves bytes from `from` to `to` until `from` ends, then passes the
 /// half-close on (`shutdown(SHUT_WR)` on `to`), as `copy_bidirectional`
@@ -39,7 +42,6 @@ pub(super) async fn one_way(
     way: Way,
 ) -> io::Result<()> {
     let (pipe_out, pipe_in) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
-    let _ = rustix::pipe::fcntl_setpipe_size(&pipe_in, PIPE_SIZE);
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     loop {
         // The pipe is empty here: fill it from the source.
