@@ -237,6 +237,30 @@ fn start_with(upstream: &Upstream, cfg: &Path) -> Result<Rempart, String> {
     Rempart::try_start(&upstream.url(), &["--config", cfg.to_str().unwrap()])
 }
 
+/// rempart serving the local bundle file `dir/live.tar.gz` (written with
+/// `bundle`), watched every 100 ms; `policy` opens the `[policy]` table
+/// (with any keys of its own).
+async fn serve_live_bundle(
+    dir: &Path,
+    bundle: &[u8],
+    policy: &str,
+) -> (PathBuf, Upstream, Rempart) {
+    let live = dir.join("live.tar.gz");
+    std::fs::write(&live, bundle).unwrap();
+    let cfg = dir.join("rempart.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{policy}reload_interval = \"100ms\"\n[policy.bundle]\npath = \"{}\"\n",
+            live.display()
+        ),
+    )
+    .unwrap();
+    let upstream = Upstream::start().await;
+    let rp = start_with(&upstream, &cfg).unwrap();
+    (live, upstream, rp)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revision_change_304_and_revision_in_records_and_readyz() {
     let tmp = tempfile::tempdir().unwrap();
@@ -702,7 +726,6 @@ fn build_eval_test_and_check_a_bundle_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_bundle_file_reloads_and_keeps_last_good() {
     let tmp = tempfile::tempdir().unwrap();
-    let live = tmp.path().join("live.tar.gz");
     let v1 = build(
         &policy_dir(tmp.path(), "v1", &["/a"]),
         &tmp.path().join("v1.tar.gz"),
@@ -713,18 +736,7 @@ async fn local_bundle_file_reloads_and_keeps_last_good() {
         &tmp.path().join("v2.tar.gz"),
         &["--revision", "v2"],
     );
-    std::fs::write(&live, &v1).unwrap();
-    let cfg = tmp.path().join("rempart.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[policy]\nreload_interval = \"100ms\"\n[policy.bundle]\npath = \"{}\"\n",
-            live.display()
-        ),
-    )
-    .unwrap();
-    let upstream = Upstream::start().await;
-    let rp = start_with(&upstream, &cfg).unwrap();
+    let (live, _upstream, rp) = serve_live_bundle(tmp.path(), &v1, "[policy]\n").await;
     assert_eq!(rp.policy_revision().await, "v1");
 
     let write = |bytes: &[u8]| {
@@ -934,19 +946,8 @@ async fn local_envoy_bundle_reloads_its_data_for_the_configured_decision() {
     assert_ne!(code, 0);
     assert!(stderr.contains("data.rempart.decision"), "{stderr}");
 
-    let live = tmp.path().join("live.tar.gz");
-    std::fs::write(&live, &v1).unwrap();
+    let (live, upstream, rp) = serve_live_bundle(tmp.path(), &v1, ENVOY_DECISION).await;
     let cfg = tmp.path().join("rempart.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "{ENVOY_DECISION}reload_interval = \"100ms\"\n[policy.bundle]\npath = \"{}\"\n",
-            live.display()
-        ),
-    )
-    .unwrap();
-    let upstream = Upstream::start().await;
-    let rp = start_with(&upstream, &cfg).unwrap();
     let rev1 = rp.policy_revision().await;
     assert_eq!(partner_status(&rp, "acme").await, 200);
     assert_eq!(partner_status(&rp, "globex").await, 403);

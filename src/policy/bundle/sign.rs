@@ -198,6 +198,33 @@ impl KeyKind {
     }
 }
 
+/// Reads the key file of `algorithm` for signing or for verifying: the
+/// shared secret (trimmed) for HS*, else a PEM key that `decode` parses
+/// by its kind. `file` and `form` name it in errors.
+fn read_key<K>(
+    path: &Path,
+    algorithm: &str,
+    file: &str,
+    form: &str,
+    decode: impl FnOnce(KeyKind, &[u8]) -> jsonwebtoken::errors::Result<K>,
+) -> anyhow::Result<(Algorithm, K)> {
+    let algorithm = parse_algorithm(algorithm)?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read {file} {}", path.display()))?;
+    let kind = KeyKind::of(algorithm)?;
+    let bytes = match kind {
+        KeyKind::Secret => trim_secret(&bytes),
+        _ => &bytes,
+    };
+    let key = decode(kind, bytes).map_err(|e| {
+        anyhow!(
+            "{}: not a {algorithm:?} {form} in PEM form: {e}",
+            path.display()
+        )
+    })?;
+    Ok((algorithm, key))
+}
+
 impl VerificationKey {
     /// Reads a PEM public key (RSA, EC or Ed25519; a certificate is not
     /// accepted), or for HS* the shared secret, from `path`.
@@ -207,21 +234,18 @@ impl VerificationKey {
         keyid: Option<String>,
         scope: Option<String>,
     ) -> anyhow::Result<Self> {
-        let algorithm = parse_algorithm(algorithm)?;
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read bundle verification key {}", path.display()))?;
-        let key = match KeyKind::of(algorithm)? {
-            KeyKind::Secret => Ok(DecodingKey::from_secret(trim_secret(&bytes))),
-            KeyKind::Rsa => DecodingKey::from_rsa_pem(&bytes),
-            KeyKind::Ec => DecodingKey::from_ec_pem(&bytes),
-            KeyKind::Ed => DecodingKey::from_ed_pem(&bytes),
-        }
-        .map_err(|e| {
-            anyhow!(
-                "{}: not a {algorithm:?} public key in PEM form: {e}",
-                path.display()
-            )
-        })?;
+        let (algorithm, key) = read_key(
+            path,
+            algorithm,
+            "bundle verification key",
+            "public key",
+            |kind, bytes| match kind {
+                KeyKind::Secret => Ok(DecodingKey::from_secret(bytes)),
+                KeyKind::Rsa => DecodingKey::from_rsa_pem(bytes),
+                KeyKind::Ec => DecodingKey::from_ec_pem(bytes),
+                KeyKind::Ed => DecodingKey::from_ed_pem(bytes),
+            },
+        )?;
         Ok(VerificationKey {
             key,
             algorithm,
@@ -350,21 +374,18 @@ impl SigningKey {
         keyid: Option<String>,
         scope: Option<String>,
     ) -> anyhow::Result<Self> {
-        let algorithm = parse_algorithm(algorithm)?;
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read signing key {}", path.display()))?;
-        let key = match KeyKind::of(algorithm)? {
-            KeyKind::Secret => Ok(EncodingKey::from_secret(trim_secret(&bytes))),
-            KeyKind::Rsa => EncodingKey::from_rsa_pem(&bytes),
-            KeyKind::Ec => EncodingKey::from_ec_pem(&bytes),
-            KeyKind::Ed => EncodingKey::from_ed_pem(&bytes),
-        }
-        .map_err(|e| {
-            anyhow!(
-                "{}: not a {algorithm:?} private key in PEM form: {e}",
-                path.display()
-            )
-        })?;
+        let (algorithm, key) = read_key(
+            path,
+            algorithm,
+            "signing key",
+            "private key",
+            |kind, bytes| match kind {
+                KeyKind::Secret => Ok(EncodingKey::from_secret(bytes)),
+                KeyKind::Rsa => EncodingKey::from_rsa_pem(bytes),
+                KeyKind::Ec => EncodingKey::from_ec_pem(bytes),
+                KeyKind::Ed => EncodingKey::from_ed_pem(bytes),
+            },
+        )?;
         Ok(SigningKey {
             key,
             algorithm,
