@@ -353,6 +353,9 @@ pub struct PolicyConfig {
     pub decision: Option<String>,
     /// An OPA bundle (file, directory or bundle server) instead of `dir`.
     pub bundle: Option<BundleConfig>,
+    /// Decisions each worker thread keeps, keyed on the input fields the
+    /// policies read; 0 turns the cache off.
+    pub decision_cache: usize,
 }
 
 /// `[policy] input_compat`.
@@ -398,6 +401,7 @@ impl Default for PolicyConfig {
             redact_headers: Vec::new(),
             input_compat: InputCompat::None,
             decision: None,
+            decision_cache: 1024,
             bundle: None,
         }
     }

@@ -18,6 +18,7 @@ use regorus::Value;
 use serde::{Deserialize, Serialize};
 
 use crate::geo::Geo;
+use crate::policy::InputReads;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -231,90 +232,174 @@ impl Destination {
 impl PolicyInput {
     /// The regorus value of this document, built field by field.
     pub fn to_value(&self) -> Value {
-        self.to_value_with_destination(self.destination.to_value())
+        self.to_value_reading(&InputReads::Whole, None)
     }
 
-    /// As [`Self::to_value`], with the destination's value already built
-    /// (cached by the caller for a destination that does not change).
-    pub fn to_value_with_destination(&self, destination: Value) -> Value {
+    /// The regorus value of the fields `reads` selects (see
+    /// [`crate::policy::reads`]): a field no policy reads is never built.
+    /// `destination` is the destination's value when the caller keeps it
+    /// built (the ingress upstream, located once per geo reload).
+    pub fn to_value_reading(&self, reads: &InputReads, destination: Option<&Value>) -> Value {
         let r = &self.request;
-        let query = Value::from(
-            r.query
-                .iter()
-                .map(|(k, v)| (s(k), strings(v)))
-                .collect::<BTreeMap<_, _>>(),
-        );
-        let headers = Value::from(
-            r.headers
-                .iter()
-                .map(|(k, v)| (s(k), s(v)))
-                .collect::<BTreeMap<_, _>>(),
-        );
-        let request = object([
-            ("id", s(&r.id)),
-            ("method", s(&r.method)),
-            ("scheme", s(&r.scheme)),
-            ("host", s(&r.host)),
-            ("port", Value::from(r.port as u64)),
-            ("path", s(&r.path)),
-            ("segments", strings(&r.segments)),
-            ("query", query),
-            ("headers", headers),
-            ("protocol", s(&r.protocol)),
-        ]);
-        let source = object([
-            ("ip", s(&self.source.ip)),
-            ("port", Value::from(self.source.port as u64)),
-            ("scope", s(&self.source.scope)),
-            ("geo", self.source.geo.to_value()),
-            ("workload", opt(&self.source.workload)),
-        ]);
+        let request = || {
+            select(
+                reads.field("request"),
+                &[
+                    ("id", &|| s(&r.id)),
+                    ("method", &|| s(&r.method)),
+                    ("scheme", &|| s(&r.scheme)),
+                    ("host", &|| s(&r.host)),
+                    ("port", &|| Value::from(r.port as u64)),
+                    ("path", &|| s(&r.path)),
+                    ("segments", &|| strings(&r.segments)),
+                    ("query", &|| {
+                        Value::from(
+                            r.query
+                                .iter()
+                                .map(|(k, v)| (s(k), strings(v)))
+                                .collect::<BTreeMap<_, _>>(),
+                        )
+                    }),
+                    ("headers", &|| {
+                        Value::from(
+                            r.headers
+                                .iter()
+                                .map(|(k, v)| (s(k), s(v)))
+                                .collect::<BTreeMap<_, _>>(),
+                        )
+                    }),
+                    ("protocol", &|| s(&r.protocol)),
+                ],
+            )
+        };
+        let src = &self.source;
+        let source = || {
+            select(
+                reads.field("source"),
+                &[
+                    ("ip", &|| s(&src.ip)),
+                    ("port", &|| Value::from(src.port as u64)),
+                    ("scope", &|| s(&src.scope)),
+                    ("geo", &|| src.geo.to_value()),
+                    ("workload", &|| opt(&src.workload)),
+                ],
+            )
+        };
+        let destination = || {
+            let built;
+            let whole = match destination {
+                Some(v) => v,
+                None => {
+                    built = self.destination.to_value();
+                    &built
+                }
+            };
+            reads
+                .field("destination")
+                .map_or(Value::Undefined, |r| r.prune(whole))
+        };
         let i = &self.identity;
-        let claims = Value::from(
-            i.claims
-                .iter()
-                .map(|(k, v)| (s(k), Value::from(v.clone())))
-                .collect::<BTreeMap<_, _>>(),
-        );
-        let identity = object([
-            ("authenticated", Value::from(i.authenticated)),
-            ("method", s(&i.method)),
-            ("subject", opt(&i.subject)),
-            ("name", opt(&i.name)),
-            ("email", opt(&i.email)),
-            ("roles", strings(&i.roles)),
-            ("groups", strings(&i.groups)),
-            ("claims", claims),
-            ("issuer", opt(&i.issuer)),
-            ("error", opt(&i.error)),
-            ("sources", strings(&i.sources)),
-        ]);
+        let identity = || {
+            select(
+                reads.field("identity"),
+                &[
+                    ("authenticated", &|| Value::from(i.authenticated)),
+                    ("method", &|| s(&i.method)),
+                    ("subject", &|| opt(&i.subject)),
+                    ("name", &|| opt(&i.name)),
+                    ("email", &|| opt(&i.email)),
+                    ("roles", &|| strings(&i.roles)),
+                    ("groups", &|| strings(&i.groups)),
+                    ("claims", &|| {
+                        Value::from(
+                            i.claims
+                                .iter()
+                                .map(|(k, v)| (s(k), Value::from(v.clone())))
+                                .collect::<BTreeMap<_, _>>(),
+                        )
+                    }),
+                    ("issuer", &|| opt(&i.issuer)),
+                    ("error", &|| opt(&i.error)),
+                    ("sources", &|| strings(&i.sources)),
+                ],
+            )
+        };
         let res = &self.resource;
-        let resource = object([
-            ("crm", s(&res.crm)),
-            ("type", s(&res.kind)),
-            ("id", opt(&res.id)),
-            ("operation", s(&res.operation)),
-            ("bulk", Value::from(res.bulk)),
-            ("inspection", opt(&res.inspection)),
-        ]);
+        let resource = || {
+            select(
+                reads.field("resource"),
+                &[
+                    ("crm", &|| s(&res.crm)),
+                    ("type", &|| s(&res.kind)),
+                    ("id", &|| opt(&res.id)),
+                    ("operation", &|| s(&res.operation)),
+                    ("bulk", &|| Value::from(res.bulk)),
+                    ("inspection", &|| opt(&res.inspection)),
+                ],
+            )
+        };
         let t = &self.time;
-        let time = object([
-            ("rfc3339", s(&t.rfc3339)),
-            ("unix_ns", Value::from(t.unix_ns)),
-            ("weekday", Value::from(t.weekday as u64)),
-            ("hour", Value::from(t.hour as u64)),
-        ]);
-        object([
-            ("direction", s(self.direction.as_str())),
-            ("request", request),
-            ("source", source),
-            ("destination", destination),
-            ("identity", identity),
-            ("resource", resource),
-            ("time", time),
-        ])
+        let time = || {
+            select(
+                reads.field("time"),
+                &[
+                    ("rfc3339", &|| s(&t.rfc3339)),
+                    ("unix_ns", &|| Value::from(t.unix_ns)),
+                    ("weekday", &|| Value::from(t.weekday as u64)),
+                    ("hour", &|| Value::from(t.hour as u64)),
+                ],
+            )
+        };
+        select_built(
+            reads,
+            &[
+                ("direction", &|| s(self.direction.as_str())),
+                ("request", &request),
+                ("source", &source),
+                ("destination", &destination),
+                ("identity", &identity),
+                ("resource", &resource),
+                ("time", &time),
+            ],
+        )
     }
+}
+
+/// The object of those `fields` that `reads` selects, each built only
+/// when selected and reduced to what is read of it; `Undefined` when
+/// nothing is read (the field is then left out of its parent).
+fn select(reads: Option<&InputReads>, fields: &[(&str, &dyn Fn() -> Value)]) -> Value {
+    select_with(reads, fields, |sub, v| {
+        if sub.is_whole() {
+            v
+        } else {
+            sub.prune(&v)
+        }
+    })
+}
+
+/// As [`select`], for fields whose builders already apply what is read.
+fn select_built(reads: &InputReads, fields: &[(&str, &dyn Fn() -> Value)]) -> Value {
+    select_with(Some(reads), fields, |_, v| v)
+}
+
+fn select_with(
+    reads: Option<&InputReads>,
+    fields: &[(&str, &dyn Fn() -> Value)],
+    reduce: impl Fn(&InputReads, Value) -> Value,
+) -> Value {
+    let Some(reads) = reads else {
+        return Value::Undefined;
+    };
+    let object: BTreeMap<Value, Value> = fields
+        .iter()
+        .filter_map(|(name, build)| {
+            let sub = reads.field(name)?;
+            let v = reduce(sub, build());
+            (!matches!(v, Value::Undefined)).then(|| (s(name), v))
+        })
+        .collect();
+    Value::from(object)
 }
 
 /// The time fields of the input, from a wall-clock instant.

@@ -12,6 +12,7 @@ use prometheus::{
 };
 
 use crate::input::Direction;
+use crate::policy::CacheUse;
 
 /// Outcome label of `rempart_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +53,8 @@ pub struct Metrics {
     requests: [[IntCounter; 4]; 2],
     pub policy_evaluation_seconds: Histogram,
     pub policy_evaluation_errors: IntCounter,
+    /// By [`crate::policy::CacheUse`]: hit, miss, bypassed.
+    policy_decision_cache: [IntCounter; 3],
     pub upstream_duration_seconds: Histogram,
     upstream_errors: [IntCounter; 3],
     pub policy_reloads_success: IntCounter,
@@ -367,6 +370,10 @@ impl Metrics {
         self.audit_sink_dropped.with_label_values(&[sink])
     }
 
+    pub fn decision_cache(&self, used: CacheUse) -> &IntCounter {
+        &self.policy_decision_cache[used as usize]
+    }
+
     pub fn audit_sink_errors(&self, sink: &str) -> IntCounter {
         self.audit_sink_errors.with_label_values(&[sink])
     }
@@ -403,6 +410,16 @@ impl Metrics {
             "Evaluations that failed or timed out (handled per [policy] on_error).",
         ));
         reg(Box::new(policy_evaluation_errors.clone()));
+        let decision_cache_vec = must(IntCounterVec::new(
+            Opts::new(
+                "rempart_policy_decision_cache_total",
+                "Decisions by cache use: hit (no evaluation), miss (evaluated, then kept), bypassed (the policy set cannot be cached, or the cache is off).",
+            ),
+            &["result"],
+        ));
+        reg(Box::new(decision_cache_vec.clone()));
+        let policy_decision_cache = [CacheUse::Hit, CacheUse::Miss, CacheUse::Bypassed]
+            .map(|u| decision_cache_vec.with_label_values(&[u.as_str()]));
 
         let upstream_duration_seconds = must(Histogram::with_opts(
             HistogramOpts::new(
@@ -610,6 +627,7 @@ impl Metrics {
             requests,
             policy_evaluation_seconds,
             policy_evaluation_errors,
+            policy_decision_cache,
             upstream_duration_seconds,
             upstream_errors,
             policy_reloads_success,

@@ -192,6 +192,48 @@ fn rvm_and_interpreter_agree_on_the_shipped_policies() {
     assert!(warned > 20, "warned {warned}");
 }
 
+/// The request path builds only the input fields the policies read and
+/// caches decisions on them: over the corpus, a decision on the reduced
+/// input, and the same decision served again from the cache, equal the
+/// decision on the whole document.
+#[test]
+fn reduced_inputs_and_cached_decisions_equal_whole_input_decisions() {
+    let set = policy::load(&PolicySource::Dir(common::repo_policies())).unwrap();
+    assert_eq!(set.cache_bypass(), None, "the shipped set must be cacheable");
+    let reads = set.reads().paths();
+    // The reduction must leave out what makes every request unique, or
+    // the cache could never hit.
+    for unique in ["input.request.id", "input.time", "input.source.port"] {
+        assert!(
+            !reads.iter().any(|r| r.starts_with(unique)),
+            "{unique} is read: {reads:?}"
+        );
+    }
+    let limits = EvalLimits::default();
+    let (mut hits, mut denied) = (0, 0);
+    for round in 0..2 {
+        for input in corpus() {
+            let whole = set.evaluate(input.to_value(), &limits).unwrap();
+            let reduced = input.to_value_reading(set.reads(), None);
+            assert_ne!(reduced, input.to_value(), "nothing was left out");
+            let (cached, used) = set.decide(reduced, &limits, 4096);
+            assert_eq!(
+                cached.unwrap(),
+                whole,
+                "round {round}: reduced/cached decision differs for {}",
+                serde_json::to_string(&input).unwrap()
+            );
+            hits += usize::from(used == policy::CacheUse::Hit);
+            denied += usize::from(!whole.allow);
+        }
+    }
+    // The second round is served from the cache (the first may hit too:
+    // inputs that differ only in fields no rule reads share a decision).
+    let n = corpus().len();
+    assert!(hits >= n, "{hits} hits over {} decisions", 2 * n);
+    assert!(denied > 100, "denied {denied}");
+}
+
 #[test]
 fn inputs_built_by_the_code_match_the_published_schema() {
     let schema_path =

@@ -569,3 +569,94 @@ async fn hot_reload_good_and_broken_sets_under_traffic_without_failures() {
         "{revs:?}"
     );
 }
+
+/// Decisions are cached on the input fields the policies read: a repeated
+/// request gets the same answer and the same record without running the
+/// policy again, and a reload empties the cache at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_requests_are_decided_from_the_cache_until_the_policy_changes() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "package rempart\n");
+    let rp = Rempart::start(&up.url(), &["--policies", dir.path().to_str().unwrap()]);
+    let hit = r#"rempart_policy_decision_cache_total{result="hit"}"#;
+    let miss = r#"rempart_policy_decision_cache_total{result="miss"}"#;
+
+    for _ in 0..6 {
+        assert_eq!(get(&rp.url("/reloaded")).await.status, 200);
+    }
+    // Each worker thread has its own cache: at most one miss per thread.
+    assert!(rp.metric(miss).await <= 2.0, "{}", rp.metric(miss).await);
+    assert!(rp.metric(hit).await >= 4.0, "{}", rp.metric(hit).await);
+
+    // A denial served from the cache carries its reasons to the client and
+    // to the trail, as an evaluated one does.
+    let hits_before = rp.metric(hit).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let r = get(&rp.url("/.git/config")).await;
+        assert_eq!(r.status, 403);
+        assert_eq!(r.json()["reasons"][0]["code"], "blocked_path");
+        ids.push(r.decision_id());
+    }
+    assert!(rp.metric(hit).await >= hits_before + 2.0);
+    for id in &ids {
+        let rec = rp.audit_record(id).await;
+        assert_eq!(rec["decision"]["outcome"], "denied");
+        assert_eq!(rec["decision"]["deny"][0]["code"], "blocked_path");
+    }
+
+    // The allow cached for /reloaded does not outlive the set that gave it.
+    std::fs::write(dir.path().join("extra.rego"), RELOADED_RULE).unwrap();
+    rp.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while get(&rp.url("/reloaded")).await.status != 403 {
+        assert!(std::time::Instant::now() < deadline, "reload not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..4 {
+        assert_eq!(get(&rp.url("/reloaded")).await.status, 403);
+    }
+}
+
+/// A set that reads the clock is never cached (and the log says why); the
+/// cache can also be turned off.
+#[tokio::test(flavor = "multi_thread")]
+async fn volatile_policies_and_a_zero_sized_cache_are_never_served_from_the_cache() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(
+        dir.path(),
+        "package rempart\nimport rego.v1\n\
+         warn contains {\"code\": \"night\"} if time.now_ns() < 0\n",
+    );
+    let rp = Rempart::start(&up.url(), &["--policies", dir.path().to_str().unwrap()]);
+    for _ in 0..3 {
+        assert_eq!(get(&rp.url("/api/contacts")).await.status, 200);
+    }
+    let bypassed = r#"rempart_policy_decision_cache_total{result="bypassed"}"#;
+    let hit = r#"rempart_policy_decision_cache_total{result="hit"}"#;
+    assert_eq!(rp.metric(bypassed).await, 3.0);
+    assert_eq!(rp.metric(hit).await, 0.0);
+    let log = rp.log_text();
+    assert!(
+        log.contains("decisions are not cached") && log.contains("extra.rego:3: time.now_ns"),
+        "{log}"
+    );
+
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let off = Rempart::with_config(
+        cfg_dir.path(),
+        "rempart.toml",
+        &format!(
+            "[upstream]\nurl = \"{}\"\n[policy]\ndecision_cache = 0\n",
+            up.url()
+        ),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        assert_eq!(get(&off.url("/api/contacts")).await.status, 200);
+    }
+    assert_eq!(off.metric(bypassed).await, 3.0);
+    assert_eq!(off.metric(hit).await, 0.0);
+}

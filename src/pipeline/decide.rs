@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use crate::config::{Mode, OnError};
 use crate::metrics::{Metrics, Outcome};
-use crate::policy::{Decision, EvalLimits, PolicySet};
+use crate::policy::{CacheUse, Decision, EvalLimits, PolicySet};
 
 /// What the enforce stage must do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,8 @@ pub struct DecidePolicy {
     pub mode: Mode,
     pub on_error: OnError,
     pub limits: EvalLimits,
+    /// `[policy] decision_cache`: decisions kept per worker thread.
+    pub cache_entries: usize,
 }
 
 impl DecidePolicy {
@@ -50,20 +52,35 @@ impl DecidePolicy {
                 timeout: cfg.policy.eval_timeout.0,
                 ..EvalLimits::default()
             },
+            cache_entries: cfg.policy.decision_cache,
         }
     }
 }
 
-/// Evaluates `input`, the regorus value of a [`crate::input::PolicyInput`] (see
-/// [`crate::input::PolicyInput::to_value`]).
+/// The input document handed to [`decide`].
+pub enum Document {
+    /// Built to what the set reads ([`PolicySet::reads`], see
+    /// [`crate::input::PolicyInput::to_value_reading`]): decisions may come
+    /// from the decision cache.
+    AsRead(regorus::Value),
+    /// The whole document (OPA-Envoy's extra fields included): always
+    /// evaluated.
+    Whole(regorus::Value),
+}
+
+/// Evaluates the input document of a [`crate::input::PolicyInput`].
 pub fn decide(
     set: &Arc<PolicySet>,
-    input: regorus::Value,
+    input: Document,
     how: &DecidePolicy,
     metrics: &Metrics,
 ) -> Ruling {
     let started = Instant::now();
-    let result = set.evaluate(input, &how.limits);
+    let (result, cache) = match input {
+        Document::AsRead(v) => set.decide(v, &how.limits, how.cache_entries),
+        Document::Whole(v) => (set.evaluate(v, &how.limits), CacheUse::Bypassed),
+    };
+    metrics.decision_cache(cache).inc();
     metrics
         .policy_evaluation_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -166,6 +183,7 @@ mod tests {
             mode,
             on_error,
             limits: EvalLimits::default(),
+            cache_entries: 0,
         }
     }
 

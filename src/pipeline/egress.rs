@@ -314,7 +314,12 @@ impl EgressGateway {
                 located.clone(),
                 Some(i),
             ));
-            let ruling = decide::decide(&set, input.to_value(), &self.how, &self.metrics);
+            let ruling = decide::decide(
+                &set,
+                decide::Document::AsRead(input.to_value_reading(set.reads(), None)),
+                &self.how,
+                &self.metrics,
+            );
             if ruling.action != Action::Forward {
                 if first_refusal.is_none() {
                     first_refusal = Some((ruling, Arc::clone(&input.destination)));

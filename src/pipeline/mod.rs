@@ -35,6 +35,7 @@ use arc_swap::ArcSwap;
 use crate::geo::{GeoDb, GeoStore};
 use crate::input::{Destination, Direction, PolicyInput};
 use crate::metrics::{Metrics, Outcome};
+use crate::policy::InputReads;
 use crate::policy::PolicyStore;
 use accept::Connection;
 use decide::{Action, DecidePolicy};
@@ -190,8 +191,8 @@ impl Gateway {
 
         // 5. decide
         let set = self.policies.current();
-        let mut value = input.to_value_with_destination(upstream.value.clone());
-        if self.envoy_input {
+        let document = if self.envoy_input {
+            let mut value = input.to_value_reading(&InputReads::Whole, Some(&upstream.value));
             crate::policy::envoy::add_envoy_input(
                 &mut value,
                 &parts,
@@ -199,8 +200,11 @@ impl Gateway {
                 conn.peer,
                 conn.local,
             );
-        }
-        let ruling = decide::decide(&set, value, &self.how, &self.metrics);
+            decide::Document::Whole(value)
+        } else {
+            decide::Document::AsRead(input.to_value_reading(set.reads(), Some(&upstream.value)))
+        };
+        let ruling = decide::decide(&set, document, &self.how, &self.metrics);
 
         // 6. enforce
         let mut upstream_error = None;

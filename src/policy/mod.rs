@@ -8,14 +8,18 @@
 
 mod analysis;
 pub mod bundle;
+mod cache;
 pub mod envoy;
 pub mod explain;
 pub mod lint;
 mod load;
+pub mod reads;
 mod store;
 pub mod testing;
 
+pub use cache::CacheUse;
 pub use load::{load, load_for, source_files, PolicySource};
+pub use reads::InputReads;
 pub use store::PolicyStore;
 
 use std::cell::RefCell;
@@ -54,6 +58,11 @@ pub struct PolicySet {
     /// OPA-Envoy idioms): evaluation then goes through the interpreter.
     program: Option<Arc<Program>>,
     data: Value,
+    /// What of the input the rules read: the gateway builds only that.
+    reads: InputReads,
+    /// The first volatile builtin call (see [`reads::volatile_call`]),
+    /// which keeps decisions out of the cache.
+    volatile: Option<String>,
     /// Kept to evaluate through the interpreter (`policy eval --interpreter`,
     /// and the test that proves the RVM gives the same answers).
     engine: regorus::Engine,
@@ -201,6 +210,25 @@ value := {entry}
                 .set_data(data.clone())
                 .map_err(|e| anyhow!("policy data conflicts with a rule: {e}"))?;
         }
+        let parsed: Result<Vec<_>, _> = files
+            .iter()
+            .map(|(path, text)| {
+                analysis::parse_file(&load::SourceFile {
+                    rel: path.clone(),
+                    shown: path.clone(),
+                    text: text.clone(),
+                })
+            })
+            .collect();
+        // The engine parsed them already; should this reading ever
+        // disagree, the set is simply treated as reading everything.
+        let (reads, volatile) = match parsed {
+            Ok(parsed) => (
+                InputReads::of_files(&parsed),
+                reads::volatile_call(&parsed),
+            ),
+            Err(_) => (InputReads::Whole, None),
+        };
         let set = PolicySet {
             revision,
             origin,
@@ -209,6 +237,8 @@ value := {entry}
             evaluated,
             program,
             data,
+            reads,
+            volatile,
             engine,
         };
         Ok(set)
@@ -219,6 +249,61 @@ value := {entry}
     pub fn evaluate(&self, input: Value, limits: &EvalLimits) -> anyhow::Result<Decision> {
         let raw = self.evaluate_raw(input, limits)?;
         self.read_decision(&raw)
+    }
+
+    /// What of the input this set's rules read.
+    pub fn reads(&self) -> &InputReads {
+        &self.reads
+    }
+
+    /// Why decisions of this set are never cached, or `None` when they can be.
+    pub fn cache_bypass(&self) -> Option<String> {
+        if self.program.is_none() {
+            Some("the decision runs on the interpreter".into())
+        } else if self.reads.is_whole() {
+            Some("a rule reads the whole input document".into())
+        } else {
+            self.volatile
+                .as_ref()
+                .map(|call| format!("{call} depends on more than the input"))
+        }
+    }
+
+    /// Decides on an input built to [`Self::reads`] (see
+    /// [`crate::input::PolicyInput::to_value_reading`]), through this
+    /// thread's cache of at most `cache_entries` decisions when the set
+    /// allows caching ([`Self::cache_bypass`]) and `cache_entries > 0`.
+    /// Only successful evaluations are cached.
+    pub fn decide(
+        &self,
+        input: Value,
+        limits: &EvalLimits,
+        cache_entries: usize,
+    ) -> (anyhow::Result<Decision>, CacheUse) {
+        let Some(program) = self.program.as_ref().filter(|_| {
+            cache_entries > 0 && !self.reads.is_whole() && self.volatile.is_none()
+        }) else {
+            return (self.evaluate(input, limits), CacheUse::Bypassed);
+        };
+        let outcome = self.with_vm(program, limits, |vm, cache| {
+            let cache = match cache {
+                Some(c) if c.capacity() == cache_entries.max(2) => c,
+                other => other.insert(cache::DecisionCache::new(cache_entries)),
+            };
+            let hash = cache.hash(&input);
+            if let Some(decision) = cache.get(hash, &input) {
+                return (Ok(decision), CacheUse::Hit);
+            }
+            let decision = run(vm, input.clone()).and_then(|raw| self.read_decision(&raw));
+            if let Ok(d) = &decision {
+                cache.insert(hash, input, d.clone());
+            }
+            (decision, CacheUse::Miss)
+        });
+        match outcome {
+            Ok(done) => done,
+            Err(e) => (Err(e), CacheUse::Miss),
+        }
     }
 
     /// Whether decisions run on the policy VM (else the interpreter).
@@ -255,11 +340,22 @@ value := {entry}
                 .eval_rule(self.evaluated.clone())
                 .map_err(|e| anyhow!("policy evaluation failed: {e}"));
         };
+        self.with_vm(program, limits, |vm, _| run(vm, input))?
+    }
+
+    /// Runs `f` on this thread's VM (and decision cache) for `program`,
+    /// loading the program first when the thread last ran another one.
+    fn with_vm<R>(
+        &self,
+        program: &Arc<Program>,
+        limits: &EvalLimits,
+        f: impl FnOnce(&mut RegoVM, &mut Option<cache::DecisionCache>) -> R,
+    ) -> anyhow::Result<R> {
         THREAD_VM.with(|cell| {
             let mut slot = cell.borrow_mut();
             let id = Arc::as_ptr(program) as usize;
-            let vm = match &mut *slot {
-                Some((loaded, vm)) if *loaded == id => vm,
+            let loaded = match &mut *slot {
+                Some(loaded) if loaded.program == id => loaded,
                 other => {
                     let mut vm = RegoVM::new();
                     vm.load_program(program.clone());
@@ -275,16 +371,14 @@ value := {entry}
                             check_interval: NonZeroU32::MIN.saturating_add(255),
                         },
                     ));
-                    &mut other.insert((id, vm)).1
+                    other.insert(ThreadVm {
+                        program: id,
+                        vm,
+                        cache: None,
+                    })
                 }
             };
-            vm.set_input(input);
-            let out = vm
-                .execute()
-                .map_err(|e| anyhow!("policy evaluation failed: {e}"));
-            // Do not keep the request's input alive in the thread's VM.
-            vm.set_input(Value::Null);
-            out
+            Ok(f(&mut loaded.vm, &mut loaded.cache))
         })
     }
 
@@ -326,11 +420,31 @@ impl Default for EvalLimits {
     }
 }
 
+/// Runs the loaded program on `input`.
+fn run(vm: &mut RegoVM, input: Value) -> anyhow::Result<Value> {
+    vm.set_input(input);
+    let out = vm
+        .execute()
+        .map_err(|e| anyhow!("policy evaluation failed: {e}"));
+    // Do not keep the request's input alive in the thread's VM.
+    vm.set_input(Value::Null);
+    out
+}
+
+/// A thread's VM, the program it has loaded (by address: the VM holds
+/// the `Arc`, so the address cannot be reused while it is loaded) and the
+/// decisions cached for that program.
+struct ThreadVm {
+    program: usize,
+    vm: RegoVM,
+    cache: Option<cache::DecisionCache>,
+}
+
 thread_local! {
-    /// One VM per thread, tagged with the program it has loaded. A reload
-    /// changes the program; the next evaluation on each thread notices
-    /// and loads the new one.
-    static THREAD_VM: RefCell<Option<(usize, RegoVM)>> = const { RefCell::new(None) };
+    /// One VM per thread. A reload changes the program; the next
+    /// evaluation on each thread notices and loads the new one, with an
+    /// empty decision cache.
+    static THREAD_VM: RefCell<Option<ThreadVm>> = const { RefCell::new(None) };
 }
 
 fn reasons(v: &Value, field: &str) -> anyhow::Result<Vec<Reason>> {

@@ -23,6 +23,16 @@ pub struct PolicyStore {
     metrics: Arc<Metrics>,
 }
 
+/// Says, once per set, when its decisions cannot be cached: every request
+/// then runs the policy VM, which an operator sizing the gateway wants
+/// to know (`rempart_policy_decision_cache_total{result="bypassed"}`
+/// counts them).
+fn note_cacheability(set: &PolicySet) {
+    if let Some(why) = set.cache_bypass() {
+        tracing::info!(revision = %set.revision, "decisions are not cached: {why}");
+    }
+}
+
 /// What a reload did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReloadOutcome {
@@ -45,6 +55,7 @@ impl PolicyStore {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
         let set = load_for(&source, entry)?;
+        note_cacheability(&set);
         metrics.set_policy_revision(&set.revision);
         if matches!(source, PolicySource::Bundle(_)) {
             metrics.bundle.activated();
@@ -61,6 +72,7 @@ impl PolicyStore {
     /// fetched at start-up). Every later set must define the decision rule
     /// `set` was compiled for.
     pub fn from_set(set: PolicySet, source: PolicySource, metrics: Arc<Metrics>) -> Arc<Self> {
+        note_cacheability(&set);
         metrics.set_policy_revision(&set.revision);
         if matches!(source, PolicySource::Bundle(_)) {
             metrics.bundle.activated();
@@ -83,6 +95,7 @@ impl PolicyStore {
     pub fn install(&self, set: PolicySet) {
         debug_assert_eq!(set.entry(), self.entry, "{}", set.origin);
         let revision = set.revision.clone();
+        note_cacheability(&set);
         self.current.store(Arc::new(set));
         self.metrics.policy_reloads_success.inc();
         self.metrics.bundle.activated();
@@ -106,6 +119,7 @@ impl PolicyStore {
                     return Ok(ReloadOutcome::Unchanged);
                 }
                 let revision = set.revision.clone();
+                note_cacheability(&set);
                 self.current.store(Arc::new(set));
                 self.metrics.policy_reloads_success.inc();
                 self.metrics.set_policy_revision(&revision);

@@ -9,7 +9,7 @@ package rempart
 
 import rego.v1
 
-identity_required if count(object.get(input.identity, "sources", [])) > 0
+identity_required if count(input.identity.sources) > 0
 
 # A login path matches itself and everything below it ("/login" covers
 # "/login" and "/login/callback", not "/login-admin").
