@@ -31,6 +31,13 @@
 #                        proxies get about the same request rate, roughly
 #                        MODERATE_CONNECTIONS*1000/(PACE_MS+latency) req/s;
 #                        0 = closed loop, each target as fast as it answers
+#   PATHS [1]            distinct paths requested: 1 = always GET
+#                        /api/contacts/42; N > 1 = each request picks
+#                        /api/contacts/<1..N> at random (wrk Lua request()),
+#                        so that rempart's decision cache sees as many
+#                        distinct requests (it keeps 1024 decisions per
+#                        worker thread by default: PATHS=100000 makes
+#                        nearly every decision a miss)
 #   SKIP_BUILD [0]       1 = use target/release/rempart as it is
 #   POLICIES [policies/] the policy directory rempart serves (e.g. one with
 #                        decision.rego alone, to measure the proxy without
@@ -66,6 +73,7 @@ WARMUP=${WARMUP:-2s}
 MODERATE_CONNECTIONS=${MODERATE_CONNECTIONS:-8}
 MODERATE_ROUNDS=${MODERATE_ROUNDS:-3}
 PACE_MS=${PACE_MS:-0}
+PATHS=${PATHS:-1}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 BUILD_WAIT_MAX=${BUILD_WAIT_MAX:-1800}
@@ -309,7 +317,7 @@ http {
 $(nginx_http_common upstream)
     server {
         listen 127.0.0.1:$UP_PORT;
-        location = $URL_PATH {
+        location ^~ /api/contacts/ {
             default_type application/json;
             return 200 '$BODY';
         }
@@ -475,24 +483,32 @@ run_wrk() { # phase target round threads connections duration [extra wrk args...
 TARGETS=(direct nginx rempart)
 wait_quiet
 LOADAVG_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+LOAD_EXTRA=()
+LOAD_DESC=""
+if ((PATHS > 1)); then
+    printf 'request = function()\n    return wrk.format(nil, "/api/contacts/" .. math.random(1, %d))\nend\n' "$PATHS" >"$TMP/paths.lua"
+    LOAD_EXTRA=(-s "$TMP/paths.lua")
+    LOAD_DESC=" -s paths.lua (GET /api/contacts/<random 1..$PATHS>)"
+fi
 if [[ $WARMUP != 0 ]]; then
     log "warm-up: $WARMUP per target"
-    for t in "${TARGETS[@]}"; do run_wrk warmup "$t" 0 2 "$CONNECTIONS" "$WARMUP"; done
+    for t in "${TARGETS[@]}"; do run_wrk warmup "$t" 0 2 "$CONNECTIONS" "$WARMUP" "${LOAD_EXTRA[@]}"; done
 fi
 
-log "full load: $ROUNDS rounds x 3 targets, wrk -t2 -c$CONNECTIONS -d$DURATION --latency"
+log "full load: $ROUNDS rounds x 3 targets, wrk -t2 -c$CONNECTIONS -d$DURATION --latency$LOAD_DESC"
 for ((r = 1; r <= ROUNDS; r++)); do
     # Rotate the order each round so that no target always runs first.
     for ((i = 0; i < 3; i++)); do
         t=${TARGETS[$(((i + r - 1) % 3))]}
-        run_wrk load "$t" "$r" 2 "$CONNECTIONS" "$DURATION"
+        run_wrk load "$t" "$r" 2 "$CONNECTIONS" "$DURATION" "${LOAD_EXTRA[@]}"
     done
 done
 
-MODERATE_EXTRA=()
-MODERATE_DESC="wrk -t1 -c$MODERATE_CONNECTIONS -d$DURATION --latency"
+MODERATE_EXTRA=("${LOAD_EXTRA[@]}")
+MODERATE_DESC="wrk -t1 -c$MODERATE_CONNECTIONS -d$DURATION --latency${LOAD_DESC}"
 if ((PACE_MS > 0)); then
-    printf 'function delay()\n    return %d\nend\n' "$PACE_MS" >"$TMP/pace.lua"
+    cp "${LOAD_EXTRA[1]:-/dev/null}" "$TMP/pace.lua"
+    printf 'function delay()\n    return %d\nend\n' "$PACE_MS" >>"$TMP/pace.lua"
     MODERATE_EXTRA=(-s "$TMP/pace.lua")
     MODERATE_DESC="$MODERATE_DESC -s pace.lua (delay() = $PACE_MS ms per connection between requests)"
 fi
@@ -523,6 +539,10 @@ M_QFULL=$(metric_sum rempart_audit_queue_full_total)
 M_UPERR=$(metric_sum rempart_upstream_errors_total)
 EVAL_SUM=$(awk '$1 == "rempart_policy_evaluation_seconds_sum" { print $2 }' "$TMP/metrics.txt")
 EVAL_CNT=$(awk '$1 == "rempart_policy_evaluation_seconds_count" { print $2 }' "$TMP/metrics.txt")
+cache_count() { awk -v r="$1" '$1 == "rempart_policy_decision_cache_total{result=\"" r "\"}" { printf "%d", $2 }' "$TMP/metrics.txt"; }
+CACHE_HIT=$(cache_count hit)
+CACHE_MISS=$(cache_count miss)
+CACHE_BYPASSED=$(cache_count bypassed)
 
 # Stop rempart now (SIGTERM: it drains and flushes the audit trail), then
 # count the trail.
@@ -582,7 +602,7 @@ EXPECTED=$((REMPART_WRK_REQUESTS + EXTRA_REMPART_REQUESTS))
     echo "machine: $(nproc) cores, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM"
     echo "versions: $("$BIN" --version 2>/dev/null || echo rempart ?), $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | awk '{ print $1, $2 }')"
     echo "source: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo 'not a git checkout'); policies: $POLICIES, revision ${REVISION:-?} ($(for f in "$POLICIES"/*.rego; do [[ $f == *_test.rego ]] || printf '%s ' "${f##*/}"; done)+ data)"
-    echo "path: GET $URL_PATH (${#BODY}-byte JSON body, 200); rempart: shipped policies, enforce, audit on, workers=${WORKERS:-default}"
+    if ((PATHS > 1)); then echo "path: GET /api/contacts/<random 1..$PATHS> (${#BODY}-byte JSON body, 200); rempart: shipped policies, enforce, audit on, workers=${WORKERS:-default}"; else echo "path: GET $URL_PATH (${#BODY}-byte JSON body, 200); rempart: shipped policies, enforce, audit on, workers=${WORKERS:-default}"; fi
     echo "wrk (the load generator) and the upstream share the same $(nproc) cores as the proxy under test"
     echo "load average before the runs: $LOADAVG_BEFORE; runs discarded and repeated because other processes used > ${FOREIGN_MAX}% of the machine (or steal): $DISCARDED; highest foreign CPU in a kept run: ${FOREIGN_KEPT_MAX}%"
     echo
@@ -612,7 +632,8 @@ EXPECTED=$((REMPART_WRK_REQUESTS + EXTRA_REMPART_REQUESTS))
     awk -v h="$VMHWM_KB" -v s="$VMRSS_KB" -v t="$THREADS" 'BEGIN {
         printf "- rempart peak RSS (VmHWM): %.1f MiB (target <= 64 MB); RSS at end %.1f MiB; %d threads\n", h / 1024, s / 1024, t }'
     if [[ -n $EVAL_CNT && $EVAL_CNT != 0 ]]; then
-        awk -v s="$EVAL_SUM" -v c="$EVAL_CNT" 'BEGIN { printf "- policy evaluation (rempart_policy_evaluation_seconds): mean %.1f µs over %d evaluations\n", s / c * 1e6, c }'
+        awk -v s="$EVAL_SUM" -v c="$EVAL_CNT" 'BEGIN { printf "- policy evaluation (rempart_policy_evaluation_seconds, cache hits included): mean %.1f µs over %d decisions\n", s / c * 1e6, c }'
+        awk -v h="${CACHE_HIT:-0}" -v m="${CACHE_MISS:-0}" -v b="${CACHE_BYPASSED:-0}" 'BEGIN { t = h + m + b; if (t > 0) printf "- decision cache: %d hits, %d misses, %d bypassed (hit ratio %.1f%%)\n", h, m, b, 100 * h / t }'
     fi
     echo "- audit trail: $AUDIT_LINES lines ($AUDIT_ALLOWED allowed, $AUDIT_200 with status 200) vs $EXPECTED requests completed per wrk (+ sanity GET); difference $((AUDIT_LINES - EXPECTED))"
     echo "  (wrk counts only responses it received before its deadline; requests in flight when a run ends — up to the connection count per run — are audited but not counted)"

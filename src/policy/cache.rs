@@ -7,6 +7,14 @@
 //! cache belongs to one thread and one compiled set: a reload starts an
 //! empty one, and no lock is ever taken.
 //!
+//! Entries are keyed by a 128-bit SipHash of the reduced input, under two
+//! random keys drawn per thread, rather than by the input itself: keeping
+//! a thousand inputs alive (a few KiB of small allocations each) cost more
+//! memory and allocator time than hashing twice. SipHash is a keyed PRF,
+//! so a client cannot aim at a collision without the keys, and two of the
+//! ~2^20 inputs a busy gateway sees colliding by chance has a probability
+//! near 2^-88.
+//!
 //! Bounded by two generations: entries go to the current map; when it
 //! holds half the capacity, it becomes the previous map (the old previous
 //! is dropped). A hit in the previous map moves the entry back, so what is
@@ -41,9 +49,9 @@ impl CacheUse {
 
 pub(crate) struct DecisionCache {
     capacity: usize,
-    hasher: RandomState,
-    current: HashMap<u64, (Value, Decision)>,
-    previous: HashMap<u64, (Value, Decision)>,
+    hashers: [RandomState; 2],
+    current: HashMap<u128, Decision>,
+    previous: HashMap<u128, Decision>,
 }
 
 impl DecisionCache {
@@ -51,7 +59,7 @@ impl DecisionCache {
     pub fn new(capacity: usize) -> Self {
         DecisionCache {
             capacity: capacity.max(2),
-            hasher: RandomState::new(),
+            hashers: [RandomState::new(), RandomState::new()],
             current: HashMap::new(),
             previous: HashMap::new(),
         }
@@ -61,37 +69,32 @@ impl DecisionCache {
         self.capacity
     }
 
-    /// The key's hash, to pass to [`Self::get`] and [`Self::insert`].
-    pub fn hash(&self, key: &Value) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        hash_value(key, &mut h);
-        h.finish()
+    /// The key of an input: its 128-bit hash.
+    pub fn key(&self, input: &Value) -> u128 {
+        let [a, b] = self.hashers.each_ref().map(|hasher| {
+            let mut h = hasher.build_hasher();
+            hash_value(input, &mut h);
+            h.finish()
+        });
+        (u128::from(a) << 64) | u128::from(b)
     }
 
-    /// The decision stored for `key`. Keys are compared whole: a hash
-    /// collision is a miss, never another input's decision.
-    pub fn get(&mut self, hash: u64, key: &Value) -> Option<Decision> {
-        if let Some((k, d)) = self.current.get(&hash) {
-            return (k == key).then(|| d.clone());
+    /// The decision stored under `key`.
+    pub fn get(&mut self, key: u128) -> Option<Decision> {
+        if let Some(d) = self.current.get(&key) {
+            return Some(d.clone());
         }
-        let (k, d) = self.previous.remove(&hash)?;
-        if &k != key {
-            return None;
-        }
+        let d = self.previous.remove(&key)?;
         let found = d.clone();
-        self.store(hash, k, d);
+        self.insert(key, d);
         Some(found)
     }
 
-    pub fn insert(&mut self, hash: u64, key: Value, decision: Decision) {
-        self.store(hash, key, decision);
-    }
-
-    fn store(&mut self, hash: u64, key: Value, decision: Decision) {
-        if self.current.len() >= self.capacity / 2 && !self.current.contains_key(&hash) {
+    pub fn insert(&mut self, key: u128, decision: Decision) {
+        if self.current.len() >= self.capacity / 2 && !self.current.contains_key(&key) {
             self.previous = std::mem::take(&mut self.current);
         }
-        self.current.insert(hash, (key, decision));
+        self.current.insert(key, decision);
     }
 
     #[cfg(test)]
@@ -167,37 +170,42 @@ mod tests {
     }
 
     #[test]
-    fn equal_values_hash_equal_and_a_collision_is_a_miss() {
+    fn equal_values_share_a_key_and_different_ones_do_not() {
         let mut c = DecisionCache::new(8);
-        let a = key("/a");
-        let h = c.hash(&a);
-        assert_eq!(h, c.hash(&key("/a")));
-        assert_ne!(h, c.hash(&key("/b")));
+        let a = c.key(&key("/a"));
+        assert_eq!(a, c.key(&key("/a")));
+        assert_ne!(a, c.key(&key("/b")));
+        // Both halves differ, not just one.
+        let b = c.key(&key("/b"));
+        assert_ne!(a >> 64, b >> 64);
+        assert_ne!(a as u64, b as u64);
+        // Structure counts, not just the strings in order.
+        let flat = Value::from_json_str(r#"{"a": "b", "c": "d"}"#).unwrap();
+        let nested = Value::from_json_str(r#"{"a": {"b": "c"}, "d": null}"#).unwrap();
+        assert_ne!(c.key(&flat), c.key(&nested));
         let one = Value::from_json_str(r#"{"n": 1}"#).unwrap();
         let one_f = Value::from_json_str(r#"{"n": 1.0}"#).unwrap();
         assert_eq!(one, one_f);
-        assert_eq!(c.hash(&one), c.hash(&one_f));
-        c.insert(h, a.clone(), decision("x"));
-        assert_eq!(c.get(h, &a), Some(decision("x")));
-        // Same hash slot, another key: not the stored decision.
-        assert_eq!(c.get(h, &key("/b")), None);
+        assert_eq!(c.key(&one), c.key(&one_f));
+        c.insert(a, decision("x"));
+        assert_eq!(c.get(a), Some(decision("x")));
+        assert_eq!(c.get(b), None);
     }
 
     #[test]
     fn bounded_by_capacity_and_recently_used_entries_stay() {
         let mut c = DecisionCache::new(4);
         let keys: Vec<Value> = (0..10).map(|i| key(&format!("/{i}"))).collect();
-        let hot = &keys[0];
-        let hot_hash = c.hash(hot);
-        c.insert(hot_hash, hot.clone(), decision(""));
+        let hot = c.key(&keys[0]);
+        c.insert(hot, decision(""));
         for k in &keys[1..] {
-            let h = c.hash(k);
-            c.insert(h, k.clone(), decision("x"));
+            let k = c.key(k);
+            c.insert(k, decision("x"));
             assert!(c.len() <= c.capacity(), "{} entries", c.len());
             // Used between every insertion: never evicted.
-            assert_eq!(c.get(hot_hash, hot), Some(decision("")));
+            assert_eq!(c.get(hot), Some(decision("")));
         }
-        let first = c.hash(&keys[1]);
-        assert_eq!(c.get(first, &keys[1]), None, "old, unused entry evicted");
+        let first = c.key(&keys[1]);
+        assert_eq!(c.get(first), None, "old, unused entry evicted");
     }
 }

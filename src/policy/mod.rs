@@ -290,13 +290,13 @@ value := {entry}
                 Some(c) if c.capacity() == cache_entries.max(2) => c,
                 other => other.insert(cache::DecisionCache::new(cache_entries)),
             };
-            let hash = cache.hash(&input);
-            if let Some(decision) = cache.get(hash, &input) {
+            let key = cache.key(&input);
+            if let Some(decision) = cache.get(key) {
                 return (Ok(decision), CacheUse::Hit);
             }
-            let decision = run(vm, input.clone()).and_then(|raw| self.read_decision(&raw));
+            let decision = run(vm, input).and_then(|raw| self.read_decision(&raw));
             if let Ok(d) = &decision {
-                cache.insert(hash, input, d.clone());
+                cache.insert(key, d.clone());
             }
             (decision, CacheUse::Miss)
         });
