@@ -240,166 +240,218 @@ impl PolicyInput {
     /// `destination` is the destination's value when the caller keeps it
     /// built (the ingress upstream, located once per geo reload).
     pub fn to_value_reading(&self, reads: &InputReads, destination: Option<&Value>) -> Value {
+        self.with_fields(destination, |top| build_object(reads, top))
+    }
+
+    /// This document as the policy set reading `reads` sees it, for
+    /// [`crate::policy::PolicySet::decide`]: keyed for the decision cache
+    /// straight from these fields, and built only on a cache miss.
+    pub fn reading<'a>(&'a self, destination: Option<&'a Value>) -> Reading<'a> {
+        Reading {
+            input: self,
+            destination,
+        }
+    }
+
+    /// Calls `f` with the document's fields. The one list of fields that
+    /// both building and keying walk, so the two cannot disagree.
+    fn with_fields<R>(&self, destination: Option<&Value>, f: impl FnOnce(&[Named]) -> R) -> R {
         let r = &self.request;
-        let request = || {
-            select(
-                reads.field("request"),
-                &[
-                    ("id", &|| s(&r.id)),
-                    ("method", &|| s(&r.method)),
-                    ("scheme", &|| s(&r.scheme)),
-                    ("host", &|| s(&r.host)),
-                    ("port", &|| Value::from(r.port as u64)),
-                    ("path", &|| s(&r.path)),
-                    ("segments", &|| strings(&r.segments)),
-                    ("query", &|| {
-                        Value::from(
-                            r.query
-                                .iter()
-                                .map(|(k, v)| (s(k), strings(v)))
-                                .collect::<BTreeMap<_, _>>(),
-                        )
-                    }),
-                    ("headers", &|| {
-                        Value::from(
-                            r.headers
-                                .iter()
-                                .map(|(k, v)| (s(k), s(v)))
-                                .collect::<BTreeMap<_, _>>(),
-                        )
-                    }),
-                    ("protocol", &|| s(&r.protocol)),
-                ],
+        let query = || {
+            Value::from(
+                r.query
+                    .iter()
+                    .map(|(k, v)| (s(k), strings(v)))
+                    .collect::<BTreeMap<_, _>>(),
             )
         };
+        let headers = || {
+            Value::from(
+                r.headers
+                    .iter()
+                    .map(|(k, v)| (s(k), s(v)))
+                    .collect::<BTreeMap<_, _>>(),
+            )
+        };
+        let request = [
+            ("id", Field::Str(&r.id)),
+            ("method", Field::Str(&r.method)),
+            ("scheme", Field::Str(&r.scheme)),
+            ("host", Field::Str(&r.host)),
+            ("port", Field::U64(r.port.into())),
+            ("path", Field::Str(&r.path)),
+            ("segments", Field::Strs(&r.segments)),
+            ("query", Field::Lazy(&query)),
+            ("headers", Field::Lazy(&headers)),
+            ("protocol", Field::Str(&r.protocol)),
+        ];
         let src = &self.source;
-        let source = || {
-            select(
-                reads.field("source"),
-                &[
-                    ("ip", &|| s(&src.ip)),
-                    ("port", &|| Value::from(src.port as u64)),
-                    ("scope", &|| s(&src.scope)),
-                    ("geo", &|| src.geo.to_value()),
-                    ("workload", &|| opt(&src.workload)),
-                ],
-            )
-        };
-        let destination = || {
-            let built;
-            let whole = match destination {
-                Some(v) => v,
-                None => {
-                    built = self.destination.to_value();
-                    &built
-                }
-            };
-            reads
-                .field("destination")
-                .map_or(Value::Undefined, |r| r.prune(whole))
+        let source_geo = || src.geo.to_value();
+        let source = [
+            ("ip", Field::Str(&src.ip)),
+            ("port", Field::U64(src.port.into())),
+            ("scope", Field::Str(&src.scope)),
+            ("geo", Field::Lazy(&source_geo)),
+            ("workload", Field::OptStr(src.workload.as_deref())),
+        ];
+        let destination_value = || self.destination.to_value();
+        let destination = match destination {
+            Some(v) => Field::Built(v),
+            None => Field::Lazy(&destination_value),
         };
         let i = &self.identity;
-        let identity = || {
-            select(
-                reads.field("identity"),
-                &[
-                    ("authenticated", &|| Value::from(i.authenticated)),
-                    ("method", &|| s(&i.method)),
-                    ("subject", &|| opt(&i.subject)),
-                    ("name", &|| opt(&i.name)),
-                    ("email", &|| opt(&i.email)),
-                    ("roles", &|| strings(&i.roles)),
-                    ("groups", &|| strings(&i.groups)),
-                    ("claims", &|| {
-                        Value::from(
-                            i.claims
-                                .iter()
-                                .map(|(k, v)| (s(k), Value::from(v.clone())))
-                                .collect::<BTreeMap<_, _>>(),
-                        )
-                    }),
-                    ("issuer", &|| opt(&i.issuer)),
-                    ("error", &|| opt(&i.error)),
-                    ("sources", &|| strings(&i.sources)),
-                ],
+        let claims = || {
+            Value::from(
+                i.claims
+                    .iter()
+                    .map(|(k, v)| (s(k), Value::from(v.clone())))
+                    .collect::<BTreeMap<_, _>>(),
             )
         };
+        let identity = [
+            ("authenticated", Field::Bool(i.authenticated)),
+            ("method", Field::Str(&i.method)),
+            ("subject", Field::OptStr(i.subject.as_deref())),
+            ("name", Field::OptStr(i.name.as_deref())),
+            ("email", Field::OptStr(i.email.as_deref())),
+            ("roles", Field::Strs(&i.roles)),
+            ("groups", Field::Strs(&i.groups)),
+            ("claims", Field::Lazy(&claims)),
+            ("issuer", Field::OptStr(i.issuer.as_deref())),
+            ("error", Field::OptStr(i.error.as_deref())),
+            ("sources", Field::Strs(&i.sources)),
+        ];
         let res = &self.resource;
-        let resource = || {
-            select(
-                reads.field("resource"),
-                &[
-                    ("crm", &|| s(&res.crm)),
-                    ("type", &|| s(&res.kind)),
-                    ("id", &|| opt(&res.id)),
-                    ("operation", &|| s(&res.operation)),
-                    ("bulk", &|| Value::from(res.bulk)),
-                    ("inspection", &|| opt(&res.inspection)),
-                ],
-            )
-        };
+        let resource = [
+            ("crm", Field::Str(&res.crm)),
+            ("type", Field::Str(&res.kind)),
+            ("id", Field::OptStr(res.id.as_deref())),
+            ("operation", Field::Str(&res.operation)),
+            ("bulk", Field::Bool(res.bulk)),
+            ("inspection", Field::OptStr(res.inspection.as_deref())),
+        ];
         let t = &self.time;
-        let time = || {
-            select(
-                reads.field("time"),
-                &[
-                    ("rfc3339", &|| s(&t.rfc3339)),
-                    ("unix_ns", &|| Value::from(t.unix_ns)),
-                    ("weekday", &|| Value::from(t.weekday as u64)),
-                    ("hour", &|| Value::from(t.hour as u64)),
-                ],
-            )
-        };
-        select_built(
-            reads,
-            &[
-                ("direction", &|| s(self.direction.as_str())),
-                ("request", &request),
-                ("source", &source),
-                ("destination", &destination),
-                ("identity", &identity),
-                ("resource", &resource),
-                ("time", &time),
-            ],
-        )
+        let time = [
+            ("rfc3339", Field::Str(&t.rfc3339)),
+            ("unix_ns", Field::I64(t.unix_ns)),
+            ("weekday", Field::U64(t.weekday.into())),
+            ("hour", Field::U64(t.hour.into())),
+        ];
+        f(&[
+            ("direction", Field::Str(self.direction.as_str())),
+            ("request", Field::Object(&request)),
+            ("source", Field::Object(&source)),
+            ("destination", destination),
+            ("identity", Field::Object(&identity)),
+            ("resource", Field::Object(&resource)),
+            ("time", Field::Object(&time)),
+        ])
     }
 }
 
-/// The object of those `fields` that `reads` selects, each built only
-/// when selected and reduced to what is read of it; `Undefined` when
-/// nothing is read (the field is then left out of its parent).
-fn select(reads: Option<&InputReads>, fields: &[(&str, &dyn Fn() -> Value)]) -> Value {
-    select_with(reads, fields, |sub, v| {
-        if sub.is_whole() {
-            v
-        } else {
-            sub.prune(&v)
-        }
-    })
+/// A [`PolicyInput`] ready to be keyed and built to what a policy set
+/// reads (see [`PolicyInput::reading`]).
+pub struct Reading<'a> {
+    input: &'a PolicyInput,
+    destination: Option<&'a Value>,
 }
 
-/// As [`select`], for fields whose builders already apply what is read.
-fn select_built(reads: &InputReads, fields: &[(&str, &dyn Fn() -> Value)]) -> Value {
-    select_with(Some(reads), fields, |_, v| v)
+impl crate::policy::ReadableInput for Reading<'_> {
+    fn build(&self, reads: &InputReads) -> Value {
+        self.input.to_value_reading(reads, self.destination)
+    }
+
+    fn hash_key(&self, reads: &InputReads, h: &mut crate::policy::KeyHasher) {
+        self.input
+            .with_fields(self.destination, |top| hash_object(reads, top, h))
+    }
 }
 
-fn select_with(
-    reads: Option<&InputReads>,
-    fields: &[(&str, &dyn Fn() -> Value)],
-    reduce: impl Fn(&InputReads, Value) -> Value,
-) -> Value {
-    let Some(reads) = reads else {
-        return Value::Undefined;
-    };
+type Named<'a> = (&'static str, Field<'a>);
+
+/// One field of the input document, borrowed from the stages' outputs.
+enum Field<'a> {
+    Str(&'a str),
+    OptStr(Option<&'a str>),
+    U64(u64),
+    I64(i64),
+    Bool(bool),
+    Strs(&'a [String]),
+    Object(&'a [Named<'a>]),
+    /// A value built only when read (maps, geo records).
+    Lazy(&'a dyn Fn() -> Value),
+    /// A value the caller keeps built.
+    Built(&'a Value),
+}
+
+/// The object of those `fields` that `reads` selects, each reduced to what
+/// is read of it; a field whose value is undefined is left out.
+fn build_object(reads: &InputReads, fields: &[Named]) -> Value {
     let object: BTreeMap<Value, Value> = fields
         .iter()
-        .filter_map(|(name, build)| {
+        .filter_map(|(name, field)| {
             let sub = reads.field(name)?;
-            let v = reduce(sub, build());
+            let v = match field {
+                Field::Str(v) => s(v),
+                Field::OptStr(v) => v.map_or(Value::Null, s),
+                Field::U64(n) => Value::from(*n),
+                Field::I64(n) => Value::from(*n),
+                Field::Bool(b) => Value::from(*b),
+                Field::Strs(v) => strings(v),
+                Field::Object(fields) => build_object(sub, fields),
+                Field::Lazy(build) => sub.prune(&build()),
+                Field::Built(v) => sub.prune(v),
+            };
             (!matches!(v, Value::Undefined)).then(|| (s(name), v))
         })
         .collect();
     Value::from(object)
+}
+
+/// Feeds `h` with what [`build_object`] would build, without building it:
+/// equal hashes for equal documents, and (every part tagged or delimited)
+/// different input to the hash for different ones.
+fn hash_object(reads: &InputReads, fields: &[Named], h: &mut crate::policy::KeyHasher) {
+    use crate::policy::cache::{hash_pruned, tag};
+    use std::hash::Hash;
+    tag::OBJECT.hash(h);
+    for (name, field) in fields {
+        let Some(sub) = reads.field(name) else {
+            continue;
+        };
+        name.hash(h);
+        match field {
+            Field::Str(v) | Field::OptStr(Some(v)) => {
+                tag::STRING.hash(h);
+                v.hash(h);
+            }
+            Field::OptStr(None) => tag::NULL.hash(h),
+            Field::U64(n) => {
+                tag::UINT.hash(h);
+                n.hash(h);
+            }
+            Field::I64(n) => {
+                tag::INT.hash(h);
+                n.hash(h);
+            }
+            Field::Bool(b) => {
+                tag::BOOL.hash(h);
+                b.hash(h);
+            }
+            Field::Strs(v) => {
+                tag::ARRAY.hash(h);
+                v.len().hash(h);
+                for item in *v {
+                    tag::STRING.hash(h);
+                    item.hash(h);
+                }
+            }
+            Field::Object(fields) => hash_object(sub, fields, h),
+            Field::Lazy(build) => hash_pruned(sub, &build(), h),
+            Field::Built(v) => hash_pruned(sub, v, h),
+        }
+    }
+    tag::END.hash(h);
 }
 
 /// The time fields of the input, from a wall-clock instant.
@@ -537,6 +589,80 @@ pub(crate) mod tests {
         none.resource.inspection = Some("too_large".into());
         let via_json = Value::from_json_str(&serde_json::to_string(&none).unwrap()).unwrap();
         assert_eq!(none.to_value(), via_json);
+    }
+
+    /// The decision cache keys a document from the typed fields without
+    /// building it: two documents must share a key exactly when they
+    /// build equal values, for any selection of fields.
+    #[test]
+    fn cache_keys_agree_with_the_documents_they_stand_for() {
+        use crate::policy::ReadableInput;
+        let cache = crate::policy::cache::DecisionCache::new(8);
+        let mutations: Vec<fn(&mut PolicyInput)> = vec![
+            |_| {},
+            |i| i.request.id = "other".into(),
+            |i| i.request.path = "/api/contacts/43".into(),
+            |i| i.request.segments = vec!["api".into(), "contacts4".into(), "2".into()],
+            |i| i.request.segments.push(String::new()),
+            |i| i.source.port = 50001,
+            |i| i.identity.subject = None,
+            |i| i.identity.subject = Some(String::new()),
+            |i| i.identity.roles = vec![],
+            |i| i.identity.roles = vec!["sal".into(), "es".into()],
+            |i| i.time.hour = 3,
+            |i| i.resource.bulk = true,
+            |i| Arc::make_mut(&mut i.destination).geo = None,
+            |i| i.source.workload = Some("crm".into()),
+            |i| {
+                i.request.headers.insert("x-a".into(), "1".into());
+            },
+            |i| {
+                i.identity.claims.insert("k".into(), serde_json::json!(1));
+            },
+        ];
+        let variants: Vec<PolicyInput> = mutations
+            .iter()
+            .map(|m| {
+                let mut i = sample();
+                m(&mut i);
+                i
+            })
+            .collect();
+        let mut some = InputReads::nothing();
+        for path in [
+            "request.path",
+            "request.segments",
+            "identity.roles",
+            "identity.subject",
+            "destination.geo.country",
+            "source.geo",
+        ] {
+            some.add(&path.split('.').map(String::from).collect::<Vec<_>>());
+        }
+        let mut direction_only = InputReads::nothing();
+        direction_only.add(&["direction".into()]);
+        for reads in [InputReads::Whole, some, direction_only] {
+            let key = |i: &PolicyInput, dest: Option<&Value>| {
+                cache.key(|h| i.reading(dest).hash_key(&reads, h))
+            };
+            for a in &variants {
+                // A destination the caller keeps built keys as one built here.
+                let dest = a.destination.to_value();
+                assert_eq!(key(a, None), key(a, Some(&dest)));
+                for b in &variants {
+                    let same_doc =
+                        a.to_value_reading(&reads, None) == b.to_value_reading(&reads, None);
+                    assert_eq!(
+                        same_doc,
+                        key(a, None) == key(b, None),
+                        "reads {:?}: {} vs {}",
+                        reads.paths(),
+                        serde_json::to_string(a).unwrap(),
+                        serde_json::to_string(b).unwrap()
+                    );
+                }
+            }
+        }
     }
 
     #[test]

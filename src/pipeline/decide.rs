@@ -58,11 +58,10 @@ impl DecidePolicy {
 }
 
 /// The input document handed to [`decide`].
-pub enum Document {
-    /// Built to what the set reads ([`PolicySet::reads`], see
-    /// [`crate::input::PolicyInput::to_value_reading`]): decisions may come
-    /// from the decision cache.
-    AsRead(regorus::Value),
+pub enum Document<'a> {
+    /// rempart's input, built only as far as the set reads and only when
+    /// the decision cache does not already hold its decision.
+    AsRead(crate::input::Reading<'a>),
     /// The whole document (OPA-Envoy's extra fields included): always
     /// evaluated.
     Whole(regorus::Value),
@@ -71,13 +70,13 @@ pub enum Document {
 /// Evaluates the input document of a [`crate::input::PolicyInput`].
 pub fn decide(
     set: &Arc<PolicySet>,
-    input: Document,
+    input: Document<'_>,
     how: &DecidePolicy,
     metrics: &Metrics,
 ) -> Ruling {
     let started = Instant::now();
     let (result, cache) = match input {
-        Document::AsRead(v) => set.decide(v, &how.limits, how.cache_entries),
+        Document::AsRead(input) => set.decide(&input, &how.limits, how.cache_entries),
         Document::Whole(v) => (set.evaluate(v, &how.limits), CacheUse::Bypassed),
     };
     metrics.decision_cache(cache).inc();

@@ -316,7 +316,7 @@ impl EgressGateway {
             ));
             let ruling = decide::decide(
                 &set,
-                decide::Document::AsRead(input.to_value_reading(set.reads(), None)),
+                decide::Document::AsRead(input.reading(None)),
                 &self.how,
                 &self.metrics,
             );

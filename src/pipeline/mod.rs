@@ -202,7 +202,7 @@ impl Gateway {
             );
             decide::Document::Whole(value)
         } else {
-            decide::Document::AsRead(input.to_value_reading(set.reads(), Some(&upstream.value)))
+            decide::Document::AsRead(input.reading(Some(&upstream.value)))
         };
         let ruling = decide::decide(&set, document, &self.how, &self.metrics);
 

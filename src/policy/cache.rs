@@ -7,13 +7,14 @@
 //! cache belongs to one thread and one compiled set: a reload starts an
 //! empty one, and no lock is ever taken.
 //!
-//! Entries are keyed by a 128-bit SipHash of the reduced input, under two
-//! random keys drawn per thread, rather than by the input itself: keeping
-//! a thousand inputs alive (a few KiB of small allocations each) cost more
-//! memory and allocator time than hashing twice. SipHash is a keyed PRF,
-//! so a client cannot aim at a collision without the keys, and two of the
-//! ~2^20 inputs a busy gateway sees colliding by chance has a probability
-//! near 2^-88.
+//! Entries are keyed by a 128-bit SipHash-1-3 of the read fields, under a
+//! random key drawn per thread, rather than by the input itself: the key is
+//! computed from the pipeline's typed fields without building the Rego
+//! document (built on a miss only), and keeping a thousand documents alive
+//! (a few KiB of small allocations each) cost more memory and allocator
+//! time than the hash. SipHash is a keyed PRF, so a client cannot aim at a
+//! collision without the key, and two of the ~2^20 inputs a busy gateway
+//! sees colliding by chance has a probability near 2^-88.
 //!
 //! Bounded by two generations: entries go to the current map; when it
 //! holds half the capacity, it becomes the previous map (the old previous
@@ -21,9 +22,33 @@
 //! used often stays and memory never exceeds the capacity.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, Hash, RandomState};
 
 use regorus::Value;
+use siphasher::sip128::Hasher128;
+
+use super::InputReads;
+
+/// What a document's read fields are fed to (see
+/// [`super::ReadableInput::hash_key`]).
+pub type KeyHasher = siphasher::sip128::SipHasher13;
+
+/// Type tags written before each part of a keyed document, so that
+/// different shapes never feed the hash the same bytes.
+pub(crate) mod tag {
+    pub const NULL: u8 = 0;
+    pub const BOOL: u8 = 1;
+    pub const UINT: u8 = 2;
+    pub const INT: u8 = 3;
+    pub const FLOAT: u8 = 4;
+    pub const STRING: u8 = 5;
+    pub const ARRAY: u8 = 6;
+    pub const SET: u8 = 7;
+    pub const OBJECT: u8 = 8;
+    pub const UNDEFINED: u8 = 9;
+    /// Closes an object (field names are UTF-8: they never start with 0xfe).
+    pub const END: u8 = 0xfe;
+}
 
 use super::Decision;
 
@@ -49,7 +74,7 @@ impl CacheUse {
 
 pub(crate) struct DecisionCache {
     capacity: usize,
-    hashers: [RandomState; 2],
+    keys: (u64, u64),
     current: HashMap<u128, Decision>,
     previous: HashMap<u128, Decision>,
 }
@@ -59,7 +84,11 @@ impl DecisionCache {
     pub fn new(capacity: usize) -> Self {
         DecisionCache {
             capacity: capacity.max(2),
-            hashers: [RandomState::new(), RandomState::new()],
+            // RandomState draws its keys from the OS's randomness.
+            keys: (
+                RandomState::new().hash_one(0u8),
+                RandomState::new().hash_one(1u8),
+            ),
             current: HashMap::new(),
             previous: HashMap::new(),
         }
@@ -69,14 +98,11 @@ impl DecisionCache {
         self.capacity
     }
 
-    /// The key of an input: its 128-bit hash.
-    pub fn key(&self, input: &Value) -> u128 {
-        let [a, b] = self.hashers.each_ref().map(|hasher| {
-            let mut h = hasher.build_hasher();
-            hash_value(input, &mut h);
-            h.finish()
-        });
-        (u128::from(a) << 64) | u128::from(b)
+    /// The key of what `feed` writes: its 128-bit keyed hash.
+    pub fn key(&self, feed: impl FnOnce(&mut KeyHasher)) -> u128 {
+        let mut h = KeyHasher::new_with_keys(self.keys.0, self.keys.1);
+        feed(&mut h);
+        h.finish128().as_u128()
     }
 
     /// The decision stored under `key`.
@@ -103,46 +129,66 @@ impl DecisionCache {
     }
 }
 
-/// Hashes a value consistently with its `Eq`: equal values hash equal
-/// (numbers through their `f64` form, since `1` and `1.0` are equal).
-fn hash_value<H: Hasher>(v: &Value, h: &mut H) {
-    match v {
-        Value::Null => 0u8.hash(h),
+/// Feeds `h` with `value`: equal values feed equal bytes (numbers as
+/// their `f64` form when they have one, since `1` and `1.0` are equal).
+pub(crate) fn hash_value(value: &Value, h: &mut KeyHasher) {
+    match value {
+        Value::Null => tag::NULL.hash(h),
         Value::Bool(b) => {
-            1u8.hash(h);
+            tag::BOOL.hash(h);
             b.hash(h);
         }
         Value::Number(n) => {
-            2u8.hash(h);
-            n.as_f64().map(f64::to_bits).hash(h);
+            tag::FLOAT.hash(h);
+            match n.as_f64() {
+                Some(f) => f.to_bits().hash(h),
+                None => value.to_string().hash(h),
+            }
         }
         Value::String(s) => {
-            3u8.hash(h);
+            tag::STRING.hash(h);
             s.hash(h);
         }
         Value::Array(a) => {
-            4u8.hash(h);
+            tag::ARRAY.hash(h);
             a.len().hash(h);
             for item in a.iter() {
                 hash_value(item, h);
             }
         }
         Value::Set(s) => {
-            5u8.hash(h);
+            tag::SET.hash(h);
+            s.len().hash(h);
             for item in s.iter() {
                 hash_value(item, h);
             }
         }
         Value::Object(o) => {
-            6u8.hash(h);
+            tag::OBJECT.hash(h);
             o.len().hash(h);
             for (k, item) in o.iter() {
                 hash_value(k, h);
                 hash_value(item, h);
             }
         }
-        Value::Undefined => 7u8.hash(h),
+        Value::Undefined => tag::UNDEFINED.hash(h),
     }
+}
+
+/// Feeds `h` with `reads.prune(value)` without building it.
+pub(crate) fn hash_pruned(reads: &InputReads, value: &Value, h: &mut KeyHasher) {
+    let (InputReads::Fields(fields), Value::Object(object)) = (reads, value) else {
+        return hash_value(value, h);
+    };
+    tag::OBJECT.hash(h);
+    for (key, item) in object.iter() {
+        let Value::String(name) = key else { continue };
+        if let Some(sub) = fields.get(name.as_ref()) {
+            name.hash(h);
+            hash_pruned(sub, item, h);
+        }
+    }
+    tag::END.hash(h);
 }
 
 #[cfg(test)]
@@ -165,28 +211,34 @@ mod tests {
         }
     }
 
-    fn key(path: &str) -> Value {
+    fn doc(path: &str) -> Value {
         Value::from_json_str(&format!(r#"{{"request": {{"path": "{path}", "n": 1}}}}"#)).unwrap()
+    }
+
+    fn key_of(c: &DecisionCache, v: &Value) -> u128 {
+        c.key(|h| hash_value(v, h))
     }
 
     #[test]
     fn equal_values_share_a_key_and_different_ones_do_not() {
         let mut c = DecisionCache::new(8);
-        let a = c.key(&key("/a"));
-        assert_eq!(a, c.key(&key("/a")));
-        assert_ne!(a, c.key(&key("/b")));
+        let a = key_of(&c, &doc("/a"));
+        assert_eq!(a, key_of(&c, &doc("/a")));
+        assert_ne!(a, key_of(&c, &doc("/b")));
         // Both halves differ, not just one.
-        let b = c.key(&key("/b"));
+        let b = key_of(&c, &doc("/b"));
         assert_ne!(a >> 64, b >> 64);
         assert_ne!(a as u64, b as u64);
         // Structure counts, not just the strings in order.
         let flat = Value::from_json_str(r#"{"a": "b", "c": "d"}"#).unwrap();
         let nested = Value::from_json_str(r#"{"a": {"b": "c"}, "d": null}"#).unwrap();
-        assert_ne!(c.key(&flat), c.key(&nested));
+        assert_ne!(key_of(&c, &flat), key_of(&c, &nested));
         let one = Value::from_json_str(r#"{"n": 1}"#).unwrap();
         let one_f = Value::from_json_str(r#"{"n": 1.0}"#).unwrap();
         assert_eq!(one, one_f);
-        assert_eq!(c.key(&one), c.key(&one_f));
+        assert_eq!(key_of(&c, &one), key_of(&c, &one_f));
+        // Another thread's cache draws another hash key.
+        assert_ne!(key_of(&DecisionCache::new(8), &one), key_of(&c, &one));
         c.insert(a, decision("x"));
         assert_eq!(c.get(a), Some(decision("x")));
         assert_eq!(c.get(b), None);
@@ -195,17 +247,43 @@ mod tests {
     #[test]
     fn bounded_by_capacity_and_recently_used_entries_stay() {
         let mut c = DecisionCache::new(4);
-        let keys: Vec<Value> = (0..10).map(|i| key(&format!("/{i}"))).collect();
-        let hot = c.key(&keys[0]);
+        let keys: Vec<Value> = (0..10).map(|i| doc(&format!("/{i}"))).collect();
+        let hot = key_of(&c, &keys[0]);
         c.insert(hot, decision(""));
         for k in &keys[1..] {
-            let k = c.key(k);
+            let k = key_of(&c, k);
             c.insert(k, decision("x"));
             assert!(c.len() <= c.capacity(), "{} entries", c.len());
             // Used between every insertion: never evicted.
             assert_eq!(c.get(hot), Some(decision("")));
         }
-        let first = c.key(&keys[1]);
+        let first = key_of(&c, &keys[1]);
         assert_eq!(c.get(first), None, "old, unused entry evicted");
+    }
+}
+
+#[cfg(test)]
+mod pruned_tests {
+    use super::*;
+
+    #[test]
+    fn hashing_a_pruned_view_equals_hashing_the_pruned_value() {
+        let c = DecisionCache::new(8);
+        let mut reads = InputReads::nothing();
+        reads.add(&["a".into(), "b".into()]);
+        reads.add(&["c".into()]);
+        let v = Value::from_json_str(r#"{"a": {"b": [1, "x"], "z": 2}, "c": {"d": null}, "e": 3}"#)
+            .unwrap();
+        let via_view = c.key(|h| hash_pruned(&reads, &v, h));
+        let pruned = reads.prune(&v);
+        let via_value = c.key(|h| hash_pruned(&reads, &pruned, h));
+        assert_eq!(via_view, via_value);
+        let other =
+            Value::from_json_str(r#"{"a": {"b": [1, "y"], "z": 2}, "c": {"d": null}}"#).unwrap();
+        assert_ne!(via_view, c.key(|h| hash_pruned(&reads, &other, h)));
+        // A field that is not read does not change the key.
+        let unread =
+            Value::from_json_str(r#"{"a": {"b": [1, "x"], "z": 9}, "c": {"d": null}}"#).unwrap();
+        assert_eq!(via_view, c.key(|h| hash_pruned(&reads, &unread, h)));
     }
 }

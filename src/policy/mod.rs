@@ -8,7 +8,7 @@
 
 mod analysis;
 pub mod bundle;
-mod cache;
+pub(crate) mod cache;
 pub mod envoy;
 pub mod explain;
 pub mod lint;
@@ -17,7 +17,7 @@ pub mod reads;
 mod store;
 pub mod testing;
 
-pub use cache::CacheUse;
+pub use cache::{CacheUse, KeyHasher};
 pub use load::{load, load_for, source_files, PolicySource};
 pub use reads::InputReads;
 pub use store::PolicyStore;
@@ -223,10 +223,7 @@ value := {entry}
         // The engine parsed them already; should this reading ever
         // disagree, the set is simply treated as reading everything.
         let (reads, volatile) = match parsed {
-            Ok(parsed) => (
-                InputReads::of_files(&parsed),
-                reads::volatile_call(&parsed),
-            ),
+            Ok(parsed) => (InputReads::of_files(&parsed), reads::volatile_call(&parsed)),
             Err(_) => (InputReads::Whole, None),
         };
         let set = PolicySet {
@@ -269,32 +266,35 @@ value := {entry}
         }
     }
 
-    /// Decides on an input built to [`Self::reads`] (see
-    /// [`crate::input::PolicyInput::to_value_reading`]), through this
-    /// thread's cache of at most `cache_entries` decisions when the set
-    /// allows caching ([`Self::cache_bypass`]) and `cache_entries > 0`.
-    /// Only successful evaluations are cached.
+    /// Decides on `input`, built to [`Self::reads`], through this thread's
+    /// cache of at most `cache_entries` decisions when the set allows
+    /// caching ([`Self::cache_bypass`]) and `cache_entries > 0`: on a hit
+    /// the document is never built. Only successful evaluations are cached.
     pub fn decide(
         &self,
-        input: Value,
+        input: &dyn ReadableInput,
         limits: &EvalLimits,
         cache_entries: usize,
     ) -> (anyhow::Result<Decision>, CacheUse) {
-        let Some(program) = self.program.as_ref().filter(|_| {
-            cache_entries > 0 && !self.reads.is_whole() && self.volatile.is_none()
-        }) else {
-            return (self.evaluate(input, limits), CacheUse::Bypassed);
+        let Some(program) = self
+            .program
+            .as_ref()
+            .filter(|_| cache_entries > 0 && !self.reads.is_whole() && self.volatile.is_none())
+        else {
+            let document = input.build(&self.reads);
+            return (self.evaluate(document, limits), CacheUse::Bypassed);
         };
         let outcome = self.with_vm(program, limits, |vm, cache| {
             let cache = match cache {
                 Some(c) if c.capacity() == cache_entries.max(2) => c,
                 other => other.insert(cache::DecisionCache::new(cache_entries)),
             };
-            let key = cache.key(&input);
+            let key = cache.key(|h| input.hash_key(&self.reads, h));
             if let Some(decision) = cache.get(key) {
                 return (Ok(decision), CacheUse::Hit);
             }
-            let decision = run(vm, input).and_then(|raw| self.read_decision(&raw));
+            let decision =
+                run(vm, input.build(&self.reads)).and_then(|raw| self.read_decision(&raw));
             if let Ok(d) = &decision {
                 cache.insert(key, d.clone());
             }
@@ -401,6 +401,27 @@ value := {entry}
         engine
             .eval_rule(rule.to_string())
             .map_err(|e| anyhow!("{e}"))
+    }
+}
+
+/// An input document that can be built, and keyed for the decision cache,
+/// to what a policy set reads ([`PolicySet::reads`]).
+pub trait ReadableInput {
+    /// The document reduced to `reads`.
+    fn build(&self, reads: &InputReads) -> Value;
+    /// Feeds `h` with the same content [`Self::build`] would build: two
+    /// documents feed the same bytes exactly when they build equal values.
+    fn hash_key(&self, reads: &InputReads, h: &mut KeyHasher);
+}
+
+/// A document already built (tests, tools): keyed by its value.
+impl ReadableInput for Value {
+    fn build(&self, reads: &InputReads) -> Value {
+        reads.prune(self)
+    }
+
+    fn hash_key(&self, reads: &InputReads, h: &mut KeyHasher) {
+        cache::hash_pruned(reads, self, h)
     }
 }
 

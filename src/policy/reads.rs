@@ -101,12 +101,14 @@ impl InputReads {
         let (InputReads::Fields(fields), Value::Object(object)) = (self, value) else {
             return value.clone();
         };
-        let kept: BTreeMap<Value, Value> = fields
+        let kept: BTreeMap<Value, Value> = object
             .iter()
-            .filter_map(|(name, reads)| {
-                let key = Value::from(name.as_str());
-                let v = object.get(&key)?;
-                Some((key, reads.prune(v)))
+            .filter_map(|(key, v)| {
+                let Value::String(name) = key else {
+                    return None;
+                };
+                let reads = fields.get(name.as_ref())?;
+                Some((key.clone(), reads.prune(v)))
             })
             .collect();
         Value::from(kept)
@@ -247,7 +249,10 @@ mod tests {
     #[test]
     fn volatile_builtins_are_found_with_their_place() {
         let f = parsed("a if time.now_ns() > 0\n");
-        assert_eq!(volatile_call(&[f]).as_deref(), Some("p.rego:3: time.now_ns"));
+        assert_eq!(
+            volatile_call(&[f]).as_deref(),
+            Some("p.rego:3: time.now_ns")
+        );
         let f = parsed("a if lower(input.x) == \"a\"\n");
         assert_eq!(volatile_call(&[f]), None);
     }
