@@ -86,7 +86,7 @@ pub struct Endpoint {
 
 /// Where a request goes: the upstream for ingress, the requested host for
 /// egress.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Destination {
     /// Canonical host: lower-case ASCII name without trailing dot, or the
     /// address literal.
@@ -104,7 +104,7 @@ pub struct Destination {
 }
 
 /// One resolved address of a destination.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Address {
     pub ip: String,
     pub scope: String,
@@ -240,13 +240,16 @@ impl PolicyInput {
     /// `destination` is the destination's value when the caller keeps it
     /// built (the ingress upstream, located once per geo reload).
     pub fn to_value_reading(&self, reads: &InputReads, destination: Option<&Value>) -> Value {
-        self.with_fields(destination, |top| build_object(reads, top))
+        // The digest only keys; building never reads it.
+        self.with_fields(destination.map(|v| (v, 0)), |top| build_object(reads, top))
     }
 
     /// This document as the policy set reading `reads` sees it, for
     /// [`crate::policy::PolicySet::decide`]: keyed for the decision cache
     /// straight from these fields, and built only on a cache miss.
-    pub fn reading<'a>(&'a self, destination: Option<&'a Value>) -> Reading<'a> {
+    /// `destination` is the destination's value kept built by the caller,
+    /// with its [`crate::policy::cache::digest`], which keys it.
+    pub fn reading<'a>(&'a self, destination: Option<(&'a Value, u128)>) -> Reading<'a> {
         Reading {
             input: self,
             destination,
@@ -255,7 +258,11 @@ impl PolicyInput {
 
     /// Calls `f` with the document's fields. The one list of fields that
     /// both building and keying walk, so the two cannot disagree.
-    fn with_fields<R>(&self, destination: Option<&Value>, f: impl FnOnce(&[Named]) -> R) -> R {
+    fn with_fields<R>(
+        &self,
+        destination: Option<(&Value, u128)>,
+        f: impl FnOnce(&[Named]) -> R,
+    ) -> R {
         let r = &self.request;
         let query = || {
             Value::from(
@@ -286,18 +293,16 @@ impl PolicyInput {
             ("protocol", Field::Str(&r.protocol)),
         ];
         let src = &self.source;
-        let source_geo = || src.geo.to_value();
         let source = [
             ("ip", Field::Str(&src.ip)),
             ("port", Field::U64(src.port.into())),
             ("scope", Field::Str(&src.scope)),
-            ("geo", Field::Lazy(&source_geo)),
+            ("geo", Field::Geo(&src.geo)),
             ("workload", Field::OptStr(src.workload.as_deref())),
         ];
-        let destination_value = || self.destination.to_value();
         let destination = match destination {
-            Some(v) => Field::Built(v),
-            None => Field::Lazy(&destination_value),
+            Some((value, digest)) => Field::Built(value, digest),
+            None => Field::Destination(&self.destination),
         };
         let i = &self.identity;
         let claims = || {
@@ -353,12 +358,13 @@ impl PolicyInput {
 /// reads (see [`PolicyInput::reading`]).
 pub struct Reading<'a> {
     input: &'a PolicyInput,
-    destination: Option<&'a Value>,
+    destination: Option<(&'a Value, u128)>,
 }
 
 impl crate::policy::ReadableInput for Reading<'_> {
     fn build(&self, reads: &InputReads) -> Value {
-        self.input.to_value_reading(reads, self.destination)
+        self.input
+            .with_fields(self.destination, |top| build_object(reads, top))
     }
 
     fn hash_key(&self, reads: &InputReads, h: &mut crate::policy::KeyHasher) {
@@ -378,10 +384,16 @@ enum Field<'a> {
     Bool(bool),
     Strs(&'a [String]),
     Object(&'a [Named<'a>]),
-    /// A value built only when read (maps, geo records).
+    /// A value built only when read (maps).
     Lazy(&'a dyn Fn() -> Value),
-    /// A value the caller keeps built.
-    Built(&'a Value),
+    /// A geo record, built only when read. Keyed whole, even when only
+    /// some of its fields are read: a difference in an unread field costs
+    /// a cache miss, never a wrong hit.
+    Geo(&'a Geo),
+    /// The destination, built only when read; keyed whole, as `Geo`.
+    Destination(&'a Destination),
+    /// A value the caller keeps built, and its digest, which keys it.
+    Built(&'a Value, u128),
 }
 
 /// The object of those `fields` that `reads` selects, each reduced to what
@@ -400,7 +412,9 @@ fn build_object(reads: &InputReads, fields: &[Named]) -> Value {
                 Field::Strs(v) => strings(v),
                 Field::Object(fields) => build_object(sub, fields),
                 Field::Lazy(build) => sub.prune(&build()),
-                Field::Built(v) => sub.prune(v),
+                Field::Geo(geo) => sub.prune(&geo.to_value()),
+                Field::Destination(d) => sub.prune(&d.to_value()),
+                Field::Built(v, _) => sub.prune(v),
             };
             (!matches!(v, Value::Undefined)).then(|| (s(name), v))
         })
@@ -409,8 +423,9 @@ fn build_object(reads: &InputReads, fields: &[Named]) -> Value {
 }
 
 /// Feeds `h` with what [`build_object`] would build, without building it:
-/// equal hashes for equal documents, and (every part tagged or delimited)
-/// different input to the hash for different ones.
+/// documents that build different values feed different bytes (every part
+/// is tagged or delimited), and equal documents feed equal bytes (but for
+/// the parts keyed whole, see [`Field::Geo`]).
 fn hash_object(reads: &InputReads, fields: &[Named], h: &mut crate::policy::KeyHasher) {
     use crate::policy::cache::{hash_pruned, tag};
     use std::hash::Hash;
@@ -448,7 +463,18 @@ fn hash_object(reads: &InputReads, fields: &[Named], h: &mut crate::policy::KeyH
             }
             Field::Object(fields) => hash_object(sub, fields, h),
             Field::Lazy(build) => hash_pruned(sub, &build(), h),
-            Field::Built(v) => hash_pruned(sub, v, h),
+            Field::Geo(geo) => {
+                tag::RECORD.hash(h);
+                geo.hash(h);
+            }
+            Field::Destination(d) => {
+                tag::RECORD.hash(h);
+                d.hash(h);
+            }
+            Field::Built(_, digest) => {
+                tag::DIGEST.hash(h);
+                digest.hash(h);
+            }
         }
     }
     tag::END.hash(h);
@@ -642,13 +668,26 @@ pub(crate) mod tests {
         let mut direction_only = InputReads::nothing();
         direction_only.add(&["direction".into()]);
         for reads in [InputReads::Whole, some, direction_only] {
-            let key = |i: &PolicyInput, dest: Option<&Value>| {
+            let key = |i: &PolicyInput, dest: Option<(&Value, u128)>| {
                 cache.key(|h| i.reading(dest).hash_key(&reads, h))
             };
             for a in &variants {
                 // A destination the caller keeps built keys as one built here.
                 let dest = a.destination.to_value();
-                assert_eq!(key(a, None), key(a, Some(&dest)));
+                let digest = crate::policy::cache::digest(&dest);
+                let built = |i: &PolicyInput| {
+                    cache.key(|h| i.reading(Some((&dest, digest))).hash_key(&reads, h))
+                };
+                assert_eq!(
+                    a.reading(Some((&dest, digest))).build(&reads),
+                    a.to_value_reading(&reads, None)
+                );
+                if a.destination == variants[0].destination {
+                    assert_eq!(
+                        built(a) == built(&variants[0]),
+                        key(a, None) == key(&variants[0], None)
+                    );
+                }
                 for b in &variants {
                     let same_doc =
                         a.to_value_reading(&reads, None) == b.to_value_reading(&reads, None);

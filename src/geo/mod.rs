@@ -31,7 +31,7 @@ pub const UNKNOWN: &str = "unknown";
 pub const LOCAL: &str = "local";
 
 /// The `geo` object of `source` and `destination` in the policy input.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Geo {
     /// Address class: public, private, loopback, link_local, cgnat, ...
     pub scope: String,
@@ -51,7 +51,7 @@ pub struct Geo {
     pub sovereign: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Adequacy {
     /// "full" or "partial" (see `note` for who is covered).
     pub scope: String,
@@ -59,7 +59,7 @@ pub struct Adequacy {
     pub note: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Operator {
     pub id: String,
     pub name: String,

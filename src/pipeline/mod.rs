@@ -53,6 +53,8 @@ struct LocatedUpstream {
     geo: Arc<GeoDb>,
     destination: Arc<Destination>,
     value: regorus::Value,
+    /// Keys `value` in the decision cache (see `crate::policy::cache::digest`).
+    digest: u128,
 }
 
 /// What every worker shares about identities, TLS and classification: one
@@ -114,9 +116,11 @@ impl Gateway {
             upstream_located: ArcSwap::from_pointee({
                 let g = geo.current();
                 let destination = Arc::new(locate::locate_upstream(&url, upstream_ip, &g));
+                let value = destination.to_value();
                 LocatedUpstream {
                     geo: g,
-                    value: destination.to_value(),
+                    digest: crate::policy::cache::digest(&value),
+                    value,
                     destination,
                 }
             }),
@@ -147,9 +151,11 @@ impl Gateway {
             self.upstream_ip,
             geo,
         ));
+        let value = destination.to_value();
         let fresh = Arc::new(LocatedUpstream {
             geo: Arc::clone(geo),
-            value: destination.to_value(),
+            digest: crate::policy::cache::digest(&value),
+            value,
             destination,
         });
         self.upstream_located.store(Arc::clone(&fresh));
@@ -202,7 +208,7 @@ impl Gateway {
             );
             decide::Document::Whole(value)
         } else {
-            decide::Document::AsRead(input.reading(Some(&upstream.value)))
+            decide::Document::AsRead(input.reading(Some((&upstream.value, upstream.digest))))
         };
         let ruling = decide::decide(&set, document, &self.how, &self.metrics);
 

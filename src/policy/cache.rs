@@ -46,6 +46,10 @@ pub(crate) mod tag {
     pub const SET: u8 = 7;
     pub const OBJECT: u8 = 8;
     pub const UNDEFINED: u8 = 9;
+    /// A typed record (geo, destination) hashed through its `Hash`.
+    pub const RECORD: u8 = 10;
+    /// A value keyed by its [`super::digest`].
+    pub const DIGEST: u8 = 11;
     /// Closes an object (field names are UTF-8: they never start with 0xfe).
     pub const END: u8 = 0xfe;
 }
@@ -173,6 +177,16 @@ pub(crate) fn hash_value(value: &Value, h: &mut KeyHasher) {
         }
         Value::Undefined => tag::UNDEFINED.hash(h),
     }
+}
+
+/// A fixed-key 128-bit digest of a value the gateway keeps built (the
+/// ingress destination), computed once so that requests key it in one
+/// step. Fixed keys are fine here: the value comes from the configuration
+/// and the geo databases, not from clients.
+pub fn digest(value: &Value) -> u128 {
+    let mut h = KeyHasher::new_with_keys(0x7265_6d70_6172_7400, 0x6465_7374_0000_0001);
+    hash_value(value, &mut h);
+    h.finish128().as_u128()
 }
 
 /// Feeds `h` with `reads.prune(value)` without building it.
