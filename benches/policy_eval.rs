@@ -113,6 +113,38 @@ fn bench(c: &mut Criterion) {
                 .map(|d| d.allow)
         })
     });
+    // The ingress request path: the destination (the upstream) kept built
+    // with its digest; the input keyed, and built only as far as the set
+    // reads (see src/policy/reads.rs) when the decision cache misses.
+    let upstream = input.destination.to_value();
+    let upstream = Some((&upstream, policy::digest(&upstream)));
+    c.bench_function("decide/reduced+rvm (cache off)", |b| {
+        b.iter(|| {
+            set.decide(&black_box(&input).reading(upstream), &limits, 0)
+                .0
+                .map(|d| d.allow)
+        })
+    });
+    c.bench_function("decide/cache hit", |b| {
+        b.iter(|| {
+            set.decide(&black_box(&input).reading(upstream), &limits, 1024)
+                .0
+                .map(|d| d.allow)
+        })
+    });
+    // Every request a new path: key, miss, evaluate, insert (and evict).
+    let mut n = 0u64;
+    let mut varied = input.clone();
+    c.bench_function("decide/cache miss", |b| {
+        b.iter(|| {
+            n += 1;
+            varied.request.path = format!("/api/contacts/{n}");
+            varied.request.segments[2] = n.to_string();
+            set.decide(&black_box(&varied).reading(upstream), &limits, 1024)
+                .0
+                .map(|d| d.allow)
+        })
+    });
 }
 
 /// Geo lookups: MaxMind's test databases (committed), and the real DB-IP /

@@ -17,7 +17,7 @@ pub mod reads;
 mod store;
 pub mod testing;
 
-pub use cache::{CacheUse, KeyHasher};
+pub use cache::{digest, CacheUse, KeyHasher};
 pub use load::{load, load_for, source_files, PolicySource};
 pub use reads::InputReads;
 pub use store::PolicyStore;
