@@ -190,7 +190,11 @@ fn ingress_service(
             // while the upstream works, hyper drops this future but the
             // task goes on, so the request the CRM received still gets
             // its audit record and metrics.
-            let handled = tokio::spawn(async move { gw.handle(req, conn).await });
+            //
+            // The request's future is a few KiB (the input document, the
+            // upstream call): boxed once here, the task moves a pointer
+            // rather than copying the whole state as it is spawned.
+            let handled = tokio::spawn(Box::pin(async move { gw.handle(req, conn).await }));
             Ok::<_, Infallible>(settle(handled.await))
         }
     })
@@ -250,7 +254,12 @@ pub async fn serve_egress(
                     let gw = Arc::clone(&gw);
                     let conn = conn.clone();
                     async move {
-                        let handled = tokio::spawn(async move { gw.handle(req, conn).await });
+                        //
+                        // The request's future is a few KiB (the input document, the
+                        // upstream call): boxed once here, the task moves a pointer
+                        // rather than copying the whole state as it is spawned.
+                        let handled =
+                            tokio::spawn(Box::pin(async move { gw.handle(req, conn).await }));
                         Ok::<_, Infallible>(settle(handled.await))
                     }
                 });

@@ -185,7 +185,9 @@ impl Gateway {
         let source = locate::locate_source(conn.peer, &geo);
         let upstream = self.located_upstream(&geo);
 
-        let input = PolicyInput {
+        // Boxed: it lives across the upstream call, and a kilobyte held
+        // inline in this future is a kilobyte copied each time it moves.
+        let input = Box::new(PolicyInput {
             direction: Direction::Ingress,
             request,
             source,
@@ -193,7 +195,7 @@ impl Gateway {
             identity,
             resource,
             time: crate::input::time_info(now),
-        };
+        });
 
         // 5. decide
         let set = self.policies.current();
