@@ -595,6 +595,23 @@ fn check(path: &Path, policies: Option<&Path>) -> anyhow::Result<ExitCode> {
         source,
         set.files.len()
     ))?;
+    // What the DSI needs to know to predict the cost of each request: does
+    // a repeated request skip the policy, and on which fields.
+    let cache = if cfg.policy.decision_cache == 0 {
+        "off ([policy] decision_cache = 0)".to_string()
+    } else if cfg.policy.input_compat == crate::config::InputCompat::Envoy {
+        "off (input_compat = \"envoy\" builds the whole input)".to_string()
+    } else {
+        match set.cache_bypass() {
+            Some(why) => format!("off ({why})"),
+            None => format!(
+                "{} decisions per worker thread, keyed on {}",
+                cfg.policy.decision_cache,
+                set.reads().paths().join(", ")
+            ),
+        }
+    };
+    emit(&format!("decision cache: {cache}"))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -21,6 +21,54 @@ fn check_accepts_a_good_config() {
     let (code, out, err) = check_with_policies(dir.path(), &repo_policies());
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("ok: ") && out.contains("sha256:"), "{out}");
+    // It says whether repeated requests skip the policy, and on what.
+    let cache = out
+        .lines()
+        .find_map(|l| l.strip_prefix("decision cache: "))
+        .unwrap_or_else(|| panic!("no decision cache line in {out}"));
+    assert!(
+        cache.starts_with("1024 decisions per worker thread, keyed on "),
+        "{cache}"
+    );
+    let keyed: Vec<&str> = cache
+        .rsplit("keyed on ")
+        .next()
+        .unwrap()
+        .split(", ")
+        .collect();
+    assert!(keyed.contains(&"input.request.path"), "{keyed:?}");
+    assert!(keyed.contains(&"input.identity.roles"), "{keyed:?}");
+    for unique in [
+        "input.request.id",
+        "input.time",
+        "input.source.port",
+        "input",
+    ] {
+        assert!(!keyed.contains(&unique), "{unique} in {keyed:?}");
+    }
+}
+
+#[test]
+fn check_says_when_decisions_are_not_cached_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let pol = dir.path().join("policies");
+    std::fs::create_dir(&pol).unwrap();
+    std::fs::copy(
+        repo_policies().join("decision.rego"),
+        pol.join("decision.rego"),
+    )
+    .unwrap();
+    std::fs::write(
+        pol.join("audit_all.rego"),
+        "package rempart\nimport rego.v1\nwarn contains {\"code\": \"x\"} if {\n\tdoc := input\n\tdoc.request.path == \"/never\"\n}\n",
+    )
+    .unwrap();
+    let (code, out, err) = check_with_policies(dir.path(), &pol);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("decision cache: off (a rule reads the whole input document)"),
+        "{out}"
+    );
 }
 
 #[test]
