@@ -427,7 +427,7 @@ fn build_object(reads: &InputReads, fields: &[Named]) -> Value {
 /// is tagged or delimited), and equal documents feed equal bytes (but for
 /// the parts keyed whole, see [`Field::Geo`]).
 fn hash_object(reads: &InputReads, fields: &[Named], h: &mut crate::policy::KeyHasher) {
-    use crate::policy::cache::{hash_pruned, tag};
+    use crate::policy::cache::{hash_pruned, tag, tagged};
     use std::hash::Hash;
     tag::OBJECT.hash(h);
     for (name, field) in fields {
@@ -436,45 +436,23 @@ fn hash_object(reads: &InputReads, fields: &[Named], h: &mut crate::policy::KeyH
         };
         name.hash(h);
         match field {
-            Field::Str(v) | Field::OptStr(Some(v)) => {
-                tag::STRING.hash(h);
-                v.hash(h);
-            }
+            Field::Str(v) | Field::OptStr(Some(v)) => tagged(tag::STRING, v, h),
             Field::OptStr(None) => tag::NULL.hash(h),
-            Field::U64(n) => {
-                tag::UINT.hash(h);
-                n.hash(h);
-            }
-            Field::I64(n) => {
-                tag::INT.hash(h);
-                n.hash(h);
-            }
-            Field::Bool(b) => {
-                tag::BOOL.hash(h);
-                b.hash(h);
-            }
+            Field::U64(n) => tagged(tag::UINT, n, h),
+            Field::I64(n) => tagged(tag::INT, n, h),
+            Field::Bool(b) => tagged(tag::BOOL, b, h),
             Field::Strs(v) => {
                 tag::ARRAY.hash(h);
                 v.len().hash(h);
                 for item in *v {
-                    tag::STRING.hash(h);
-                    item.hash(h);
+                    tagged(tag::STRING, item, h);
                 }
             }
             Field::Object(fields) => hash_object(sub, fields, h),
             Field::Lazy(build) => hash_pruned(sub, &build(), h),
-            Field::Geo(geo) => {
-                tag::RECORD.hash(h);
-                geo.hash(h);
-            }
-            Field::Destination(d) => {
-                tag::RECORD.hash(h);
-                d.hash(h);
-            }
-            Field::Built(_, digest) => {
-                tag::DIGEST.hash(h);
-                digest.hash(h);
-            }
+            Field::Geo(geo) => tagged(tag::RECORD, geo, h),
+            Field::Destination(d) => tagged(tag::RECORD, d, h),
+            Field::Built(_, digest) => tagged(tag::DIGEST, digest, h),
         }
     }
     tag::END.hash(h);

@@ -138,21 +138,12 @@ impl DecisionCache {
 pub(crate) fn hash_value(value: &Value, h: &mut KeyHasher) {
     match value {
         Value::Null => tag::NULL.hash(h),
-        Value::Bool(b) => {
-            tag::BOOL.hash(h);
-            b.hash(h);
-        }
-        Value::Number(n) => {
-            tag::FLOAT.hash(h);
-            match n.as_f64() {
-                Some(f) => f.to_bits().hash(h),
-                None => value.to_string().hash(h),
-            }
-        }
-        Value::String(s) => {
-            tag::STRING.hash(h);
-            s.hash(h);
-        }
+        Value::Bool(b) => tagged(tag::BOOL, b, h),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) => tagged(tag::FLOAT, &f.to_bits(), h),
+            None => tagged(tag::FLOAT, &value.to_string(), h),
+        },
+        Value::String(s) => tagged(tag::STRING, s, h),
         Value::Array(a) => {
             tag::ARRAY.hash(h);
             a.len().hash(h);
@@ -177,6 +168,12 @@ pub(crate) fn hash_value(value: &Value, h: &mut KeyHasher) {
         }
         Value::Undefined => tag::UNDEFINED.hash(h),
     }
+}
+
+/// Feeds `h` with a type tag, then `value`.
+pub(crate) fn tagged<T: Hash + ?Sized>(tag: u8, value: &T, h: &mut KeyHasher) {
+    tag.hash(h);
+    value.hash(h);
 }
 
 /// A fixed-key 128-bit digest of a value the gateway keeps built (the
