@@ -70,8 +70,13 @@ impl Drop for Collector {
 }
 
 impl Collector {
-    async fn start(addr: SocketAddr, seen: Arc<Seen>) -> Collector {
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    /// Starts listening on the reserved port: the port was never free in
+    /// between, so no other test's server can have taken it.
+    async fn start(port: Reserved, seen: Arc<Seen>) -> Collector {
+        port.socket.listen(128).unwrap();
+        let listener: std::net::TcpListener = port.socket.into();
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let task = tokio::spawn(async move {
             // Connection tasks live in the set: aborting the accept loop
             // drops the set, which aborts them too.
@@ -131,12 +136,27 @@ async fn collect(req: Request<Incoming>, seen: &Seen) -> Response<Full<Bytes>> {
         .unwrap()
 }
 
-/// A loopback address nobody listens on (yet).
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+/// A loopback port held for a collector that is not up yet: bound but not
+/// listening, so rempart's connections are refused, and no other server
+/// (another test's collector, upstream or rempart) can bind it meanwhile.
+/// Releasing a port and binding it again later let a parallel test take
+/// it, and receive this test's events.
+struct Reserved {
+    socket: socket2::Socket,
+    addr: SocketAddr,
+}
+
+fn free_addr() -> Reserved {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    socket.bind(&any.into()).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    Reserved { socket, addr }
 }
 
 /// Starts rempart with the trail at `trail` and `[audit]` + `[audit.decision_log]`.
@@ -242,8 +262,9 @@ async fn decisions_arrive_as_opa_decision_log_events() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let seen = Arc::new(Seen::default());
-    let addr = free_addr();
-    let _collector = Collector::start(addr, Arc::clone(&seen)).await;
+    let port = free_addr();
+    let addr = port.addr;
+    let _collector = Collector::start(port, Arc::clone(&seen)).await;
     let token = dir.path().join("token");
     std::fs::write(&token, "s3cret-token\n").unwrap();
     let trail = dir.path().join("trail.jsonl");
@@ -328,7 +349,8 @@ async fn a_collector_outage_then_errors_loses_nothing_and_duplicates_nothing() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let seen = Arc::new(Seen::default());
-    let addr = free_addr();
+    let port = free_addr();
+    let addr = port.addr;
     let trail = dir.path().join("trail.jsonl");
     let mut rp = start(
         dir.path(),
@@ -350,7 +372,7 @@ async fn a_collector_outage_then_errors_loses_nothing_and_duplicates_nothing() {
 
     // The collector comes back but answers 500 for a while.
     seen.status.store(500, Ordering::SeqCst);
-    let collector = Collector::start(addr, Arc::clone(&seen)).await;
+    let collector = Collector::start(port, Arc::clone(&seen)).await;
     want.extend(traffic(&rp, 10).await);
     wait_metric(
         &rp,
@@ -388,7 +410,8 @@ async fn a_restart_delivers_the_spool_and_a_crash_loses_nothing() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let seen = Arc::new(Seen::default());
-    let addr = free_addr();
+    let port = free_addr();
+    let addr = port.addr;
     let trail = dir.path().join("trail.jsonl");
     let spool = dir.path().join("spool");
     let settings = format!(
@@ -421,7 +444,7 @@ async fn a_restart_delivers_the_spool_and_a_crash_loses_nothing() {
 
     // 3. Collector up, restart: the spool is sent and the crashed events
     // are read back from the trail.
-    let _collector = Collector::start(addr, Arc::clone(&seen)).await;
+    let _collector = Collector::start(port, Arc::clone(&seen)).await;
     let mut rp = start(dir.path(), &up.url(), &trail, "", &settings);
     want.extend(traffic(&rp, 5).await);
     wait_until("all 40 events", 60, || seen.events().len() >= want.len()).await;
@@ -441,7 +464,8 @@ async fn the_spool_stays_within_its_bound_and_the_trail_fills_the_gap() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let seen = Arc::new(Seen::default());
-    let addr = free_addr();
+    let port = free_addr();
+    let addr = port.addr;
     let trail = dir.path().join("trail.jsonl");
     let spool = dir.path().join("spool");
     let max = 6 * 1024;
@@ -474,7 +498,7 @@ async fn the_spool_stays_within_its_bound_and_the_trail_fills_the_gap() {
     assert!(rp.metric("rempart_audit_decision_log_spool_bytes").await <= max as f64);
 
     // The collector comes back: what did not fit is read from the trail.
-    let _collector = Collector::start(addr, Arc::clone(&seen)).await;
+    let _collector = Collector::start(port, Arc::clone(&seen)).await;
     wait_until("all 240 events", 90, || seen.events().len() >= want.len()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     exactly_once(&seen, &want);
