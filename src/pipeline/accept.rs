@@ -254,10 +254,8 @@ pub async fn serve_egress(
                     let gw = Arc::clone(&gw);
                     let conn = conn.clone();
                     async move {
-                        //
-                        // The request's future is a few KiB (the input document, the
-                        // upstream call): boxed once here, the task moves a pointer
-                        // rather than copying the whole state as it is spawned.
+                        // Boxed, as on the ingress: the task moves a pointer,
+                        // not the request's whole state.
                         let handled =
                             tokio::spawn(Box::pin(async move { gw.handle(req, conn).await }));
                         Ok::<_, Infallible>(settle(handled.await))

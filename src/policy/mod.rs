@@ -60,9 +60,9 @@ pub struct PolicySet {
     data: Value,
     /// What of the input the rules read: the gateway builds only that.
     reads: InputReads,
-    /// The first volatile builtin call (see [`reads::volatile_call`]),
-    /// which keeps decisions out of the cache.
-    volatile: Option<String>,
+    /// Why decisions of this set are never cached (the interpreter, a
+    /// read of the whole input, a volatile builtin), or `None`.
+    cache_bypass: Option<String>,
     /// Kept to evaluate through the interpreter (`policy eval --interpreter`,
     /// and the test that proves the RVM gives the same answers).
     engine: regorus::Engine,
@@ -135,25 +135,32 @@ impl PolicySet {
         // (OPA-Envoy's `result["allowed"] := allow` defines
         // `result.allowed`), which regorus cannot take as an entry point:
         // it is read through one generated rule instead.
+        // Read once, for the configured decision's check and for what the
+        // rules read. The engine parsed the files already; a file this
+        // reading ever rejected would define nothing and read everything.
+        let parsed: Vec<Option<analysis::ParsedFile>> = files
+            .iter()
+            .map(|(path, text)| {
+                analysis::parse_file(&load::SourceFile {
+                    rel: path.clone(),
+                    shown: path.clone(),
+                    text: text.clone(),
+                })
+                .ok()
+            })
+            .collect();
         let evaluated = if entry == ENTRY_POINT {
             entry.to_string()
         } else {
             // An undefined reference is legal Rego: check that a rule
             // defines the configured decision, or every request would fail.
-            let defined = files.iter().any(|(path, text)| {
-                let file = load::SourceFile {
-                    rel: path.clone(),
-                    shown: path.clone(),
-                    text: text.clone(),
-                };
-                analysis::parse_file(&file).is_ok_and(|f| {
-                    f.rules.iter().any(|r| {
-                        let full = format!("data.{}.{}", r.package, r.name);
-                        full == entry
-                            || full
-                                .strip_prefix(entry)
-                                .is_some_and(|rest| rest.starts_with('.'))
-                    })
+            let defined = parsed.iter().flatten().any(|f| {
+                f.rules.iter().any(|r| {
+                    let full = format!("data.{}.{}", r.package, r.name);
+                    full == entry
+                        || full
+                            .strip_prefix(entry)
+                            .is_some_and(|rest| rest.starts_with('.'))
                 })
             });
             if !defined {
@@ -210,21 +217,19 @@ value := {entry}
                 .set_data(data.clone())
                 .map_err(|e| anyhow!("policy data conflicts with a rule: {e}"))?;
         }
-        let parsed: Result<Vec<_>, _> = files
-            .iter()
-            .map(|(path, text)| {
-                analysis::parse_file(&load::SourceFile {
-                    rel: path.clone(),
-                    shown: path.clone(),
-                    text: text.clone(),
-                })
-            })
-            .collect();
-        // The engine parsed them already; should this reading ever
-        // disagree, the set is simply treated as reading everything.
-        let (reads, volatile) = match parsed {
-            Ok(parsed) => (InputReads::of_files(&parsed), reads::volatile_call(&parsed)),
-            Err(_) => (InputReads::Whole, None),
+        let parsed: Option<Vec<analysis::ParsedFile>> = parsed.into_iter().collect();
+        let reads = parsed
+            .as_deref()
+            .map_or(InputReads::Whole, InputReads::of_files);
+        let cache_bypass = if program.is_none() {
+            Some("the decision runs on the interpreter".to_string())
+        } else if reads.is_whole() {
+            Some("a rule reads the whole input document".to_string())
+        } else {
+            parsed
+                .as_deref()
+                .and_then(reads::volatile_call)
+                .map(|call| format!("{call} depends on more than the input"))
         };
         let set = PolicySet {
             revision,
@@ -235,7 +240,7 @@ value := {entry}
             program,
             data,
             reads,
-            volatile,
+            cache_bypass,
             engine,
         };
         Ok(set)
@@ -254,16 +259,8 @@ value := {entry}
     }
 
     /// Why decisions of this set are never cached, or `None` when they can be.
-    pub fn cache_bypass(&self) -> Option<String> {
-        if self.program.is_none() {
-            Some("the decision runs on the interpreter".into())
-        } else if self.reads.is_whole() {
-            Some("a rule reads the whole input document".into())
-        } else {
-            self.volatile
-                .as_ref()
-                .map(|call| format!("{call} depends on more than the input"))
-        }
+    pub fn cache_bypass(&self) -> Option<&str> {
+        self.cache_bypass.as_deref()
     }
 
     /// Decides on `input`, built to [`Self::reads`], through this thread's
@@ -279,7 +276,7 @@ value := {entry}
         let Some(program) = self
             .program
             .as_ref()
-            .filter(|_| cache_entries > 0 && !self.reads.is_whole() && self.volatile.is_none())
+            .filter(|_| cache_entries > 0 && self.cache_bypass.is_none())
         else {
             let document = input.build(&self.reads);
             return (self.evaluate(document, limits), CacheUse::Bypassed);
