@@ -612,7 +612,7 @@ impl Default for AuditConfig {
             durability: Durability::Buffered,
             failure_status: 503,
             flush_interval: Seconds(Duration::from_millis(5)),
-            queue_capacity: 65_536,
+            queue_capacity: 16_384,
             on_full: OnFull::Block,
             rotate_size: ByteSize(0),
             rotate_age: Seconds(Duration::ZERO),

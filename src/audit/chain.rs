@@ -9,6 +9,8 @@
 //! that line. (Cutting lines off the end leaves a valid shorter chain; the
 //! planned signed checkpoints close that gap.)
 
+use std::io::Write;
+
 use sha2::{Digest, Sha256};
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -35,23 +37,37 @@ impl Head {
 /// Chains one record (a JSON object, `{…}`) after `head`: returns the line
 /// to write (with its newline) and advances `head`.
 pub fn link(head: &mut Head, record: &[u8]) -> Vec<u8> {
-    let seq = head.seq + 1;
     let mut line = Vec::with_capacity(record.len() + 180);
-    line.extend_from_slice(format!("{{\"seq\":{seq},\"prev_hash\":\"{}\"", head.hash).as_bytes());
+    link_into(head, record, &mut line);
+    line
+}
+
+/// [`link`], appending the line to `out`: the writer chains a whole batch
+/// into one buffer without a line's worth of allocation and copy each.
+pub fn link_into(head: &mut Head, record: &[u8], out: &mut Vec<u8>) {
+    let seq = head.seq + 1;
+    let start = out.len();
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "{{\"seq\":{seq},\"prev_hash\":\"");
+    out.extend_from_slice(head.hash.as_bytes());
+    out.push(b'"');
     let fields = record.strip_prefix(b"{").unwrap_or(record);
     let fields = fields.strip_suffix(b"}").unwrap_or(fields);
     if !fields.is_empty() {
-        line.push(b',');
-        line.extend_from_slice(fields);
+        out.push(b',');
+        out.extend_from_slice(fields);
     }
-    line.push(b'}');
-    let hash = hex::encode(Sha256::digest(&line));
-    line.pop();
-    line.extend_from_slice(HASH_KEY.as_bytes());
-    line.extend_from_slice(hash.as_bytes());
-    line.extend_from_slice(b"\"}\n");
-    *head = Head { seq, hash };
-    line
+    out.push(b'}');
+    let mut hex = [0u8; 64];
+    // Cannot fail: 32 bytes always fit 64 hex digits.
+    let _ = hex::encode_to_slice(Sha256::digest(&out[start..]), &mut hex);
+    out.pop();
+    out.extend_from_slice(HASH_KEY.as_bytes());
+    out.extend_from_slice(&hex);
+    out.extend_from_slice(b"\"}\n");
+    head.seq = seq;
+    head.hash.clear();
+    head.hash.extend(hex.iter().map(|&b| char::from(b)));
 }
 
 /// What one line says about itself, once its own hash is checked.

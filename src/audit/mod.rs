@@ -15,6 +15,7 @@
 //!   waits for it, and is replaced by an error if the record did not reach
 //!   the disk.
 
+mod buffers;
 pub mod chain;
 pub mod checkpoint;
 pub mod decision_log;
@@ -127,6 +128,7 @@ pub struct AuditSink {
     durability: Durability,
     on_full: OnFull,
     privacy: Option<Arc<privacy::Privacy>>,
+    buffers: Arc<buffers::BufferPool>,
 }
 
 /// The writer thread; join it after every sink is dropped.
@@ -206,6 +208,7 @@ impl AuditSink {
         }
         let compressor = Compressor::start(path, options.rotation.keep, Arc::clone(&metrics))?;
         let (tx, rx) = mpsc::sync_channel(options.capacity);
+        let buffers = Arc::new(buffers::BufferPool::default());
         let writer = Writer {
             trail,
             settings: WriterSettings {
@@ -218,6 +221,8 @@ impl AuditSink {
             compressor,
             checkpointer,
             sinks,
+            buffers: Arc::clone(&buffers),
+            batch: Vec::new(),
         };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
@@ -231,6 +236,7 @@ impl AuditSink {
                 durability: options.durability,
                 on_full: options.on_full,
                 privacy,
+                buffers,
             },
             AuditWriter { handle },
         ))
@@ -250,8 +256,9 @@ impl AuditSink {
     /// the acknowledgement to wait for. When the queue is full the caller
     /// waits for the writer (counted), unless `on_full = "drop"`.
     pub fn record(&self, record: &AuditRecord<'_>) -> Option<AuditAck> {
-        let line = match serde_json::to_vec(record) {
-            Ok(l) => l,
+        let mut line = self.buffers.take();
+        match serde_json::to_writer(&mut line, record) {
+            Ok(()) => {}
             Err(e) => {
                 // Only possible with a non-string map key, which the record
                 // type does not have; counted so that it cannot pass unseen.
@@ -259,7 +266,7 @@ impl AuditSink {
                 tracing::error!("cannot serialise audit record: {e}");
                 return self.is_sync().then_some(AuditAck(None));
             }
-        };
+        }
         let line = match &self.privacy {
             Some(p) => p.apply(line),
             None => line,
