@@ -14,7 +14,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -64,16 +63,8 @@ impl Drop for Guard {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn start_creme(env: &BTreeMap<String, String>) -> (Guard, u16) {
-    let port = free_port();
+    let port = common::unused_port();
     let child = Command::new(&env["CREME"])
         .args([
             "runserver",

@@ -1116,15 +1116,6 @@ async fn alerts_and_dashboard_use_only_metrics_and_labels_rempart_exports() {
     );
 }
 
-/// A free loopback port (bound then released; the server takes it next).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
@@ -1160,7 +1151,7 @@ async fn a_real_prometheus_scrapes_rempart_and_evaluates_the_rules() {
         ),
     )
     .unwrap();
-    let port = free_port();
+    let port = common::unused_port();
     let log = std::fs::File::create(tmp.path().join("prometheus.log")).unwrap();
     let _server = KillOnDrop(
         Command::new(prometheus)

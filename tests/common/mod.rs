@@ -194,6 +194,28 @@ pub struct Rempart {
     pub dir: tempfile::TempDir,
 }
 
+/// A loopback port for a server that another process (Creme, Prometheus)
+/// will bind next, so that no socket can hold it meanwhile.
+///
+/// Picked at random below Linux's ephemeral range (32768-60999), and free
+/// at the moment of the pick: the kernel never hands these out to a
+/// `bind(0)` or an outgoing connection, so in the window before the
+/// server binds no other test's listener or client can take the port. A
+/// port from `bind(0)`, released for the server, could be.
+pub fn unused_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut seed = std::collections::hash_map::RandomState::new().build_hasher();
+    seed.write_u32(std::process::id());
+    let start = seed.finish();
+    for i in 0..1000u64 {
+        let port = 20_000 + ((start + i * 7919) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-31999");
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_rempart")
 }
