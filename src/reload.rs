@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
-type Fingerprint = Vec<(PathBuf, Option<(u64, SystemTime)>)>;
+pub type Fingerprint = Vec<(PathBuf, Option<(u64, SystemTime)>)>;
 
 /// Names, sizes and modification times of the files at or below `paths`
 /// (a missing file counts as a state too). Polled to notice changes without
@@ -43,22 +43,28 @@ pub fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
 /// Starts a thread that calls `reload` when `trigger` receives, and when
 /// the files under `paths` change (checked every `interval`; zero or no
 /// paths disables polling). `reload` logs and counts its own failures.
+///
+/// `loaded` is the files' fingerprint taken just *before* the caller
+/// loaded them: a change made while they were being loaded, or before
+/// this watcher started, then differs from it and is reloaded at the first
+/// poll. Without it (`None`), the baseline is taken now, and a change
+/// made between the load and now is only noticed at the next change.
 pub fn spawn_watcher(
     name: &str,
     interval: Duration,
     trigger: mpsc::Receiver<()>,
     paths: Vec<PathBuf>,
+    loaded: Option<Fingerprint>,
     reload: impl Fn() + Send + 'static,
 ) {
     let poll = !interval.is_zero() && !paths.is_empty();
-    // Taken now, not when the thread first runs: a change made after the
-    // caller loaded the files (and announced itself ready) but before a
-    // busy machine schedules the thread would otherwise become the
-    // baseline, and never be reloaded.
-    let mut seen = if poll {
-        fingerprint(&paths)
-    } else {
-        Vec::new()
+    // Taken now at the latest, not when the thread first runs: a change
+    // made before a busy machine schedules the thread would otherwise
+    // become the baseline, and never be reloaded.
+    let mut seen = match loaded {
+        _ if !poll => Vec::new(),
+        Some(loaded) => loaded,
+        None => fingerprint(&paths),
     };
     let spawned = std::thread::Builder::new()
         .name(format!("{name}-watch"))
@@ -87,5 +93,55 @@ pub fn spawn_watcher(
         });
     if let Err(e) = spawned {
         tracing::error!("cannot start the {name} watcher, hot reload is off: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Starts a polling watcher on `file` and returns what its reloads send.
+    fn watch(file: &Path, loaded: Option<Fingerprint>) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (reloaded_tx, reloaded) = mpsc::channel();
+        let (trigger_tx, trigger) = mpsc::channel();
+        spawn_watcher(
+            "test",
+            Duration::from_millis(10),
+            trigger,
+            vec![file.to_path_buf()],
+            loaded,
+            move || {
+                let _ = reloaded_tx.send(());
+            },
+        );
+        (reloaded, trigger_tx)
+    }
+
+    #[test]
+    fn a_change_made_while_the_files_were_loading_is_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.rego");
+        std::fs::write(&file, "package rempart\n").unwrap();
+        let before_load = fingerprint(std::slice::from_ref(&file));
+        // The change lands after the fingerprint, before the watcher starts.
+        std::fs::write(&file, "package rempart\n\n# edited\n").unwrap();
+        let (reloaded, _trigger) = watch(&file, Some(before_load));
+        assert!(
+            reloaded.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the watcher reloads the change it did not see at load"
+        );
+    }
+
+    #[test]
+    fn unchanged_files_are_not_reloaded_and_a_trigger_always_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.rego");
+        std::fs::write(&file, "package rempart\n").unwrap();
+        let loaded = fingerprint(std::slice::from_ref(&file));
+        let (reloaded, trigger) = watch(&file, Some(loaded));
+        // Twenty polls and more with nothing changed.
+        assert!(reloaded.recv_timeout(Duration::from_millis(300)).is_err());
+        trigger.send(()).unwrap();
+        assert!(reloaded.recv_timeout(Duration::from_secs(10)).is_ok());
     }
 }

@@ -239,6 +239,7 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
                     .min(std::time::Duration::from_secs(10)),
                 jwks_reload_rx,
                 vec![path.clone()],
+                None,
                 move || keys.reload_file(),
             );
         }
@@ -338,20 +339,25 @@ fn watch_certificate(
     let (tx, rx) = mpsc::channel();
     let resolver = Arc::clone(&tls.resolver);
     let m = Arc::clone(metrics);
-    crate::reload::spawn_watcher(name, interval, rx, resolver.paths(), move || match resolver
-        .reload()
-    {
-        Ok(()) => {
-            m.tls_cert_reloads_success.inc();
-            tracing::info!(listener = name, "TLS certificate reloaded");
-        }
-        Err(e) => {
-            m.tls_cert_reloads_failure.inc();
-            tracing::error!(
-                listener = name,
-                "TLS certificate reload failed, keeping the previous one: {e:#}"
-            );
-        }
-    });
+    crate::reload::spawn_watcher(
+        name,
+        interval,
+        rx,
+        resolver.paths(),
+        None,
+        move || match resolver.reload() {
+            Ok(()) => {
+                m.tls_cert_reloads_success.inc();
+                tracing::info!(listener = name, "TLS certificate reloaded");
+            }
+            Err(e) => {
+                m.tls_cert_reloads_failure.inc();
+                tracing::error!(
+                    listener = name,
+                    "TLS certificate reload failed, keeping the previous one: {e:#}"
+                );
+            }
+        },
+    );
     tx
 }

@@ -15,6 +15,9 @@ pub struct GeoStore {
     files: GeoFiles,
     optional: bool,
     metrics: Arc<Metrics>,
+    /// The files' state just before the first load (see
+    /// [`crate::reload::spawn_watcher`]).
+    loaded: crate::reload::Fingerprint,
 }
 
 impl GeoStore {
@@ -25,6 +28,7 @@ impl GeoStore {
         optional: bool,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
+        let loaded = crate::reload::fingerprint(&files.paths());
         let db = if optional {
             GeoDb::open_lenient(&files)?
         } else {
@@ -36,6 +40,7 @@ impl GeoStore {
             files,
             optional,
             metrics,
+            loaded,
         }))
     }
 
@@ -70,8 +75,16 @@ impl GeoStore {
 
     pub fn watch(self: &Arc<Self>, trigger: mpsc::Receiver<()>, interval: Duration) {
         let store = Arc::clone(self);
-        crate::reload::spawn_watcher("geo", interval, trigger, self.files.paths(), move || {
-            let _ = store.reload();
-        });
+        let loaded = Some(self.loaded.clone());
+        crate::reload::spawn_watcher(
+            "geo",
+            interval,
+            trigger,
+            self.files.paths(),
+            loaded,
+            move || {
+                let _ = store.reload();
+            },
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! A new set is compiled on the watcher thread, off the request path, and
 //! swapped in only if it compiles; otherwise the previous set keeps serving.
 
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,9 @@ pub struct PolicyStore {
     /// The decision rule every set must define (`[policy] decision`).
     entry: String,
     metrics: Arc<Metrics>,
+    /// The watched files' state just before the first load (see
+    /// [`crate::reload::spawn_watcher`]).
+    loaded: Option<crate::reload::Fingerprint>,
 }
 
 /// Says, once per set, when its decisions cannot be cached: every request
@@ -54,6 +58,7 @@ impl PolicyStore {
         entry: &str,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
+        let loaded = crate::reload::fingerprint(&watched_paths(&source));
         let set = load_for(&source, entry)?;
         note_cacheability(&set);
         metrics.set_policy_revision(&set.revision);
@@ -65,6 +70,7 @@ impl PolicyStore {
             source,
             entry: entry.to_string(),
             metrics,
+            loaded: Some(loaded),
         }))
     }
 
@@ -82,6 +88,7 @@ impl PolicyStore {
             current: ArcSwap::from_pointee(set),
             source,
             metrics,
+            loaded: None,
         })
     }
 
@@ -149,17 +156,23 @@ impl PolicyStore {
     /// `interval`; zero disables polling).
     pub fn watch(self: &Arc<Self>, trigger: mpsc::Receiver<()>, interval: Duration) {
         let store = Arc::clone(self);
-        let paths = match &self.source {
-            PolicySource::Dir(d) => vec![d.clone()],
-            PolicySource::Builtin => Vec::new(),
-            // A downloaded bundle's persisted copy is written by the poller,
-            // which activates it itself: watching it would compile it twice.
-            PolicySource::Bundle(b) if b.origin.is_some() => Vec::new(),
-            PolicySource::Bundle(b) => vec![b.path.clone()],
-        };
-        crate::reload::spawn_watcher("policy", interval, trigger, paths, move || {
+        let paths = watched_paths(&self.source);
+        let loaded = self.loaded.clone();
+        crate::reload::spawn_watcher("policy", interval, trigger, paths, loaded, move || {
             // Errors are logged and counted inside reload().
             let _ = store.reload();
         });
+    }
+}
+
+/// The files whose changes reload a source's policies.
+fn watched_paths(source: &PolicySource) -> Vec<PathBuf> {
+    match source {
+        PolicySource::Dir(d) => vec![d.clone()],
+        PolicySource::Builtin => Vec::new(),
+        // A downloaded bundle's persisted copy is written by the poller,
+        // which activates it itself: watching it would compile it twice.
+        PolicySource::Bundle(b) if b.origin.is_some() => Vec::new(),
+        PolicySource::Bundle(b) => vec![b.path.clone()],
     }
 }
