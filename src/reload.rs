@@ -117,12 +117,18 @@ mod tests {
         (reloaded, trigger_tx)
     }
 
-    #[test]
-    fn a_change_made_while_the_files_were_loading_is_reloaded() {
+    /// A directory holding one policy file, and that file's fingerprint.
+    fn one_file() -> (tempfile::TempDir, PathBuf, Fingerprint) {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("a.rego");
         std::fs::write(&file, "package rempart\n").unwrap();
-        let before_load = fingerprint(std::slice::from_ref(&file));
+        let loaded = fingerprint(std::slice::from_ref(&file));
+        (dir, file, loaded)
+    }
+
+    #[test]
+    fn a_change_made_while_the_files_were_loading_is_reloaded() {
+        let (_dir, file, before_load) = one_file();
         // The change lands after the fingerprint, before the watcher starts.
         std::fs::write(&file, "package rempart\n\n# edited\n").unwrap();
         let (reloaded, _trigger) = watch(&file, Some(before_load));
@@ -134,10 +140,7 @@ mod tests {
 
     #[test]
     fn unchanged_files_are_not_reloaded_and_a_trigger_always_reloads() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("a.rego");
-        std::fs::write(&file, "package rempart\n").unwrap();
-        let loaded = fingerprint(std::slice::from_ref(&file));
+        let (_dir, file, loaded) = one_file();
         let (reloaded, trigger) = watch(&file, Some(loaded));
         // Twenty polls and more with nothing changed.
         assert!(reloaded.recv_timeout(Duration::from_millis(300)).is_err());
