@@ -196,6 +196,25 @@ fn rvm_and_interpreter_agree_on_the_shipped_policies() {
 /// caches decisions on them: over the corpus, a decision on the reduced
 /// input, and the same decision served again from the cache, equal the
 /// decision on the whole document.
+/// Decides `input` on the whole document and through the reduced, cached
+/// path, asserts both agree, and returns the decision and how the cache
+/// served it.
+fn decided_alike(
+    set: &policy::PolicySet,
+    input: &PolicyInput,
+    limits: &EvalLimits,
+) -> (policy::Decision, policy::CacheUse) {
+    let whole = set.evaluate(input.to_value(), limits).unwrap();
+    let (cached, used) = set.decide(&input.reading(None), limits, 4096);
+    assert_eq!(
+        cached.unwrap(),
+        whole,
+        "reduced/cached decision differs for {}",
+        serde_json::to_string(input).unwrap()
+    );
+    (whole, used)
+}
+
 #[test]
 fn reduced_inputs_and_cached_decisions_equal_whole_input_decisions() {
     let set = policy::load(&PolicySource::Dir(common::repo_policies())).unwrap();
@@ -215,18 +234,11 @@ fn reduced_inputs_and_cached_decisions_equal_whole_input_decisions() {
     }
     let limits = EvalLimits::default();
     let (mut hits, mut denied) = (0, 0);
-    for round in 0..2 {
+    for _ in 0..2 {
         for input in corpus() {
-            let whole = set.evaluate(input.to_value(), &limits).unwrap();
             let reduced = input.to_value_reading(set.reads(), None);
             assert_ne!(reduced, input.to_value(), "nothing was left out");
-            let (cached, used) = set.decide(&input.reading(None), &limits, 4096);
-            assert_eq!(
-                cached.unwrap(),
-                whole,
-                "round {round}: reduced/cached decision differs for {}",
-                serde_json::to_string(&input).unwrap()
-            );
+            let (whole, used) = decided_alike(&set, &input, &limits);
             hits += usize::from(used == policy::CacheUse::Hit);
             denied += usize::from(!whole.allow);
         }
@@ -257,5 +269,75 @@ fn inputs_built_by_the_code_match_the_published_schema() {
     assert!(
         validator.validate(&doc).is_err(),
         "unknown field must be rejected"
+    );
+}
+
+/// `object.get` with a literal key reads only that key: the reduced
+/// document keeps `input.source.geo.country`, not the whole `source` (whose
+/// client port would make every request a cache miss), and decisions stay
+/// those of the whole document, absent keys and defaults included.
+#[test]
+fn object_get_with_a_literal_key_reads_only_that_key_and_decides_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        common::repo_policies().join("decision.rego"),
+        dir.path().join("decision.rego"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("lookups.rego"),
+        r#"package rempart
+
+import rego.v1
+
+deny contains {"code": "country", "message": c} if {
+	c := object.get(input.source, ["geo", "country"], "unknown")
+	c != "FR"
+}
+
+deny contains {"code": "method", "message": m} if {
+	m := object.get(input, ["request", "method"], "")
+	m in {"DELETE", "TRACE"}
+}
+
+warn contains {"code": "header", "message": h} if {
+	h := object.get(input.request.headers, "x-missing", "none")
+}
+
+warn contains {"code": "subject", "message": s} if {
+	s := object.get(input.identity, "subject", "anonymous")
+}
+"#,
+    )
+    .unwrap();
+    let set = policy::load(&PolicySource::Dir(dir.path().to_path_buf())).unwrap();
+    assert_eq!(
+        set.reads().paths(),
+        vec![
+            "input.identity.subject",
+            "input.request.headers.x-missing",
+            "input.request.method",
+            "input.source.geo.country",
+        ]
+    );
+    let limits = EvalLimits::default();
+    let (mut hits, mut countries) = (0, std::collections::BTreeSet::new());
+    for _ in 0..2 {
+        for input in corpus() {
+            let (whole, used) = decided_alike(&set, &input, &limits);
+            hits += usize::from(used == policy::CacheUse::Hit);
+            countries.extend(
+                whole
+                    .deny
+                    .iter()
+                    .filter(|r| r.code == "country")
+                    .map(|r| r.message.clone()),
+            );
+        }
+    }
+    assert!(hits >= corpus().len(), "{hits} hits");
+    assert!(
+        countries.len() > 1,
+        "the corpus covers several countries: {countries:?}"
     );
 }

@@ -249,45 +249,94 @@ fn references(source: &Source) -> anyhow::Result<Vec<(u32, Reference)>> {
     }
     let text = |i: usize| tokens.get(i).map(|t| t.1.text()).unwrap_or("");
     let kind = |i: usize| tokens.get(i).map(|t| &t.0);
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < tokens.len() {
-        let tok = &tokens[i];
-        // A reference starts at an identifier not preceded by a dot; the
-        // lexer gives keywords as identifiers too.
-        let starts = matches!(tok.0, TokenKind::Ident)
+    let is_string = |i: usize| matches!(kind(i), Some(TokenKind::String));
+    // The reference starting at token `i` (an identifier not preceded by
+    // a dot, not a keyword), and the index of the token after it.
+    let reference_at = |i: usize| -> Option<(Vec<String>, usize)> {
+        let starts = matches!(kind(i), Some(TokenKind::Ident))
             && (i == 0 || text(i - 1) != ".")
-            && !REGO_KEYWORDS.contains(&tok.1.text());
+            && !REGO_KEYWORDS.contains(&text(i));
         if !starts {
-            i += 1;
-            continue;
+            return None;
         }
-        let mut path = vec![tok.1.text().to_string()];
+        let mut path = vec![text(i).to_string()];
         let mut j = i + 1;
         loop {
             if text(j) == "." && matches!(kind(j + 1), Some(TokenKind::Ident)) {
                 path.push(text(j + 1).to_string());
                 j += 2;
-            } else if text(j) == "["
-                && matches!(kind(j + 1), Some(TokenKind::String))
-                && text(j + 2) == "]"
-            {
+            } else if text(j) == "[" && is_string(j + 1) && text(j + 2) == "]" {
                 path.push(text(j + 1).to_string());
                 j += 3;
             } else {
                 break;
             }
         }
+        Some((path, j))
+    };
+    // `object.get(REF, KEY, default)` with a literal KEY (a string, or an
+    // array of strings for a path) reads REF.KEY only, not the whole REF:
+    // the common way of reading a field that may be absent. Returns the
+    // key's segments and the index of the token after the key's comma.
+    let literal_key = |k: usize| -> Option<(Vec<String>, usize)> {
+        if is_string(k) && text(k + 1) == "," {
+            return Some((vec![text(k).to_string()], k + 2));
+        }
+        if text(k) != "[" {
+            return None;
+        }
+        let mut keys = Vec::new();
+        let mut j = k + 1;
+        while is_string(j) {
+            keys.push(text(j).to_string());
+            match text(j + 1) {
+                "," => j += 2,
+                "]" if text(j + 2) == "," => return Some((keys, j + 3)),
+                _ => return None,
+            }
+        }
+        None
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < tokens.len() {
+        let Some((path, j)) = reference_at(i) else {
+            i += 1;
+            continue;
+        };
+        let tok = &tokens[i];
+        let call = text(j) == "(";
+        let object_get = call && path == ["object", "get"];
         out.push((
             tok.1.start,
             Reference {
                 path,
                 line: tok.1.line,
                 col: tok.1.col,
-                call: text(j) == "(",
+                call,
             },
         ));
         i = j;
+        if object_get {
+            if let Some((mut read, after_ref)) = reference_at(j + 1) {
+                if text(after_ref) == "," {
+                    if let Some((keys, after_key)) = literal_key(after_ref + 1) {
+                        let arg = &tokens[j + 1];
+                        read.extend(keys);
+                        out.push((
+                            arg.1.start,
+                            Reference {
+                                path: read,
+                                line: arg.1.line,
+                                col: arg.1.col,
+                                call: false,
+                            },
+                        ));
+                        i = after_key;
+                    }
+                }
+            }
+        }
     }
     Ok(out)
 }

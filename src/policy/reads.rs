@@ -202,6 +202,30 @@ mod tests {
     }
 
     #[test]
+    fn object_get_with_a_literal_key_reads_only_that_key() {
+        assert_eq!(reads("x := object.get(input, \"a\", 1)\n"), vec!["input.a"]);
+        assert_eq!(
+            reads("x := object.get(input.source, [\"geo\", \"country\"], \"?\")\n"),
+            vec!["input.source.geo.country"]
+        );
+        // A computed key, or a key array with a computed element, reads
+        // the whole object.
+        assert_eq!(
+            reads("x := object.get(input.source, k, 1)\ny := object.get(input.request, [\"a\", k], 1)\n"),
+            vec!["input.request", "input.source"]
+        );
+        // Through an alias, and next to a plain read of the same object.
+        assert_eq!(
+            reads("import input.identity as id\nx := object.get(id, \"subject\", \"\")\n"),
+            vec!["input.identity.subject"]
+        );
+        assert_eq!(
+            reads("x := object.get(input.identity, \"subject\", \"\")\ny := input.identity\n"),
+            vec!["input.identity"]
+        );
+    }
+
+    #[test]
     fn a_prefix_read_covers_its_longer_paths() {
         assert_eq!(
             reads("a if input.source.geo.country == \"FR\"\nb if input.source.geo\n"),
@@ -216,7 +240,7 @@ mod tests {
     #[test]
     fn bare_input_and_aliases() {
         assert_eq!(reads("x := walk(input)\n"), vec!["input"]);
-        assert_eq!(reads("x := object.get(input, \"a\", 1)\n"), vec!["input"]);
+        assert_eq!(reads("x := object.get(input, k, 1)\n"), vec!["input"]);
         let with_alias = parsed(
             "import input.request as req\nimport input.identity\n\
              a if req.method == \"GET\"\nb if identity.roles[_] == \"dpo\"\n",
