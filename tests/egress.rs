@@ -4,7 +4,7 @@
 //! chosen countries and operators, and real clients (curl, Python
 //! requests, raw TCP).
 //!
-//! The loopback map (see `geo_fixtures`):
+//! The loopback map (see `common::loopback_geo::write_destinations`):
 //! - 127.0.0.2 — France, OVHcloud (EU operator in the EU): allowed;
 //! - 127.0.0.3 — United States, an operator not in the registry: outside the EU;
 //! - 127.0.0.4 — Germany, Amazon (US operator in the EU): non-EU jurisdiction;
@@ -22,14 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Rempart;
-use mmdb_writer::{Value, Writer};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-const EU: &str = "127.0.0.2";
-const US: &str = "127.0.0.3";
-const US_OPERATOR_IN_EU: &str = "127.0.0.4";
+use common::loopback_geo::{EU, US, US_OPERATOR_IN_EU};
 
 // ---------------------------------------------------------------- DNS
 
@@ -270,59 +267,6 @@ async fn tls_server(ip: &str, name: &str, dir: &Path) -> (Server, PathBuf) {
 
 // ------------------------------------------------------------- rempart
 
-/// Country and ASN databases placing the loopback test addresses.
-fn geo_fixtures(dir: &Path) -> (PathBuf, PathBuf) {
-    let mut country = Writer::new("ip-location-db-country");
-    let mut asn = Writer::new("GeoLite2-ASN");
-    for (ip, cc, n, org) in [
-        (EU, "FR", 16276, "OVH SAS"),
-        // A US address whose operator is not in the registry: refused for
-        // its location alone.
-        (US, "US", 64496, "EXAMPLE-US"),
-        (US_OPERATOR_IN_EU, "DE", 16509, "AMAZON-02"),
-    ] {
-        let net: mmdb_writer::ipnet::IpNet = format!("{ip}/32").parse().unwrap();
-        country
-            .insert_value(
-                net,
-                Value::map([("country_code", Value::String(cc.into()))]),
-            )
-            .unwrap();
-        asn.insert_value(
-            net,
-            Value::map([
-                ("autonomous_system_number", Value::U32(n)),
-                ("autonomous_system_organization", Value::String(org.into())),
-            ]),
-        )
-        .unwrap();
-    }
-    let (c, a) = (dir.join("country.mmdb"), dir.join("asn.mmdb"));
-    country
-        .write_to(std::fs::File::create(&c).unwrap())
-        .unwrap();
-    asn.write_to(std::fs::File::create(&a).unwrap()).unwrap();
-    (c, a)
-}
-
-/// The repository's policies with `internal_networks` opened to loopback
-/// (the test destinations) and any other data changes.
-fn policies(dir: &Path, patch: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
-    let out = dir.join("policies");
-    std::fs::create_dir_all(&out).unwrap();
-    for entry in std::fs::read_dir(common::repo_policies()).unwrap() {
-        let p = entry.unwrap().path();
-        std::fs::copy(&p, out.join(p.file_name().unwrap())).unwrap();
-    }
-    let data_path = out.join("data.json");
-    let mut data: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&data_path).unwrap()).unwrap();
-    data["settings"]["egress"]["internal_networks"] = serde_json::json!(["127.0.0.0/8"]);
-    patch(&mut data);
-    std::fs::write(&data_path, serde_json::to_string_pretty(&data).unwrap()).unwrap();
-    out
-}
-
 struct Setup {
     rempart: Rempart,
     dir: tempfile::TempDir,
@@ -339,8 +283,8 @@ fn start_with(
     patch: impl FnOnce(&mut serde_json::Value),
 ) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let (country, asn) = geo_fixtures(dir.path());
-    let policies = policies(dir.path(), patch);
+    let (country, asn) = common::loopback_geo::write_destinations(dir.path());
+    let policies = common::loopback_geo::policies_with(dir.path(), patch);
     let dns_line = dns.map_or(String::new(), |a| format!("dns_servers = [\"{a}\"]\n"));
     let toml = format!(
         "[egress]\nlisten = \"127.0.0.1:0\"\n{dns_line}dns_timeout = \"700ms\"\nheader_read_timeout = \"1s\"\n{extra_toml}\n\

@@ -14,22 +14,38 @@ pub const EU: &str = "127.0.0.2";
 pub const US: &str = "127.0.0.3";
 pub const US_OPERATOR_IN_EU: &str = "127.0.0.4";
 
-/// Writes `country.mmdb` and `asn.mmdb` into `dir`; `places` overrides or
-/// adds (ip, country, asn, organisation) entries.
+/// The test destinations: (ip, country, asn, organisation). The US
+/// address's operator is not in the registry: refused for its location
+/// alone.
+const DESTINATIONS: [(&str, &str, u32, &str); 3] = [
+    (EU, "FR", 16276, "OVH SAS"),
+    (US, "US", 64496, "EXAMPLE-US"),
+    (US_OPERATOR_IN_EU, "DE", 16509, "AMAZON-02"),
+];
+
+/// Writes `country.mmdb` and `asn.mmdb` into `dir`, placing 127.0.0.1 and
+/// the test destinations; `places` overrides or adds (ip, country, asn,
+/// organisation) entries.
 pub fn write(dir: &Path, places: &[(&str, &str, u32, &str)]) -> (PathBuf, PathBuf) {
-    let mut table: Vec<(&str, &str, u32, &str)> = vec![
-        ("127.0.0.1", "FR", 16276, "OVH SAS"),
-        (EU, "FR", 16276, "OVH SAS"),
-        (US, "US", 64496, "EXAMPLE-US"),
-        (US_OPERATOR_IN_EU, "DE", 16509, "AMAZON-02"),
-    ];
+    let mut table = vec![("127.0.0.1", "FR", 16276, "OVH SAS")];
+    table.extend(DESTINATIONS);
     for p in places {
         table.retain(|t| t.0 != p.0);
         table.push(*p);
     }
+    write_exactly(dir, &table)
+}
+
+/// As [`write`], with the test destinations only: 127.0.0.1 (where the
+/// egress tests' clients and resolver stand) stays unlocated.
+pub fn write_destinations(dir: &Path) -> (PathBuf, PathBuf) {
+    write_exactly(dir, &DESTINATIONS)
+}
+
+fn write_exactly(dir: &Path, table: &[(&str, &str, u32, &str)]) -> (PathBuf, PathBuf) {
     let mut country = Writer::new("ip-location-db-country");
     let mut asn = Writer::new("GeoLite2-ASN");
-    for (ip, cc, n, org) in table {
+    for &(ip, cc, n, org) in table {
         let net: mmdb_writer::ipnet::IpNet = format!("{ip}/32").parse().unwrap();
         country
             .insert_value(
@@ -67,6 +83,11 @@ pub fn geo_toml(country: &Path, asn: &Path) -> String {
 /// `internal_networks` opened to loopback (the test destinations are
 /// judged on their location, not refused as loopback).
 pub fn policies(dir: &Path) -> PathBuf {
+    policies_with(dir, |_| {})
+}
+
+/// [`policies`], with further changes to the policy data.
+pub fn policies_with(dir: &Path, patch: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
     let out = dir.join("policies");
     std::fs::create_dir_all(&out).unwrap();
     for entry in std::fs::read_dir(super::repo_policies()).unwrap() {
@@ -77,6 +98,7 @@ pub fn policies(dir: &Path) -> PathBuf {
     let mut data: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&data_path).unwrap()).unwrap();
     data["settings"]["egress"]["internal_networks"] = serde_json::json!(["127.0.0.0/8"]);
+    patch(&mut data);
     std::fs::write(&data_path, serde_json::to_string_pretty(&data).unwrap()).unwrap();
     out
 }
