@@ -463,9 +463,29 @@ fn set_forwarded(
     }
 }
 
-/// Removes connection-scoped headers (RFC 9110 §7.6.1), including those
-/// the `Connection` header names.
+/// The connection-scoped headers (RFC 9110 §7.6.1), with the two
+/// non-standard ones still seen in the wild.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Removes connection-scoped headers, including those the `Connection`
+/// header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Runs on every request and response, and most carry none of them:
+    // one pass over the few headers present costs less than a hashed
+    // lookup per hop-by-hop name.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -473,22 +493,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for name in named {
+    for name in named.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 /// The client-facing answer when the upstream gave none.
@@ -533,6 +540,28 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+
+        // Each one alone is found, the non-standard ones included.
+        for name in [
+            "proxy-connection",
+            "keep-alive",
+            "upgrade",
+            "proxy-authorization",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("x-kept", "1".parse().unwrap());
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                "x".parse().unwrap(),
+            );
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"], "{name}");
+        }
+        // A header is only hop-by-hop when `Connection` names it.
+        let mut h = HeaderMap::new();
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(h.contains_key("x-secret-hop"));
     }
 
     #[test]
