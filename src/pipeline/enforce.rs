@@ -428,6 +428,12 @@ impl Upstream {
     }
 }
 
+// Named once: a name given as a string is parsed again on every call.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
 /// Sets `X-Forwarded-For` (appending the peer), `-Proto` and `-Host`.
 /// Earlier `X-Forwarded-For` entries come from the client and prove nothing;
 /// the last one is the address rempart saw.
@@ -438,27 +444,27 @@ fn set_forwarded(
     host: Option<&HeaderValue>,
 ) {
     let peer_ip = crate::pipeline::locate::canonical_ip(peer).to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_ip}"),
         _ => peer_ip.clone(),
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
     let proto = if client_tls { "https" } else { "http" };
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     // Other client-supplied address headers would be believed by the CRM:
     // replace X-Real-IP with the peer, drop Forwarded.
     if let Ok(v) = HeaderValue::from_str(&peer_ip) {
-        headers.insert("x-real-ip", v);
+        headers.insert(X_REAL_IP, v);
     }
     headers.remove(header::FORWARDED);
     match host {
         Some(h) => {
-            headers.insert("x-forwarded-host", h.clone());
+            headers.insert(X_FORWARDED_HOST, h.clone());
         }
         None => {
-            headers.remove("x-forwarded-host");
+            headers.remove(&X_FORWARDED_HOST);
         }
     }
 }
