@@ -3,6 +3,7 @@
 //! keep-alive connection and stream the answer back (502/504 when the
 //! upstream fails). Bodies are streamed both ways, never buffered whole.
 
+mod pool;
 #[cfg(target_os = "linux")]
 mod splice;
 pub mod tunnel;
@@ -16,10 +17,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+pub use pool::PooledBody;
+use pool::{Dialer, Pool, PoolError};
 
 use crate::config::{UpstreamConfig, UpstreamUrl};
 use crate::metrics::{Metrics, UpstreamError};
@@ -30,7 +30,7 @@ pub const DECISION_ID: HeaderName = HeaderName::from_static("x-rempart-decision-
 /// The body of every response rempart sends: the upstream's, streamed, or
 /// one of rempart's own small JSON bodies.
 pub enum ProxyBody {
-    Upstream(Incoming),
+    Upstream(PooledBody),
     /// An egress destination's answer, its bytes counted as they pass.
     Metered(Metered),
     Full(Option<Bytes>),
@@ -285,17 +285,15 @@ pub fn audit_unavailable(decision_id: &str, status: u16) -> Response<ProxyBody> 
 
 /// The upstream connection pool of one worker.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
+    pool: Arc<Pool>,
     url: UpstreamUrl,
-    /// `ip:port` to connect to (resolved once at start).
-    connect_authority: String,
     response_timeout: Duration,
     preserve_host: bool,
 }
 
 /// What came back from the upstream.
 pub enum Forwarded {
-    Response(Response<Incoming>),
+    Response(Response<PooledBody>),
     Failed {
         kind: UpstreamError,
         message: String,
@@ -313,37 +311,33 @@ impl Upstream {
         ip: std::net::IpAddr,
         tls: Arc<rustls::ClientConfig>,
     ) -> anyhow::Result<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(cfg.connect_timeout.0));
-        connector.enforce_http(false);
-        let host = url
-            .authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let server_name =
-            rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
-                anyhow::anyhow!("upstream host {host:?} is not a valid TLS server name: {e}")
-            })?;
-        let builder = HttpsConnectorBuilder::new().with_tls_config((*tls).clone());
-        let builder = if url.is_https() {
-            builder.https_only()
+        let tls = if url.is_https() {
+            let host = url
+                .authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let server_name =
+                rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
+                    anyhow::anyhow!("upstream host {host:?} is not a valid TLS server name: {e}")
+                })?;
+            // The pool speaks HTTP/1.1 only: offer nothing else by ALPN.
+            let mut config = (*tls).clone();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Some((
+                tokio_rustls::TlsConnector::from(Arc::new(config)),
+                server_name,
+            ))
         } else {
-            builder.https_or_http()
+            None
         };
-        let connector = builder
-            .with_server_name_resolver(FixedServerNameResolver::new(server_name))
-            .enable_http1()
-            .wrap_connector(connector);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout.0)
-            .pool_max_idle_per_host(cfg.pool_max_idle)
-            .build(connector);
+        let dialer = Dialer {
+            addr: std::net::SocketAddr::new(ip, url.port()),
+            connect_timeout: cfg.connect_timeout.0,
+            tls,
+        };
         Ok(Upstream {
-            client,
-            connect_authority: std::net::SocketAddr::new(ip, url.port()).to_string(),
+            pool: Pool::new(dialer, cfg.pool_max_idle, cfg.pool_idle_timeout.0),
             url,
             response_timeout: cfg.response_timeout.0,
             preserve_host: cfg.preserve_host,
@@ -366,20 +360,22 @@ impl Upstream {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = format!(
-            "{}://{}{}{}",
-            self.url.scheme, self.connect_authority, self.url.prefix, path_and_query
-        );
-        parts.uri = match uri.parse() {
-            Ok(u) => u,
-            Err(e) => {
-                return Forwarded::Failed {
-                    kind: UpstreamError::Protocol,
-                    message: format!("cannot build upstream URI: {e}"),
+        // Origin form (`/path?query`): the connection already goes to the
+        // upstream. An HTTP/1.1 request is usually in that form already.
+        let origin_form = parts.uri.scheme().is_none() && parts.uri.authority().is_none();
+        if !(origin_form && self.url.prefix.is_empty()) {
+            let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let uri = format!("{}{}", self.url.prefix, path_and_query);
+            parts.uri = match uri.parse() {
+                Ok(u) => u,
+                Err(e) => {
+                    return Forwarded::Failed {
+                        kind: UpstreamError::Protocol,
+                        message: format!("cannot build upstream URI: {e}"),
+                    }
                 }
-            }
-        };
+            };
+        }
         strip_hop_by_hop(&mut parts.headers);
         set_forwarded(&mut parts.headers, peer, client_tls, original_host.as_ref());
         let host = match (&original_host, self.preserve_host) {
@@ -393,7 +389,7 @@ impl Upstream {
         let req = http::Request::from_parts(parts, body);
 
         let started = Instant::now();
-        let result = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
+        let result = tokio::time::timeout(self.response_timeout, self.pool.send(req)).await;
         metrics
             .upstream_duration_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -402,21 +398,13 @@ impl Upstream {
                 strip_hop_by_hop(resp.headers_mut());
                 Forwarded::Response(resp)
             }
-            Ok(Err(e)) => {
-                let kind = if e.is_connect() {
-                    UpstreamError::Connect
-                } else {
-                    UpstreamError::Protocol
-                };
-                let mut message = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    message.push_str(": ");
-                    message.push_str(&s.to_string());
-                    source = s.source();
-                }
-                Forwarded::Failed { kind, message }
-            }
+            Ok(Err(e)) => Forwarded::Failed {
+                kind: match e {
+                    PoolError::Connect(_) => UpstreamError::Connect,
+                    PoolError::Exchange(_) => UpstreamError::Protocol,
+                },
+                message: e.to_string(),
+            },
             Err(_) => Forwarded::Failed {
                 kind: UpstreamError::Timeout,
                 message: format!(
