@@ -174,7 +174,10 @@ impl Pool {
                 },
             }
         }
-        let mut sender = self.dialer.dial().await?;
+        // Boxed: a TLS handshake's state is kilobytes, and held inline it
+        // would make every request's future (moved as the request is
+        // spawned) that much larger, though a new connection is rare.
+        let mut sender = Box::pin(self.dialer.dial()).await?;
         match sender.send_request(req).await {
             Ok(resp) => Ok(self.lease(resp, sender)),
             Err(e) => Err(PoolError::Exchange(e)),
