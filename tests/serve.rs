@@ -660,3 +660,79 @@ async fn volatile_policies_and_a_zero_sized_cache_are_never_served_from_the_cach
     assert_eq!(off.metric(bypassed).await, 3.0);
     assert_eq!(off.metric(hit).await, 0.0);
 }
+
+/// Reads from `stream` until the peer closes it (bounded by `within`);
+/// returns how long that took, or `None` if it stayed open.
+async fn time_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    within: Duration,
+) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn header_read_timeout_closes_a_stalled_head_and_an_idle_keep_alive_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rp = Rempart::with_config(
+        dir.path(),
+        "rempart.toml",
+        &format!(
+            "[server]\nheader_read_timeout = \"1s\"\n[upstream]\nurl = \"{}\"\n",
+            up.url()
+        ),
+    )
+    .unwrap();
+
+    // Half a request head, then nothing.
+    let mut stalled = tokio::net::TcpStream::connect(rp.addr).await.unwrap();
+    stalled
+        .write_all(b"GET /api/contacts/1 HTTP/1.1\r\nHost: crm")
+        .await
+        .unwrap();
+    let closed = time_until_closed(&mut stalled, Duration::from_secs(10)).await;
+    let closed = closed.expect("a stalled request head was never timed out");
+    assert!(
+        closed >= Duration::from_millis(900),
+        "closed after {closed:?}"
+    );
+
+    // A complete exchange, then the connection sits idle.
+    let mut idle = tokio::net::TcpStream::connect(rp.addr).await.unwrap();
+    idle.write_all(b"GET /api/contacts/1 HTTP/1.1\r\nHost: crm\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\"upstream\":true") {
+        let n = idle.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before the answer: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    let closed = time_until_closed(&mut idle, Duration::from_secs(10)).await;
+    let closed = closed.expect("an idle keep-alive connection was never closed");
+    assert!(
+        closed >= Duration::from_millis(900),
+        "closed after {closed:?}"
+    );
+}
