@@ -27,6 +27,7 @@ use tokio::sync::watch;
 // hyper connection type serves both.
 use tokio_util::either::Either;
 
+mod head_timer;
 pub mod target;
 
 use super::egress::EgressGateway;
@@ -85,7 +86,7 @@ pub async fn serve(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
+        .timer(head_timer::HeadTimer::default())
         .header_read_timeout(header_read_timeout)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
@@ -221,7 +222,7 @@ pub async fn serve_egress(
     // socket back from the upgrade (see `EgressGateway::spawn_tunnel`).
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
+        .timer(head_timer::HeadTimer::default())
         .header_read_timeout(gateway.limits.header_read_timeout)
         .max_buf_size(gateway.limits.max_header_bytes)
         .keep_alive(true);
