@@ -11,10 +11,11 @@
 //! CRM, the next request head cost that wake-up: about 0.4 per request at
 //! moderate load (`perf record -e syscalls:sys_enter_write`). A timeout of
 //! seconds does not need a precise clock: here arming is a push on a
-//! per-worker list, and one task ticking every [`RESOLUTION`] (the
-//! earliest timer of the worker, so it never causes such a wake-up
-//! either) wakes the reads whose deadline has passed and forgets the ones
-//! dropped meanwhile.
+//! per-worker list, and one task ticking every [`RESOLUTION`] wakes the
+//! reads whose deadline has passed and forgets the ones dropped meanwhile.
+//! Its own timer is then usually the worker's earliest, so the response
+//! deadlines registered meanwhile do not wake the driver either (the
+//! ticker itself may, at most four times a second).
 
 use std::future::Future;
 use std::pin::Pin;
