@@ -3,9 +3,9 @@
 #
 #   bash benches/ab.sh OLD_BINARY NEW_BINARY [ROUNDS]
 #
-# Starts a static upstream (nginx, 1 worker, the same JSON body as
-# load.sh) and both binaries in front of it (shipped policies, audit on),
-# then runs `wrk -t2 -c64 -d${SECONDS_PER_ROUND:-6}s` against A, then B,
+# Starts a static upstream (nginx, 1 worker, the same JSON body and
+# keep-alive settings as load.sh: benches/lib.sh) and both binaries in
+# front of it (shipped policies, audit on), then runs `wrk -t2 -c64 -d${SECONDS_PER_ROUND:-6}s` against A, then B,
 # ROUNDS times (default 4), and prints each round and the means: req/s and
 # the user and system CPU (from /proc/PID/stat) per request.
 #
@@ -19,6 +19,8 @@ set -euo pipefail
 [[ $# -ge 2 ]] || { sed -n '2,16p' "$0"; exit 2; }
 A=$1 B=$2 ROUNDS=${3:-4}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=benches/lib.sh
+source "$REPO/benches/lib.sh"
 TMP=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -27,18 +29,6 @@ cleanup() {
     rm -rf "$TMP"
 }
 trap cleanup EXIT
-
-free_port() {
-    local p
-    for _ in $(seq 1 100); do
-        p=$((20000 + RANDOM % 12000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return 0
-        fi
-    done
-    return 1
-}
 
 wait_port() { # port
     for _ in $(seq 1 100); do
@@ -58,11 +48,12 @@ error_log $TMP/upstream.err;
 events { worker_connections 1024; }
 http {
     access_log off;
+    $NGINX_KEEPALIVE
     server {
         listen 127.0.0.1:$UP;
         location ^~ /api/contacts/ {
             default_type application/json;
-            return 200 '{"id":42,"name":"Ada Lovelace","email":"ada@example.eu","company":"Analytical Engines SARL","country":"FR","tags":["vip","newsletter"],"updated_at":"2026-11-27T10:00:00Z","owner":"sales-eu-1","notes":"met at Paris tech fair"}';
+            return 200 '$UPSTREAM_BODY';
         }
     }
 }

@@ -80,6 +80,8 @@ BUILD_WAIT_MAX=${BUILD_WAIT_MAX:-1800}
 URL_PATH=/api/contacts/42
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 BIN=$ROOT/target/release/rempart
 POLICIES=${POLICIES:-$ROOT/policies}
 
@@ -229,19 +231,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A port below the ephemeral range that nobody listens on.
-free_port() {
-    local p
-    for _ in $(seq 1 100); do
-        p=$((20000 + RANDOM % 12000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return 0
-        fi
-    done
-    return 1
-}
-
 wait_port() { # port pid name
     for _ in $(seq 1 100); do
         kill -0 "$2" 2>/dev/null || die "$3 exited during start-up (see $TMP)"
@@ -273,7 +262,7 @@ cpu_seconds() { # pid
 }
 
 # ------------------------------------------------------------- upstream
-BODY='{"id":42,"type":"contact","first_name":"Camille","last_name":"Durand","email":"camille.durand@example.eu","phone":"+33 1 23 45 67 89","company":"Exemple SARL","country":"FR","owner":"bob","updated_at":"2026-11-27T13:13:34Z"}'
+BODY=$UPSTREAM_BODY
 
 nginx_common() { # name
     cat <<EOF
@@ -285,10 +274,7 @@ EOF
 nginx_http_common() { # name
     cat <<EOF
     access_log off;
-    # Long-lived keep-alive everywhere, so that no side closes connections
-    # every 1000 requests (nginx's default) while the other does not.
-    keepalive_requests 1000000;
-    keepalive_timeout 75s;
+    $NGINX_KEEPALIVE
     client_body_temp_path $TMP/$1/client_body;
     proxy_temp_path $TMP/$1/proxy;
     fastcgi_temp_path $TMP/$1/fastcgi;
