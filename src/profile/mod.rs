@@ -118,6 +118,10 @@ struct ProfileFile {
     /// classifies `/Persons/Contacts` like `/persons/contacts`).
     #[serde(default)]
     case_sensitive: bool,
+    /// Which value of a query parameter given more than once the CRM
+    /// uses: `"first"`, `"last"`, or (absent) none: rempart then cannot
+    /// tell which one the CRM will act on.
+    repeated_query: Option<String>,
     /// The CRM's own type names → the type policies see, e.g.
     /// `"res.partner": "contact"`.
     #[serde(default)]
@@ -128,6 +132,10 @@ struct ProfileFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RouteFile {
+    /// Free text for the reader: why the route means what it says.
+    #[serde(default)]
+    #[allow(dead_code)]
+    comment: String,
     /// Methods this route applies to; empty: any.
     #[serde(default)]
     methods: Vec<String>,
@@ -193,7 +201,10 @@ impl Class {
     fn matches(self, s: &str) -> bool {
         match self {
             Class::Any => true,
-            Class::Int => !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()),
+            // Any Unicode digit: Django's `\d` (a `str` pattern) matches
+            // `٣` and Python's int() reads it as 3, so an ASCII-only class
+            // would let `/entity/delete/٣` past the delete route.
+            Class::Int => !s.is_empty() && s.chars().all(char::is_numeric),
             Class::Version => s.strip_prefix(['v', 'V']).is_some_and(|r| {
                 !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit() || b == b'.')
             }),
@@ -250,11 +261,23 @@ struct Route {
     body: Option<BodyRule>,
 }
 
+/// Which value of a repeated query parameter the CRM acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RepeatedQuery {
+    /// Werkzeug (Odoo), Java servlets: `getParameter` is the first.
+    First,
+    /// Django's `QueryDict.get`, PHP's `$_GET`: the last one wins.
+    Last,
+    /// Not said: values that differ make the type `unknown`.
+    Unknown,
+}
+
 /// One compiled profile.
 #[derive(Debug)]
 pub struct Profile {
     crm: Box<str>,
     case_sensitive: bool,
+    repeated_query: RepeatedQuery,
     /// Keys lower-cased.
     types: HashMap<Box<str>, Box<str>>,
     routes: Vec<Route>,
@@ -280,9 +303,18 @@ impl Profile {
                     .with_context(|| format!("profile {origin}: route {} ({:?})", i + 1, r.path))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let repeated_query = match file.repeated_query.as_deref() {
+            None => RepeatedQuery::Unknown,
+            Some("first") => RepeatedQuery::First,
+            Some("last") => RepeatedQuery::Last,
+            Some(other) => bail!(
+                "profile {origin}: \"repeated_query\" is {other:?} (expected \"first\" or \"last\", or leave it out)"
+            ),
+        };
         Ok(Profile {
             crm: file.crm.into(),
             case_sensitive: file.case_sensitive,
+            repeated_query,
             types: file
                 .types
                 .into_iter()
@@ -584,10 +616,11 @@ impl Profiles {
                         param,
                         map,
                         default,
-                    } => query_value(query, param)
-                        .and_then(|v| map.get(v.as_str()))
-                        .unwrap_or(default)
-                        .to_string(),
+                    } => match query_value(query, param, profile.repeated_query) {
+                        QueryValue::Absent => default.to_string(),
+                        QueryValue::One(v) => map.get(v.as_str()).unwrap_or(default).to_string(),
+                        QueryValue::Ambiguous => "unknown".into(),
+                    },
                 };
                 let base = Resource {
                     crm: profile.crm.to_string(),
@@ -618,10 +651,36 @@ impl Profiles {
     }
 }
 
-fn query_value(query: Option<&str>, param: &str) -> Option<String> {
-    form_urlencoded::parse(query?.as_bytes())
-        .find(|(k, _)| k == param)
-        .map(|(_, v)| v.into_owned())
+enum QueryValue {
+    Absent,
+    One(String),
+    /// Given several times with different values, and the profile does
+    /// not say which one the CRM reads.
+    Ambiguous,
+}
+
+/// The value of `param` the CRM will act on. A selecting parameter given
+/// twice (`hfilter=a&hfilter=b`) must be read as the CRM reads it, or a
+/// client could show rempart one type and the CRM another.
+fn query_value(query: Option<&str>, param: &str, repeated: RepeatedQuery) -> QueryValue {
+    let Some(query) = query else {
+        return QueryValue::Absent;
+    };
+    let mut found = QueryValue::Absent;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if k != param {
+            continue;
+        }
+        found = match (found, repeated) {
+            (QueryValue::Absent, _) => QueryValue::One(v.into_owned()),
+            (first @ QueryValue::One(_), RepeatedQuery::First) => first,
+            (QueryValue::One(_), RepeatedQuery::Last) => QueryValue::One(v.into_owned()),
+            (QueryValue::One(prev), RepeatedQuery::Unknown) if prev == v => QueryValue::One(prev),
+            (_, RepeatedQuery::Unknown) => QueryValue::Ambiguous,
+            (other, _) => other,
+        };
+    }
+    found
 }
 
 impl PendingBody<'_> {

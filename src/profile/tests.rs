@@ -377,3 +377,246 @@ fn case_sensitive_profiles_compare_exactly() {
     assert_eq!(c(&p, "GET", "/Api/Contacts").0, "contacts");
     assert_eq!(c(&p, "GET", "/api/Contacts").0, "unknown");
 }
+
+/// Every route of a default Creme 2.8.6 project (dumped from its URL
+/// resolver; `tests/crm_e2e.rs` checks the dump against the installed
+/// Creme) classifies to a known type for every method its view answers,
+/// and the views whose names say they delete, export or import classify
+/// as such: a route the profile misses would be `unknown`, and an export
+/// the profile calls `read` would escape the bulk rule.
+#[test]
+fn every_route_of_creme_2_8_6_is_classified() {
+    let p = profiles(&["creme"]);
+    let fixture = include_str!("../../tests/data/creme-2.8.6-urls.tsv");
+    let mut checked = 0;
+    let mut wrong = Vec::new();
+    for line in fixture.lines().filter(|l| !l.starts_with('#')) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        let [pattern, view, methods, path] = cols[..] else {
+            panic!("bad fixture line {line:?}");
+        };
+        let methods: Vec<&str> = if methods == "*" {
+            vec!["GET", "POST"]
+        } else {
+            methods
+                .split(',')
+                .map(|m| match m {
+                    "get" => "GET",
+                    "post" => "POST",
+                    "put" => "PUT",
+                    other => panic!("method {other} in {line:?}"),
+                })
+                .collect()
+        };
+        let name = view.rsplit('.').next().unwrap_or(view);
+        let deletes = [
+            "Deletion",
+            "Removing",
+            "Unlinking",
+            "unlink",
+            "TrashCleaning",
+        ]
+        .iter()
+        .any(|w| name.contains(w));
+        let exports = (name.contains("Export") || name.contains("export"))
+            && !["ExportFilterURL", "ExporterConfigEditionWizard"].contains(&name);
+        let imports = name.contains("Import") || name.contains("import");
+        let bulk = name.starts_with("Bulk")
+            || name.contains("BulkAdding")
+            || name == "EntitiesDeletion"
+            || name.starts_with("Relations") && name.ends_with("Deletion")
+            || name.starts_with("Properties") && name.ends_with("Deletion")
+            || [
+                "mass_import",
+                "batch_process",
+                "MassExport",
+                "TrashCleaning",
+            ]
+            .contains(&name);
+        for m in methods {
+            let (kind, _, op, is_bulk) = c(&p, m, path);
+            checked += 1;
+            let mut why = Vec::new();
+            if kind == "unknown" {
+                why.push("unknown".to_string());
+            }
+            if deletes && op != "delete" {
+                why.push(format!("{op}, not delete"));
+            }
+            if exports && op != "export" {
+                why.push(format!("{op}, not export"));
+            }
+            if imports && op != "import" {
+                why.push(format!("{op}, not import"));
+            }
+            if bulk && !is_bulk {
+                why.push("not bulk".into());
+            }
+            if !why.is_empty() {
+                wrong.push(format!(
+                    "{m} {path} ({pattern}, {view}): {kind}/{op}: {}",
+                    why.join(", ")
+                ));
+            }
+        }
+    }
+    assert!(checked > 700, "only {checked} requests checked");
+    assert!(
+        wrong.is_empty(),
+        "{}\n{} wrong",
+        wrong.join("\n"),
+        wrong.len()
+    );
+}
+
+#[test]
+fn creme_bulk_exports_of_other_apps() {
+    let p = profiles(&["creme"]);
+    for (method, target, want) in [
+        (
+            "GET",
+            "/reports/export/3",
+            t("entity", None, "export", true),
+        ),
+        (
+            "GET",
+            "/reports/export/3?doc_type=csv&date_field=&date_filter_0=",
+            t("entity", None, "export", true),
+        ),
+        (
+            "GET",
+            "/vcfs/11/generate_vcf",
+            t("contact", Some("11"), "export", false),
+        ),
+        ("POST", "/vcfs/vcf", t("contact", None, "import", false)),
+        (
+            "POST",
+            "/vcfs/vcfwhatever",
+            t("contact", None, "import", false),
+        ),
+        (
+            "GET",
+            "/documents/download/bulk?ids=1,2",
+            t("file", None, "export", true),
+        ),
+        (
+            "GET",
+            "/billing/export/bulk/120",
+            t("billing_document", None, "export", true),
+        ),
+        (
+            "GET",
+            "/activities/activities/ical?id=1",
+            t("activity", None, "export", true),
+        ),
+        (
+            "POST",
+            "/creme_core/mass_import/98",
+            t("entity", None, "import", true),
+        ),
+        (
+            "GET",
+            "/creme_config/transfer/export",
+            t("configuration", None, "export", false),
+        ),
+        // Deletions are deletions of what they delete.
+        (
+            "POST",
+            "/creme_core/relation/delete",
+            t("relation", None, "delete", false),
+        ),
+        (
+            "POST",
+            "/creme_core/relation/delete/multi",
+            t("relation", None, "delete", true),
+        ),
+        (
+            "POST",
+            "/creme_core/property/delete/multi",
+            t("property", None, "delete", true),
+        ),
+        (
+            "POST",
+            "/creme_core/entity_filter/delete/persons-filter_x",
+            t("filter", None, "delete", false),
+        ),
+        (
+            "POST",
+            "/creme_core/header_filter/delete",
+            t("filter", None, "delete", false),
+        ),
+        (
+            "POST",
+            "/creme_config/user/delete/4",
+            t("user", Some("4"), "delete", false),
+        ),
+        (
+            "POST",
+            "/creme_core/entity/merge",
+            t("entity", None, "delete", false),
+        ),
+    ] {
+        assert_eq!(c(&p, method, target), want, "{method} {target}");
+    }
+}
+
+/// Django's `\d` is any Unicode digit and `int()` reads it: `٣` is 3.
+#[test]
+fn creme_ids_in_other_scripts_still_match_their_route() {
+    let p = profiles(&["creme"]);
+    assert_eq!(
+        c(&p, "POST", "/creme_core/entity/delete/%D9%A3"),
+        t("entity", Some("٣"), "delete", false)
+    );
+    assert_eq!(c(&p, "GET", "/persons/contact/%D9%A3").0, "contact");
+}
+
+/// Django's `QueryDict.get` returns the last value of a repeated
+/// parameter: the export below is of contacts, whatever the first says.
+#[test]
+fn a_repeated_query_parameter_is_read_as_the_crm_reads_it() {
+    let p = profiles(&["creme"]);
+    let twice = "/creme_core/mass_export?ct_id=98&hfilter=persons-hf_organisation&hfilter=persons-hf_contact&type=csv";
+    assert_eq!(c(&p, "GET", twice), t("contact", None, "export", true));
+    let reversed = "/creme_core/mass_export?ct_id=98&hfilter=persons-hf_contact&hfilter=persons-hf_organisation";
+    assert_eq!(c(&p, "GET", reversed).0, "organisation");
+    // Percent-encoded names are the same parameter.
+    let encoded =
+        "/creme_core/mass_export?hfilter=persons-hf_organisation&hf%69lter=persons-hf_contact";
+    assert_eq!(c(&p, "GET", encoded).0, "contact");
+    // The type comes from the header filter names the lead/customer view
+    // (Creme's DEFAULT_HFILTER_ORGA_CUSTOMERS, a view of organisations).
+    let leads = "/creme_core/mass_export?ct_id=99&hfilter=persons-hf_leadcustomer";
+    assert_eq!(c(&p, "GET", leads).0, "organisation");
+
+    let profile = |repeated: &str| {
+        let text = format!(
+            r#"{{"crm": "q", {repeated} "routes": [{{"path": "/x", "operation": "export",
+                "type": {{"query": "t", "map": {{"a": "contact", "b": "product"}}, "default": "entity"}}}}]}}"#
+        );
+        Profiles {
+            list: vec![Profile::compile(&text, "test").unwrap()],
+        }
+    };
+    let first = profile(r#""repeated_query": "first","#);
+    assert_eq!(c(&first, "GET", "/x?t=a&t=b").0, "contact");
+    let last = profile(r#""repeated_query": "last","#);
+    assert_eq!(c(&last, "GET", "/x?t=a&t=b").0, "product");
+    // Not said: two different values are ambiguous, hence unknown; the
+    // same value twice is not.
+    let unsaid = profile("");
+    assert_eq!(c(&unsaid, "GET", "/x?t=b&t=a").0, "unknown");
+    assert_eq!(c(&unsaid, "GET", "/x?t=a&t=a").0, "contact");
+    assert_eq!(c(&unsaid, "GET", "/x?t=z").0, "entity");
+    assert_eq!(c(&unsaid, "GET", "/x").0, "entity");
+    let err = Profile::compile(
+        r#"{"crm": "q", "repeated_query": "middle", "routes": []}"#,
+        "bad.json",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(r#"bad.json: "repeated_query" is "middle""#),
+        "{err}"
+    );
+}
