@@ -200,7 +200,13 @@ fn expect(step: &str) -> Expect {
         "create_form" => e(&[200], "contact", "create", None),
         "create" => e(&[302], "contact", "create", None),
         "delete_refused" => e(&[403], "entity", "delete", Some("delete_requires_role")),
-        "export_refused" => e(&[403], "contact", "export", Some("bulk_requires_role")),
+        "export_refused" | "export_repeated_refused" | "vcf_refused" => {
+            e(&[403], "contact", "export", Some("bulk_requires_role"))
+        }
+        "report_export_refused" => e(&[403], "entity", "export", Some("bulk_requires_role")),
+        "delete_unicode_refused" => e(&[403], "entity", "delete", Some("delete_requires_role")),
+        "report_export" | "report_export_content" => e(&[200], "entity", "export", None),
+        "export_repeated" | "export_repeated_content" => e(&[200], "contact", "export", None),
         "delete" | "delete_for_good" => e(&[200, 302], "entity", "delete", None),
         "export" | "export_content" => e(&[200], "contact", "export", None),
         "logout" => e(&[302], "session", "login", None),
@@ -208,9 +214,55 @@ fn expect(step: &str) -> Expect {
     }
 }
 
+/// The URL patterns of the installed Creme, as `tests/e2e/creme_urls.py`
+/// prints them, must be those of `tests/data/creme-2.8.6-urls.tsv`, which
+/// `src/profile/tests.rs` classifies one by one: a Creme that grew a route
+/// fails here instead of sending it past the profile as `unknown`.
+fn assert_route_dump_is_current(env: &BTreeMap<String, String>) {
+    let script = e2e_dir().join("creme_urls.py");
+    let out = Command::new(&env["CREME"])
+        .args([
+            "shell",
+            "--settings=crmproj.settings",
+            "-c",
+            &format!(
+                "with open({:?}) as f: exec(f.read())",
+                script.display().to_string()
+            ),
+        ])
+        .current_dir(Path::new(&env["CREME_STATE"]).join("crmproj"))
+        .env("PYTHONWARNINGS", "ignore")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("cannot run creme shell");
+    assert!(out.status.success(), "creme_urls.py failed: {}", out.status);
+    let routes = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with('^'))
+            .map(String::from)
+            .collect()
+    };
+    let live = routes(&String::from_utf8_lossy(&out.stdout));
+    let fixture = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/creme-2.8.6-urls.tsv"),
+    )
+    .unwrap();
+    let known = routes(&fixture);
+    assert!(live.len() > 600, "only {} routes dumped", live.len());
+    let added: Vec<&String> = live.iter().filter(|r| !known.contains(r)).collect();
+    let gone: Vec<&String> = known.iter().filter(|r| !live.contains(r)).collect();
+    assert!(
+        added.is_empty() && gone.is_empty(),
+        "the installed Creme's routes differ from tests/data/creme-2.8.6-urls.tsv: \
+         regenerate it with tests/e2e/creme_urls.py and classify the new routes in profiles/creme.json\n\
+         added: {added:#?}\ngone: {gone:#?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creme_crm_behind_rempart_end_to_end() {
     let env = setup_creme();
+    assert_route_dump_is_current(&env);
     let (_creme, creme_port) = start_creme(&env).await;
 
     let dir = tempfile::tempdir().unwrap();
@@ -270,6 +322,7 @@ profiles = ["creme"]
         "contact_ct": env["CONTACT_CT"].parse::<u64>().unwrap(),
         "contact_id": env["CONTACT_ID"].parse::<u64>().unwrap(),
         "owner_id": env["ADMIN_ID"].parse::<u64>().unwrap(),
+        "report_id": env["REPORT_ID"].parse::<u64>().unwrap(),
     });
     let out = tokio::task::spawn_blocking({
         let python = env["PYTHON"].clone();
@@ -307,10 +360,16 @@ profiles = ["creme"]
         "create",
         "delete_refused",
         "export_refused",
+        "export_repeated_refused",
+        "report_export_refused",
+        "vcf_refused",
+        "delete_unicode_refused",
         "delete",
         "delete_for_good",
         "open_deleted",
         "export",
+        "export_repeated_content",
+        "report_export_content",
         "logout",
     ] {
         assert!(names.contains(&must), "step {must} missing: {names:?}");
@@ -347,6 +406,18 @@ profiles = ["creme"]
             }
             None => assert_eq!(rec["decision"]["outcome"], "allowed", "{name}: {rec}"),
         }
+        if name.starts_with("export") || name.starts_with("report_export") {
+            if status == 200 {
+                assert!(
+                    step["content_type"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("text/csv"),
+                    "{step}"
+                );
+            }
+            assert_eq!(r["bulk"], true, "{name}: {rec}");
+        }
         if name == "export" {
             assert!(
                 step["content_type"]
@@ -371,6 +442,16 @@ profiles = ["creme"]
         .unwrap();
     assert_eq!(
         refused["reasons"][0]["message"],
+        "bulk export of contact requires one of the roles: dpo"
+    );
+    // Given twice, the header filter the CRM acts on (the last) is the one
+    // recorded and refused.
+    let repeated = steps
+        .iter()
+        .find(|s| s["step"] == "export_repeated_refused")
+        .unwrap();
+    assert_eq!(
+        repeated["reasons"][0]["message"],
         "bulk export of contact requires one of the roles: dpo"
     );
 }

@@ -89,9 +89,26 @@ Organisation.objects.get_or_create(name='Rempart SAS', defaults={'user': admin})
 " >&2
     touch "$state/.users"
 fi
+if [ ! -f "$state/.report" ]; then
+    log "creating a report on contacts"
+    run shell -c "
+from django.contrib.auth import get_user_model
+from django.contrib.contenttypes.models import ContentType
+from creme import persons, reports
+from creme.reports.models import Field
+admin = get_user_model().objects.get(username='admin')
+ct = ContentType.objects.get_for_model(persons.get_contact_model())
+report, created = reports.get_report_model().objects.get_or_create(name='Contacts (rempart e2e)', defaults={'user': admin, 'ct': ct})
+if created:
+    Field.objects.create(report=report, type=1, name='last_name', order=1)
+    Field.objects.create(report=report, type=1, name='email', order=2)
+" >&2
+    touch "$state/.report"
+fi
 run shell -c "
 from django.contrib.contenttypes.models import ContentType
-from creme import persons
+from creme import persons, reports
+print('REPORT_ID=%d' % reports.get_report_model().objects.get(name='Contacts (rempart e2e)').id)
 print('CONTACT_CT=%d' % ContentType.objects.get_for_model(persons.get_contact_model()).id)
 print('ORGANISATION_CT=%d' % ContentType.objects.get_for_model(persons.get_organisation_model()).id)
 print('ADMIN_ID=%d' % __import__('django.contrib.auth', fromlist=['x']).get_user_model().objects.get(username='admin').id)

@@ -7,7 +7,7 @@ Invoked by tests/crm_e2e.rs with the Python of tests/e2e/.venv:
 
 CONFIG_JSON: {"tokens": {"sales": ..., "dpo": ..., "admin": ...},
               "passwords": {"sales": ..., ...}, "contact_ct": 98,
-              "contact_id": 1, "owner_id": 2}
+              "contact_id": 1, "owner_id": 2, "report_id": 15}
 
 Prints one JSON object per step on stdout:
 {"step", "user", "method", "path", "status", "decision_id", "location",
@@ -117,6 +117,18 @@ sales.post("delete_refused", "/creme_core/entity/delete/%s" % new_id,
            referer="/persons/contact/%s" % new_id, headers={"X-CSRFToken": sales.csrf()})
 export_path = "/creme_core/mass_export?ct_id=%d&hfilter=persons-hf_contact&type=csv" % config["contact_ct"]
 sales.get("export_refused", export_path)
+# The same export with the header filter given twice: Django reads the
+# last one (contacts), and so must rempart.
+repeated_path = ("/creme_core/mass_export?ct_id=%d&hfilter=persons-hf_organisation"
+                 "&hfilter=persons-hf_contact&type=csv" % config["contact_ct"])
+sales.get("export_repeated_refused", repeated_path)
+# Other ways out of the CRM: a report's rows as CSV, one contact as a vCard.
+report_path = "/reports/export/%d?doc_type=csv" % config["report_id"]
+sales.get("report_export_refused", report_path)
+sales.get("vcf_refused", "/vcfs/%d/generate_vcf" % config["contact_id"])
+# An id in Arabic-Indic digits (U+0663, 3): Django's \d matches it.
+sales.post("delete_unicode_refused", "/creme_core/entity/delete/%D9%A3",
+           referer="/persons/contacts", headers={"X-CSRFToken": sales.csrf()})
 
 # Admin: deletes the contact (to the trash, then for good).
 admin = User("admin")
@@ -132,6 +144,10 @@ dpo = User("dpo")
 dpo.login()
 r = dpo.get("export", export_path)
 emit("export_content", "dpo", r, body_has=("Martin" in r.text and "Rempart-E2E" not in r.text))
+r = dpo.get("export_repeated", repeated_path)
+emit("export_repeated_content", "dpo", r, body_has=("First name" in r.text and "Martin" in r.text))
+r = dpo.get("report_export", report_path)
+emit("report_export_content", "dpo", r, body_has=("Martin" in r.text and "alice@example.eu" in r.text))
 
 # Log out (POST, like Creme's menu).
 dpo.post("logout", "/creme_logout", {"csrfmiddlewaretoken": dpo.csrf()}, referer="/")
