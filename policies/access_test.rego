@@ -125,9 +125,32 @@ test_eu_eea_and_listed_countries_are_allowed if {
 }
 
 test_non_personal_types_are_not_location_bound if {
-	inp := from_public(request("GET", "/persons/organisations", {"type": "organisation", "operation": "list"}, ["sales"]), {"scope": "public", "country": "US", "in_eu": false, "in_eea": false})
+	inp := from_public(request("GET", "/products/products", {"type": "product", "operation": "list"}, ["sales"]), {"scope": "public", "country": "US", "in_eu": false, "in_eea": false})
 	d := rempart.decision with input as inp
 	d.allow
+}
+
+# Organisations are personal data as shipped: a sole trader's company is
+# the person, and an organisation's page lists its employees; so are the
+# files (attachments) and Odoo's generic export records.
+test_organisations_files_and_records_are_personal_data if {
+	us := {"scope": "public", "country": "US", "in_eu": false, "in_eea": false}
+	every t in ["organisation", "file", "record"] {
+		d := rempart.decision with input as from_public(request("GET", "/x", {"type": t, "operation": "read"}, ["sales"]), us)
+		codes(d) == {"personal_data_outside_eea"}
+	}
+}
+
+# Where a request comes from does not depend on who sends it: the location
+# rule holds with no identity source configured.
+test_location_rule_holds_without_identity_source if {
+	us := from_public(contacts_list([]), {"scope": "public", "country": "US", "in_eu": false, "in_eea": false})
+	no_source := object.union(anonymous(us), {"identity": {"sources": [], "error": null}})
+	d := rempart.decision with input as no_source
+	codes(d) == {"personal_data_outside_eea"}
+	fr := from_public(contacts_list([]), {"scope": "public", "country": "FR", "in_eu": true, "in_eea": true})
+	d2 := rempart.decision with input as object.union(anonymous(fr), {"identity": {"sources": []}})
+	d2.allow
 }
 
 test_matrix_is_enforced_when_asked if {
@@ -157,13 +180,18 @@ test_matrix_wildcards_and_no_roles if {
 
 test_unknown_routes_are_decided_explicitly if {
 	inp := request("GET", "/activities/calendar", {"type": "unknown", "operation": "other"}, ["sales"])
-	d := rempart.decision with input as inp
-	d.allow
-	warn_codes(d) == {"unclassified_request"}
-	d2 := rempart.decision with input as inp with data.settings.access.unknown_routes as "deny"
+	# Denied as shipped: a route the profile does not know may be an export.
+	d2 := rempart.decision with input as inp
 	codes(d2) == {"unclassified_request"}
 	some r in d2.deny
 	r.message == "GET /activities/calendar matches no route of the creme profile"
+	# `warn` is the roll-out setting: allowed, and recorded.
+	d := rempart.decision with input as inp with data.settings.access.unknown_routes as "warn"
+	d.allow
+	warn_codes(d) == {"unclassified_request"}
+	# An older data.json without the key gets the fail-closed default.
+	d4 := rempart.decision with input as inp with data.settings.access as json.remove(data.settings.access, ["unknown_routes"])
+	codes(d4) == {"unclassified_request"}
 	d3 := rempart.decision with input as inp with data.settings.access.unknown_routes as "allow"
 	d3.allow
 	count(d3.warn) == 0
@@ -181,4 +209,51 @@ test_egress_is_not_judged_here if {
 	inp := object.union(export(["sales"]), {"direction": "egress"})
 	d := rempart.decision with input as inp
 	not "bulk_requires_role" in codes(d)
+}
+
+odoo_call(method, inspection, roles) := object.union(
+	request(method, "/web/dataset/call_kw", {"crm": "odoo", "type": "unknown", "operation": "other", "inspection": inspection}, roles),
+	{"resource": {"crm": "odoo", "type": "unknown", "operation": "other", "id": null, "bulk": false, "inspection": inspection}},
+)
+
+# An Odoo call whose body could not be read cannot show it is not an
+# `unlink` or an `export_data`: denied, with why, and without the
+# "matches no route" of unknown routes.
+test_uninspected_body_is_denied_and_says_why if {
+	every inspection, why in {
+		"too_large": "it is larger than [classify] body_inspect_max_bytes",
+		"malformed": "it is not the JSON the route expects",
+		"timeout": "it did not arrive within [classify] body_inspect_timeout",
+		"unreadable": "it could not be read",
+	} {
+		d := rempart.decision with input as odoo_call("POST", inspection, ["sales"])
+		codes(d) == {"body_not_inspected"}
+		count(d.warn) == 0
+		[r.message | some r in d.deny] == [sprintf("POST /web/dataset/call_kw: the request body was not inspected (%s), so what the call does is unknown", [why])]
+	}
+}
+
+test_uninspected_body_is_denied_without_identity_source_too if {
+	inp := object.union(anonymous(odoo_call("POST", "too_large", [])), {"identity": {"sources": []}})
+	d := rempart.decision with input as inp
+	codes(d) == {"body_not_inspected"}
+}
+
+test_uninspected_body_allowed_for_a_configured_role_with_a_warning if {
+	d := rempart.decision with input as odoo_call("POST", "too_large", ["integration"])
+		with data.settings.access.uninspected_body_roles as ["integration"]
+	d.allow
+	warn_codes(d) == {"body_not_inspected"}
+	d2 := rempart.decision with input as odoo_call("POST", "too_large", ["sales"])
+		with data.settings.access.uninspected_body_roles as ["integration"]
+	codes(d2) == {"body_not_inspected"}
+}
+
+test_inspected_bodies_are_decided_on_what_they_say if {
+	inp := object.union(odoo_call("POST", "inspected", ["sales"]), {"resource": {"type": "contact", "operation": "list"}})
+	d := rempart.decision with input as inp
+	d.allow
+	unlink := object.union(odoo_call("POST", "inspected", ["sales"]), {"resource": {"type": "contact", "operation": "delete", "id": "42"}})
+	d2 := rempart.decision with input as unlink
+	codes(d2) == {"delete_requires_role"}
 }
