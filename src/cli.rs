@@ -615,6 +615,17 @@ fn check(path: &Path, policies: Option<&Path>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `rempart check` says when no identity source is configured: which
+/// shipped rules need one (they cannot tell a sales user from the DPO), and
+/// which still apply.
+pub const NO_IDENTITY_WARNING: &str = "warning: no identity source ([identity.jwt], \
+[server.tls] client_ca or [identity] trusted_header): every request is anonymous, so these \
+shipped rules are off: unauthenticated (identity.rego: anonymous requests are not refused), \
+bulk_requires_role (anyone may export and bulk-update), delete_requires_role (anyone may \
+delete), permission_denied and unclassified_request (access.rego). Still on: \
+personal_data_outside_eea, body_not_inspected, the request hygiene and the sovereignty \
+rules. See docs/configuration.md (identity) and the examples in deploy/systemd/rempart.toml";
+
 /// Opens the certificate, key, CA and JWKS files as serve would, and warns
 /// when no identity source is configured.
 fn check_identity_and_tls(cfg: &Config) -> anyhow::Result<()> {
@@ -639,11 +650,7 @@ fn check_identity_and_tls(cfg: &Config) -> anyhow::Result<()> {
         .as_ref()
         .is_some_and(|t| t.client_ca.is_some());
     if cfg.identity.jwt.is_none() && !mtls && cfg.identity.trusted_header.is_none() {
-        eprintln!(
-            "warning: no identity source ([identity.jwt], [server.tls] client_ca or \
-             [identity] trusted_header): every request is anonymous and the shipped \
-             authentication rules stay inactive; see docs/configuration.md"
-        );
+        eprintln!("{NO_IDENTITY_WARNING}");
     }
     Ok(())
 }

@@ -339,6 +339,57 @@ fn every_shipped_configuration_passes_rempart_check() {
     }
 }
 
+/// The systemd and Kubernetes configurations ship two commented identity
+/// examples (`# a)` JWT, `# b)` trusted header): each, uncommented alone,
+/// must pass `rempart check` and silence its "no identity source" warning,
+/// so that a DSI who follows the comment gets the access rules on.
+#[test]
+fn shipped_identity_examples_pass_rempart_check_and_turn_identity_on() {
+    for config in [
+        deploy("systemd/rempart.toml"),
+        deploy("kubernetes/base/rempart.toml"),
+    ] {
+        let text = read(&config);
+        for (from, to) in [("# a) ", "# b) "), ("# b) ", "\n[admin]")] {
+            let start = text
+                .find(from)
+                .unwrap_or_else(|| panic!("{}: no example {from:?}", config.display()));
+            let end = start + text[start..].find(to).unwrap();
+            let example: Vec<String> = text[start..end]
+                .lines()
+                .map(|l| match l.strip_prefix("# ") {
+                    Some(rest) if rest.starts_with('[') || rest.contains(" = ") => rest.to_string(),
+                    _ => l.to_string(),
+                })
+                .collect();
+            assert!(
+                example.iter().any(|l| l.starts_with("[identity")),
+                "{}: example {from:?} has no [identity] table",
+                config.display()
+            );
+            let tmp = tempfile::tempdir().unwrap();
+            let uncommented = tmp.path().join("rempart.toml");
+            let policies = repo().join("policies");
+            let full = format!("{}{}{}", &text[..start], example.join("\n"), &text[end..])
+                .replace("/var/lib/rempart", tmp.path().to_str().unwrap())
+                .replace("/etc/rempart/policies", policies.to_str().unwrap());
+            std::fs::create_dir_all(tmp.path().join("audit")).unwrap();
+            std::fs::write(&uncommented, full).unwrap();
+            let out = run_ok(Command::new(common::bin()).args([
+                "check",
+                "--config",
+                uncommented.to_str().unwrap(),
+            ]));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !err.contains("no identity source"),
+                "{} example {from:?}: {err}",
+                config.display()
+            );
+        }
+    }
+}
+
 /// The files of `policies/` that `serve` loads (tests excluded), sorted.
 fn shipped_policy_files() -> Vec<String> {
     let mut shipped: Vec<String> = std::fs::read_dir(repo().join("policies"))

@@ -872,6 +872,15 @@ fn check_validates_tls_and_jwks_files_and_warns_without_identity() {
     let (code, _, err) = run_check("plain.toml", &base);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("warning: no identity source"), "{err}");
+    // It names the rules that are off, and those that still hold.
+    for rule in [
+        "unauthenticated (identity.rego",
+        "bulk_requires_role (anyone may export",
+        "delete_requires_role (anyone may delete)",
+        "Still on: personal_data_outside_eea, body_not_inspected",
+    ] {
+        assert!(err.contains(rule), "{rule}: {err}");
+    }
 
     let good_tls = format!(
         "{base}[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",

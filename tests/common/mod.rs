@@ -36,8 +36,9 @@ pub struct Seen {
 
 /// A real HTTP/1.1 upstream. Routes:
 /// - `/slow/<ms>`: waits, then 200;
-/// - `/upload`: reads the body frame by frame, signals `first_chunk` after
-///   the first one, answers with the byte count;
+/// - `/upload` (and Odoo's `/web/dataset/call_kw[/...]`, for the shipped
+///   `odoo` profile): reads the body frame by frame, signals `first_chunk`
+///   after the first one, answers with the byte count;
 /// - `/download`: sends "first-chunk;", waits for `release`, sends "second-chunk";
 /// - anything else: 200 with a small JSON body.
 pub struct Upstream {
@@ -125,7 +126,7 @@ async fn route(
         tokio::time::sleep(Duration::from_millis(ms)).await;
         return Response::new(full("slow done"));
     }
-    if path == "/upload" {
+    if path == "/upload" || path.starts_with("/web/dataset/call_kw") {
         let mut body = req.into_body();
         let mut total = 0usize;
         let mut first = true;
