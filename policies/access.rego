@@ -205,9 +205,10 @@ unknown_routes := object.get(access, "unknown_routes", "deny")
 
 unknown_route_message := sprintf("%s %s matches no route of the %s profile", [input.request.method, input.request.path, input.resource.crm])
 
+# Anything but "warn" or "allow" (a typo included) denies: fail closed.
 access_deny contains {"code": "unclassified_request", "message": unknown_route_message} if {
 	unknown_route
-	unknown_routes == "deny"
+	not unknown_routes in {"warn", "allow"}
 }
 
 access_warn contains {"code": "unclassified_request", "message": unknown_route_message} if {

@@ -192,6 +192,9 @@ test_unknown_routes_are_decided_explicitly if {
 	# An older data.json without the key gets the fail-closed default.
 	d4 := rempart.decision with input as inp with data.settings.access as json.remove(data.settings.access, ["unknown_routes"])
 	codes(d4) == {"unclassified_request"}
+	# A misspelt setting denies too.
+	d5 := rempart.decision with input as inp with data.settings.access.unknown_routes as "Warn"
+	codes(d5) == {"unclassified_request"}
 	d3 := rempart.decision with input as inp with data.settings.access.unknown_routes as "allow"
 	d3.allow
 	count(d3.warn) == 0
