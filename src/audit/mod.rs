@@ -19,6 +19,7 @@ mod buffers;
 pub mod chain;
 pub mod checkpoint;
 pub mod decision_log;
+pub mod exchange;
 pub mod files;
 pub mod privacy;
 pub mod query;

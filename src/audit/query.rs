@@ -102,6 +102,19 @@ pub fn query(
     if format == Format::Table {
         writeln!(out, "{}", table_row(&TABLE_HEADER.map(String::from)))?;
     }
+    let mut print = |line: &str, v: &serde_json::Value| -> std::io::Result<()> {
+        if filter.matches(v) {
+            match format {
+                Format::Json => writeln!(out, "{line}")?,
+                Format::Table => writeln!(out, "{}", table_row(&table_cells(v)))?,
+            }
+            matched += 1;
+        }
+        Ok(())
+    };
+    // Sync mode's pending records stand for their request only when no
+    // complete record follows (see `super::exchange`): printed last.
+    let mut pending = super::exchange::Pending::default();
     for path in files {
         let reader = open_lines(path).with_context(|| format!("cannot open {}", path.display()))?;
         for (i, line) in reader.lines().enumerate() {
@@ -112,13 +125,14 @@ pub fn query(
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
-            if filter.matches(&v) {
-                match format {
-                    Format::Json => writeln!(out, "{line}")?,
-                    Format::Table => writeln!(out, "{}", table_row(&table_cells(&v)))?,
-                }
-                matched += 1;
+            if pending.take(&v, || line.clone()) {
+                print(&line, &v)?;
             }
+        }
+    }
+    for line in pending.unsettled() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            print(&line, &v)?;
         }
     }
     Ok(matched)

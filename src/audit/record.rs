@@ -20,11 +20,18 @@ pub struct AuditRecord<'a> {
     /// What the request touched, as the classify stage saw it.
     pub resource: AuditResource<'a>,
     pub decision: AuditDecision<'a>,
-    /// Status sent to the client.
-    pub status: u16,
+    /// Status sent to the client; `None` (null) on a pending record, whose
+    /// exchange has not happened yet.
+    pub status: Option<u16>,
     /// From accepting the request to sending the response head.
     pub latency_ms: f64,
     pub policy_revision: &'a str,
+    /// `Some("pending")` on the record that sync durability writes, and
+    /// makes durable, *before* forwarding a request; the request's complete
+    /// record (no `exchange` field) follows with the same `decision_id`
+    /// once the exchange is over. See [`crate::audit::exchange`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exchange: Option<&'static str>,
     /// Egress tunnels only, on the second record of a decision, written
     /// when the tunnel closed: what it carried.
     #[serde(skip_serializing_if = "Option::is_none")]

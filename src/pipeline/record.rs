@@ -23,6 +23,10 @@ pub struct Evidence<'a> {
     /// Set on the closing record of an egress tunnel (whose decision was
     /// recorded and counted when it opened).
     pub transfer: Option<crate::audit::Transfer>,
+    /// The sync-mode record written before forwarding (`"exchange":
+    /// "pending"`, no status): not counted, since the request's complete
+    /// record follows.
+    pub pending: bool,
 }
 
 /// Whether a request with this ruling and final outcome gets a record.
@@ -61,7 +65,8 @@ fn count(ev: &Evidence<'_>, metrics: &Metrics) {
 }
 
 /// Counts the request and queues its record. In sync durability mode,
-/// returns the acknowledgement the response must wait for.
+/// returns the acknowledgement that the record is on disk: a pending
+/// record's before forwarding, a refusal's before answering.
 pub fn record(
     ev: &Evidence<'_>,
     scope: AuditRecordScope,
@@ -70,7 +75,7 @@ pub fn record(
 ) -> Option<AuditAck> {
     let input = ev.input;
     let d = &ev.ruling.decision;
-    if ev.transfer.is_none() {
+    if ev.transfer.is_none() && !ev.pending {
         count(ev, metrics);
     }
     if !worth_recording(scope, ev.ruling, ev.outcome) {
@@ -103,9 +108,10 @@ pub fn record(
             warn: &d.warn,
             error,
         },
-        status: ev.status,
+        status: (!ev.pending).then_some(ev.status),
         latency_ms: (ev.accepted_at.elapsed().as_secs_f64() * 1e6).round() / 1000.0,
         policy_revision: &ev.ruling.revision,
+        exchange: ev.pending.then_some(crate::audit::exchange::PENDING),
         transfer: ev.transfer,
     })
 }

@@ -7,6 +7,9 @@
 //! tunnel (`transfer`, same `decision_id` as its decision) stay in the
 //! local trail: OPA's format has no place for them, and a collector that
 //! de-duplicates on `decision_id` would merge the tunnel's two records.
+//! Nor does sync mode's pending record (`"exchange": "pending"`), written
+//! before forwarding: the request's complete record, with its status,
+//! follows with the same `decision_id` and is the one sent.
 
 use serde_json::{json, Map, Value};
 
@@ -43,7 +46,10 @@ pub fn seq_of(line: &[u8]) -> Option<u64> {
 /// The event for a parsed trail line, or `None` when the line is not a
 /// decision (see the module comment).
 pub fn event(record: &Value, labels: &Labels) -> Option<Value> {
-    if record.get("type").is_some() || record.get("transfer").is_some() {
+    if record.get("type").is_some()
+        || record.get("transfer").is_some()
+        || crate::audit::exchange::is_pending(record)
+    {
         return None;
     }
     let decision_id = record.get("decision_id")?.as_str()?;
