@@ -32,8 +32,10 @@ async fn concurrent_requests_give_exactly_that_many_chained_records_across_resta
     let trail = rp.audit.clone();
     let (code, out, err) = verify(&[&trail]);
     assert_eq!(code, 0, "{err}");
+    // Sync mode: each forwarded request has its pending record (written
+    // before forwarding) and its complete one.
     assert!(
-        out.contains("ok: 200 records") && out.contains("seq 1..200"),
+        out.contains("ok: 400 records") && out.contains("seq 1..400"),
         "{out}"
     );
 
@@ -269,6 +271,32 @@ async fn sync_mode_kill_9_under_load_loses_no_acknowledged_record() {
         acknowledged.len(),
         &missing[..missing.len().min(5)]
     );
+    // Each answered request has its complete record (the answer waited for
+    // it); requests cut by the kill may have only their pending record.
+    // Query lists every request once either way.
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&trail)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let complete: std::collections::HashSet<&str> = records
+        .iter()
+        .filter(|r| r.get("exchange").is_none())
+        .filter_map(|r| r["decision_id"].as_str())
+        .collect();
+    assert!(acknowledged.iter().all(|id| complete.contains(id.as_str())));
+    let (code, out, err) = run(&["audit", "query", trail.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<String> = out
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["decision_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let unique: std::collections::HashSet<&String> = listed.iter().collect();
+    assert_eq!(unique.len(), listed.len(), "a request listed twice");
+    assert_eq!(unique.len(), recorded.len());
 }
 
 /// A shell that limits the size of files rempart may write (`ulimit -f`,
@@ -423,8 +451,10 @@ async fn rotation_under_load_keeps_one_chain_across_compressed_files() {
     }
     let (code, out, err) = verify(&[&trails]);
     assert_eq!(code, 0, "{err}");
+    // Sync mode: each forwarded request has its pending record (written
+    // before forwarding) and its complete one.
     assert!(
-        out.contains("ok: 200 records") && out.contains("seq 1..200"),
+        out.contains("ok: 400 records") && out.contains("seq 1..400"),
         "{out}"
     );
     assert!(
@@ -438,11 +468,15 @@ async fn rotation_under_load_keeps_one_chain_across_compressed_files() {
     assert!(again.stop().success());
     let (code, out, err) = verify(&[&trails]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("seq 1..220"), "{out}");
+    assert!(out.contains("seq 1..420"), "{out}");
 
     // An edit inside a compressed file is named by file and line.
     let victim = &gz_files(&trails)[1];
     let text = gunzip(victim);
+    let line = 1 + text
+        .lines()
+        .position(|l| l.contains("\"status\":200"))
+        .unwrap();
     gzip(
         victim,
         &text.replacen("\"status\":200", "\"status\":201", 1),
@@ -451,7 +485,7 @@ async fn rotation_under_load_keeps_one_chain_across_compressed_files() {
     assert_ne!(code, 0);
     let name = victim.file_name().unwrap().to_str().unwrap();
     assert!(
-        err.contains(&format!("{name}:1:")) && err.contains("hash mismatch"),
+        err.contains(&format!("{name}:{line}:")) && err.contains("hash mismatch"),
         "{err}"
     );
 }
@@ -479,7 +513,7 @@ async fn retention_keeps_the_newest_rotated_files_and_they_still_verify() {
     let (code, out, err) = verify(&[&trails]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("in 3 file(s)") && out.contains("..100,"),
+        out.contains("in 3 file(s)") && out.contains("..200,"),
         "{out}"
     );
     assert!(!out.contains("seq 1.."), "{out}");
@@ -779,7 +813,7 @@ async fn a_missing_syslog_collector_costs_nothing_but_its_copy() {
     assert!(rp.stop().success());
     let (code, out, err) = verify(&[&trail]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("ok: 5 records"), "{out}");
+    assert!(out.contains("ok: 10 records"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1151,11 +1185,213 @@ async fn age_rotation_keeps_one_chain_that_verify_walks_across_the_files() {
     let (code, out, err) = verify(&[&trails]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("ok: 15 records") && out.contains("seq 1..15"),
+        out.contains("ok: 30 records") && out.contains("seq 1..30"),
         "{out}"
     );
     assert!(
         out.contains(&format!("in {} file(s)", rotated.len() + 1)),
         "{out}"
     );
+}
+
+/// An upstream that, on each request, reads the trail and answers whether
+/// a record of that very request (found by its path, which each request
+/// makes unique) is already in it: `{"recorded", "decision_id",
+/// "exchange", "status"}`.
+async fn trail_reading_upstream(
+    trail: std::path::PathBuf,
+) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let trail = trail.clone();
+            tokio::spawn(async move {
+                let mut reader = tokio::io::BufReader::new(stream);
+                loop {
+                    let mut path = None;
+                    loop {
+                        let mut line = String::new();
+                        match reader.read_line(&mut line).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if path.is_none() {
+                            path = line.split_whitespace().nth(1).map(String::from);
+                        }
+                    }
+                    let path = path.unwrap_or_default();
+                    let text = std::fs::read_to_string(&trail).unwrap_or_default();
+                    let found = text
+                        .lines()
+                        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                        .find(|r| r["request"]["path"] == path.as_str());
+                    let body = match found {
+                        Some(r) => serde_json::json!({
+                            "recorded": true,
+                            "decision_id": r["decision_id"],
+                            "exchange": r["exchange"],
+                            "status": r["status"],
+                        }),
+                        None => serde_json::json!({"recorded": false}),
+                    }
+                    .to_string();
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: application/json\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if reader.get_mut().write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, task)
+}
+
+fn records_of(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_mode_records_the_decision_before_the_crm_sees_the_request_and_counts_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let trail = dir.path().join("trail.jsonl");
+    let (up, up_task) = trail_reading_upstream(trail.clone()).await;
+    let mut rp = start_with_audit(&[], dir.path(), &up, "durability = \"sync\"", &trail);
+
+    // Sequential and concurrent requests, each with its own path.
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let url = rp.url(&format!("/api/contacts/sync-{i}"));
+        tasks.push(tokio::spawn(async move { get(&url).await }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200);
+        let seen = r.json();
+        assert_eq!(
+            seen["recorded"], true,
+            "the CRM got a request not yet recorded"
+        );
+        assert_eq!(seen["decision_id"], r.decision_id().as_str());
+        assert_eq!(seen["exchange"], "pending");
+        assert!(seen["status"].is_null());
+        ids.push(r.decision_id());
+    }
+    // A denied request is not forwarded: one record, no pending one.
+    let denied = common::request("TRACE", &rp.url("/api/contacts"), &[]).await;
+    assert_eq!(denied.status, 403);
+    assert!(rp.stop().success());
+
+    let (code, _, err) = verify(&[&trail]);
+    assert_eq!(code, 0, "{err}");
+    let records = records_of(&trail);
+    for id in &ids {
+        let mine: Vec<&serde_json::Value> = records
+            .iter()
+            .filter(|r| r["decision_id"] == id.as_str())
+            .collect();
+        assert_eq!(mine.len(), 2, "{id}: {mine:?}");
+        assert_eq!(mine[0]["exchange"], "pending");
+        assert!(mine[0]["seq"].as_u64() < mine[1]["seq"].as_u64());
+        assert!(mine[1].get("exchange").is_none());
+        assert_eq!(mine[1]["status"], 200);
+        assert_eq!(mine[1]["decision"]["outcome"], "allowed");
+    }
+    let denied_records: Vec<_> = records
+        .iter()
+        .filter(|r| r["decision_id"] == denied.decision_id().as_str())
+        .collect();
+    assert_eq!(denied_records.len(), 1);
+    assert_eq!(denied_records[0]["status"], 403);
+
+    // `audit query` and `report` count each request once.
+    let (code, out, err) = run(&["audit", "query", trail.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(listed.len(), ids.len() + 1, "{out}");
+    assert!(listed.iter().all(|r| r.get("exchange").is_none()));
+    let (code, out, err) = run(&[
+        "audit",
+        "query",
+        trail.to_str().unwrap(),
+        "--decision",
+        "allowed",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), ids.len());
+    let (code, out, err) = run(&[
+        "report",
+        "--format",
+        "json",
+        "--audit",
+        trail.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["observations"]["decisions"], ids.len() as u64 + 1);
+    assert_eq!(
+        report["observations"]["outcomes"]["ingress"]["allowed"],
+        ids.len() as u64
+    );
+
+    // A pending record that nothing completes (the exchange was cut short)
+    // still stands for its request, once.
+    let mut cut = std::fs::read_to_string(&trail).unwrap();
+    let last_complete = records
+        .iter()
+        .rposition(|r| r["decision_id"] == ids[0].as_str())
+        .unwrap();
+    let kept: Vec<&str> = cut
+        .lines()
+        .enumerate()
+        .filter(|(i, _)| *i != last_complete)
+        .map(|(_, l)| l)
+        .collect();
+    cut = kept.join("\n") + "\n";
+    let cut_path = dir.path().join("cut.jsonl");
+    std::fs::write(&cut_path, cut).unwrap();
+    let (code, out, err) = run(&["audit", "query", cut_path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(listed.len(), ids.len() + 1);
+    let orphan: Vec<_> = listed
+        .iter()
+        .filter(|r| r["decision_id"] == ids[0].as_str())
+        .collect();
+    assert_eq!(orphan.len(), 1);
+    assert_eq!(orphan[0]["exchange"], "pending");
+
+    // Control: in buffered mode the record follows the exchange, so the
+    // same upstream does not find it (the check above can fail).
+    let trail_b = dir.path().join("trail-buffered.jsonl");
+    let (up_b, up_b_task) = trail_reading_upstream(trail_b.clone()).await;
+    let mut rp = start_with_audit(&[], dir.path(), &up_b, "", &trail_b);
+    let r = get(&rp.url("/api/contacts/buffered-0")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["recorded"], false);
+    assert!(rp.stop().success());
+    assert_eq!(decision_ids(&trail_b).len(), 1);
+    up_task.abort();
+    up_b_task.abort();
 }

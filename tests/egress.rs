@@ -1193,3 +1193,148 @@ async fn an_https_proxy_with_client_certificates_names_the_workload() {
             >= 1.0
     );
 }
+
+/// What a destination finds in the trail when the first bytes of a
+/// request or tunnel reach it: the records (as JSON) that `matches`.
+fn trail_matches(
+    trail: &Path,
+    matches: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(trail)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| matches(r))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_mode_records_the_decision_before_any_byte_reaches_the_destination() {
+    let s = start(None, "\n[audit]\ndurability = \"sync\"\n");
+    let trail = s.rempart.audit.clone();
+
+    // Plain HTTP: the destination reads the request head, then looks in
+    // the trail for a record of that very path.
+    let t = trail.clone();
+    let http = Server::start_with(EU, move |stream| {
+        let trail = t.clone();
+        async move {
+            let mut reader = BufReader::new(stream);
+            let mut first = String::new();
+            if reader.read_line(&mut first).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let path = first.split_whitespace().nth(1).unwrap_or("").to_string();
+            loop {
+                let mut line = String::new();
+                match reader.read_line(&mut line).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if line == "\r\n" => break,
+                    Ok(_) => {}
+                }
+            }
+            let found = trail_matches(&trail, |r| r["request"]["path"] == path.as_str());
+            let body = serde_json::json!({"found": found}).to_string();
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = reader.get_mut().write_all(resp.as_bytes()).await;
+        }
+    })
+    .await;
+    let target = format!("http://{}/sync-plain-42", http.addr);
+    let (status, head, mut r) = raw(
+        s.proxy,
+        &format!("GET {target} HTTP/1.1\r\nHost: {}\r\n\r\n", http.addr),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    let seen: serde_json::Value = serde_json::from_str(&body_of(&mut r, &head).await).unwrap();
+    let found = seen["found"].as_array().unwrap();
+    assert_eq!(
+        found.len(),
+        1,
+        "the destination got a request not yet recorded: {seen}"
+    );
+    assert_eq!(found[0]["decision_id"], id.as_str());
+    assert_eq!(found[0]["exchange"], "pending");
+    assert_eq!(found[0]["direction"], "egress");
+    assert!(found[0]["status"].is_null());
+
+    // A tunnel, with bytes sent right behind the CONNECT head (before the
+    // 200): when they reach the destination, the decision is on disk.
+    let t = trail.clone();
+    let tunnel = Server::start_with(EU, move |stream| {
+        let trail = t.clone();
+        async move {
+            let port = stream.local_addr().unwrap().port();
+            let mut reader = BufReader::new(stream);
+            let mut first = String::new();
+            if reader.read_line(&mut first).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let found = trail_matches(&trail, |r| {
+                r["request"]["method"] == "CONNECT" && r["destination"]["port"] == port
+            });
+            let answer = format!("{}\n", serde_json::json!({"found": found}));
+            let _ = reader.get_mut().write_all(answer.as_bytes()).await;
+        }
+    })
+    .await;
+    let target = tunnel.addr.to_string();
+    let (status, head, mut r) = raw(
+        s.proxy,
+        &format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\nhello\n"),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut answer))
+        .await
+        .expect("the destination answered in time")
+        .unwrap();
+    let seen: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let found = seen["found"].as_array().unwrap();
+    assert_eq!(
+        found.len(),
+        1,
+        "bytes reached the destination before the record: {seen}"
+    );
+    assert_eq!(found[0]["decision_id"], id.as_str());
+    assert_eq!(found[0]["status"], 200);
+    drop(r);
+    let closing = closing_record(&s.rempart, &id).await;
+    assert_eq!(closing["transfer"]["bytes_to_destination"], 6);
+
+    // The plain request's complete record follows its pending one; query
+    // lists each request once.
+    let mut rempart = s.rempart;
+    assert!(rempart.stop().success());
+    let plain: Vec<serde_json::Value> =
+        trail_matches(&trail, |r| r["request"]["path"] == "/sync-plain-42");
+    assert_eq!(plain.len(), 2);
+    assert_eq!(plain[1]["status"], 200);
+    assert!(plain[1].get("exchange").is_none());
+    let (code, out, err) = common::run(&[
+        "audit",
+        "query",
+        trail.to_str().unwrap(),
+        "--direction",
+        "egress",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: std::collections::HashSet<&str> = listed
+        .iter()
+        .map(|r| r["decision_id"].as_str().unwrap())
+        .collect();
+    // Plain request once; the tunnel: its decision and its closing record.
+    assert_eq!(ids.len(), 2, "{out}");
+    assert_eq!(listed.len(), 3, "{out}");
+}

@@ -91,4 +91,14 @@ mod tests {
         assert_eq!(now, [false, false, true, true, true, false]);
         assert_eq!(p.unsettled(), ["b", "d"]);
     }
+
+    #[test]
+    fn the_decision_log_sends_the_complete_record_only() {
+        let labels = crate::audit::decision_log::event::Labels::new("p", &Default::default());
+        let pending = json!({"seq": 1, "decision_id": "a", "exchange": "pending", "status": null});
+        let complete = json!({"seq": 2, "decision_id": "a", "status": 200});
+        assert!(crate::audit::decision_log::event::event(&pending, &labels).is_none());
+        let sent = crate::audit::decision_log::event::event(&complete, &labels).unwrap();
+        assert_eq!(sent["result"]["status"], 200);
+    }
 }

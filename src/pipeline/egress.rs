@@ -440,10 +440,20 @@ impl EgressGateway {
                     ruling.outcome
                 };
                 let response = self.with_head(response, &input, client_version);
-                let ack = self.record(&input, &ruling, outcome, &response, accepted_at, error.as_deref());
+                let ack = self.record(
+                    &input,
+                    &ruling,
+                    outcome,
+                    &response,
+                    accepted_at,
+                    error.as_deref(),
+                );
                 match (pending_durable, ack) {
                     // No pending record: the answer waits for this one.
-                    (None, Some(ack)) => self.withhold_unless_durable(ack, response, &input, client_version).await,
+                    (None, Some(ack)) => {
+                        self.withhold_unless_durable(ack, response, &input, client_version)
+                            .await
+                    }
                     // The pending record is on disk: the complete one goes
                     // with the next group commit.
                     _ => response,

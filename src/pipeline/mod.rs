@@ -45,7 +45,6 @@ use enforce::{Forwarded, ProxyBody, Upstream, AUDIT_UNAVAILABLE, DECISION_ID};
 use identify::Identifier;
 use record::Evidence;
 
-
 /// The upstream located with one generation of geo data (kept alive
 /// here, so that the pointer comparison cannot be fooled by reuse).
 struct LocatedUpstream {
@@ -313,15 +312,24 @@ impl Gateway {
             &self.audit,
             &self.metrics,
         );
-        // Sync durability: a request whose pending record is on disk is
-        // answered at once (its complete record goes with the next group
-        // commit); any other answer waits until its record is on disk.
-        if let Some(ack) = ack.filter(|_| pending_durable.is_none()) {
-            if !ack.durable().await {
-                self.metrics.audit_sync_failures.inc();
-                tracing::error!(decision_id = %id, "audit record not durable; response withheld");
-                response = enforce::audit_unavailable(&id, self.audit_failure_status);
-                *response.version_mut() = client_version;
+        // Sync durability: the answer waits until its record is on disk
+        // (one group commit). Without a durable pending record, a record
+        // that cannot be made durable replaces the answer with
+        // `failure_status`; after one (the request was forwarded, the CRM
+        // acted), the CRM's answer goes out and the pending record stands.
+        if let Some(ack) = ack {
+            let durable = ack.durable().await;
+            match pending_durable {
+                None if !durable => {
+                    self.metrics.audit_sync_failures.inc();
+                    tracing::error!(decision_id = %id, "audit record not durable; response withheld");
+                    response = enforce::audit_unavailable(&id, self.audit_failure_status);
+                    *response.version_mut() = client_version;
+                }
+                Some(true) if !durable => {
+                    tracing::error!(decision_id = %id, "complete audit record not durable; its pending record stands");
+                }
+                _ => {}
             }
         }
         response
