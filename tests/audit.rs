@@ -360,8 +360,163 @@ async fn sync_mode_fails_closed_when_the_trail_cannot_be_written() {
     assert!(!recorded.contains(&refused));
 }
 
+/// Like [`file_size_limit`], but only the soft limit: the test lifts it on
+/// the running process with `prlimit(1)` (no privilege needed to raise a
+/// soft limit up to the hard one), so that the trail cannot be written,
+/// then can again — a disk that fills up and is freed.
+fn soft_file_size_limit(blocks: u32) -> Vec<String> {
+    vec![
+        "bash".into(),
+        "-c".into(),
+        format!("trap '' XFSZ; ulimit -S -f {blocks} && exec \"$0\" \"$@\""),
+    ]
+}
+
+fn lift_file_size_limit(rp: &Rempart) {
+    let out = std::process::Command::new("prlimit")
+        .args(["--pid", &rp.pid().to_string(), "--fsize=unlimited:"])
+        .output()
+        .expect("prlimit (util-linux) runs");
+    assert!(
+        out.status.success(),
+        "prlimit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn wait_for_metric(rp: &Rempart, sample: &str, done: impl Fn(f64) -> bool) -> f64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let v = rp.metric(sample).await;
+        if done(v) {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{sample} stayed at {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn buffered_mode_keeps_serving_when_the_trail_cannot_be_written() {
+async fn buffered_mode_keeps_serving_when_the_trail_cannot_be_written_and_loses_nothing() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let trail = dir.path().join("trail.jsonl");
+    let launcher = soft_file_size_limit(8);
+    let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
+    let mut rp = start_with_audit(&launcher, dir.path(), &up.url(), "", &trail);
+    let mut answered = Vec::new();
+    for i in 0..40 {
+        let r = get(&rp.url(&format!("/api/contacts/{i}"))).await;
+        assert_eq!(r.status, 200);
+        answered.push(r.decision_id());
+    }
+    wait_for_metric(&rp, "rempart_audit_write_errors_total", |v| v > 0.0).await;
+    // The outage goes on: requests are still served, their records kept.
+    for i in 0..30 {
+        let r = get(&rp.url(&format!("/api/contacts/outage-{i}"))).await;
+        assert_eq!(r.status, 200);
+        answered.push(r.decision_id());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let written = rp.metric("rempart_audit_records_total").await;
+    assert!(written < answered.len() as f64, "nothing failed: {written}");
+    assert_eq!(rp.metric("rempart_audit_dropped_total").await, 0.0);
+    assert_eq!(rp.metric("rempart_audit_sync_failures_total").await, 0.0);
+
+    // The disk frees: every record kept through the outage reaches the
+    // trail, in one valid chain, with no `loss` record (nothing was lost).
+    lift_file_size_limit(&rp);
+    let total = answered.len() as f64;
+    wait_for_metric(&rp, "rempart_audit_records_total", |v| v >= total).await;
+    assert!(rp.stop().success());
+    let (code, out, err) = verify(&[&trail]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("ok: {} records", answered.len())),
+        "{out}"
+    );
+    let recorded = decision_ids(&trail);
+    let missing: Vec<_> = answered
+        .iter()
+        .filter(|id| !recorded.contains(*id))
+        .collect();
+    assert!(missing.is_empty(), "{missing:?}");
+    assert!(!std::fs::read_to_string(&trail)
+        .unwrap()
+        .contains("\"type\":\"loss\""));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn buffered_mode_with_on_full_drop_counts_what_it_drops_and_notes_it_in_the_trail() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let trail = dir.path().join("trail.jsonl");
+    let launcher = soft_file_size_limit(8);
+    let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
+    let mut rp = start_with_audit(
+        &launcher,
+        dir.path(),
+        &up.url(),
+        "on_full = \"drop\"\nqueue_capacity = 8",
+        &trail,
+    );
+    let mut answered = 0;
+    for i in 0..40 {
+        assert_eq!(
+            get(&rp.url(&format!("/api/contacts/{i}"))).await.status,
+            200
+        );
+        answered += 1;
+    }
+    wait_for_metric(&rp, "rempart_audit_write_errors_total", |v| v > 0.0).await;
+    // Beyond the records kept (at most the queue capacity) and the queue
+    // itself, records are dropped: the operator chose so.
+    for i in 0..60 {
+        let r = get(&rp.url(&format!("/api/contacts/outage-{i}"))).await;
+        assert_eq!(r.status, 200);
+        answered += 1;
+    }
+    let dropped = wait_for_metric(&rp, "rempart_audit_dropped_total", |v| v > 0.0).await;
+    lift_file_size_limit(&rp);
+    // The next write notes the drops; then the trail holds every record
+    // but the dropped ones.
+    let _ = get(&rp.url("/api/contacts/after")).await;
+    answered += 1;
+    let dropped_final = rp.metric("rempart_audit_dropped_total").await;
+    assert!(dropped_final >= dropped);
+    wait_for_metric(&rp, "rempart_audit_records_total", |v| {
+        v + dropped_final >= answered as f64
+    })
+    .await;
+    assert!(rp.stop().success());
+    let (code, _, err) = verify(&[&trail]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&trail).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let noted: u64 = lines
+        .iter()
+        .filter(|l| l["type"] == "loss")
+        .map(|l| {
+            assert_eq!(l["write_failed"], 0, "{l}");
+            l["dropped"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(noted as f64, dropped_final);
+    let decisions = lines
+        .iter()
+        .filter(|l| l.get("decision_id").is_some())
+        .count();
+    assert_eq!(decisions as u64 + noted, answered);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_while_the_trail_cannot_be_written_says_how_many_records_are_lost_and_fails() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let trail = dir.path().join("trail.jsonl");
@@ -374,16 +529,20 @@ async fn buffered_mode_keeps_serving_when_the_trail_cannot_be_written() {
             200
         );
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while rp.metric("rempart_audit_write_errors_total").await == 0.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no write error counted"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert_eq!(rp.metric("rempart_audit_sync_failures_total").await, 0.0);
-    rp.stop();
+    wait_for_metric(&rp, "rempart_audit_write_errors_total", |v| v > 0.0).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let unwritten = 40.0 - rp.metric("rempart_audit_records_total").await;
+    assert!(unwritten > 0.0);
+    let status = rp.stop();
+    assert!(
+        !status.success(),
+        "a stop that lost records must not exit 0"
+    );
+    let log = rp.log_text();
+    assert!(
+        log.contains(&format!("{unwritten} audit records could not be written")),
+        "{log}"
+    );
     let (code, _, err) = verify(&[&trail]);
     assert_eq!(code, 0, "{err}");
 }

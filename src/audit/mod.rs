@@ -135,6 +135,7 @@ pub struct AuditSink {
 /// The writer thread; join it after every sink is dropped.
 pub struct AuditWriter {
     handle: std::thread::JoinHandle<()>,
+    shared: Arc<Shared>,
 }
 
 /// In sync mode, the promise that a record reaches the disk.
@@ -216,6 +217,7 @@ impl AuditSink {
                 flush_interval: options.flush_interval,
                 fsync_each_batch: options.durability == Durability::Sync,
                 rotation: options.rotation.clone(),
+                retain_max: options.capacity,
             },
             shared: Arc::clone(&shared),
             metrics: Arc::clone(&metrics),
@@ -224,11 +226,13 @@ impl AuditSink {
             sinks,
             buffers: Arc::clone(&buffers),
             batch: Vec::new(),
+            failed_counted: 0,
         };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))
             .context("cannot start the audit writer thread")?;
+        let writer_shared = Arc::clone(&shared);
         Ok((
             AuditSink {
                 tx,
@@ -239,7 +243,10 @@ impl AuditSink {
                 privacy,
                 buffers,
             },
-            AuditWriter { handle },
+            AuditWriter {
+                handle,
+                shared: writer_shared,
+            },
         ))
     }
 
@@ -314,10 +321,14 @@ impl AuditSink {
 
 impl AuditWriter {
     /// Waits for the writer to drain the queue, write, fsync and stop.
-    /// Call after every [`AuditSink`] clone is dropped.
-    pub fn finish(self) {
+    /// Call after every [`AuditSink`] clone is dropped. Returns how many
+    /// records could not be written (the disk still failing at the end);
+    /// 0 when the trail is complete.
+    pub fn finish(self) -> u64 {
+        self.shared.stopping.store(true, Ordering::Release);
         if self.handle.join().is_err() {
             tracing::error!("audit writer thread panicked");
         }
+        self.shared.unwritten.load(Ordering::Acquire)
     }
 }
