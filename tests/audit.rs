@@ -32,10 +32,8 @@ async fn concurrent_requests_give_exactly_that_many_chained_records_across_resta
     let trail = rp.audit.clone();
     let (code, out, err) = verify(&[&trail]);
     assert_eq!(code, 0, "{err}");
-    // Sync mode: each forwarded request has its pending record (written
-    // before forwarding) and its complete one.
     assert!(
-        out.contains("ok: 400 records") && out.contains("seq 1..400"),
+        out.contains("ok: 200 records") && out.contains("seq 1..200"),
         "{out}"
     );
 
@@ -777,8 +775,9 @@ async fn signed_checkpoints_catch_a_rebuilt_chain_and_a_cut_back_trail() {
 
     // An edit with the chain rebuilt after it passes the plain chain check
     // but not the signatures.
+    // (Every decision record has an outcome; pending ones have no status.)
     let forged = rechain(&lines, 2, |body| {
-        body.replacen("\"status\":200", "\"status\":404", 1)
+        body.replacen("\"outcome\":\"allowed\"", "\"outcome\":\"denied\"", 1)
     });
     let forged_path = write(&dir, "forged.jsonl", &forged);
     let f = forged_path.to_str().unwrap();
@@ -1268,12 +1267,14 @@ async fn records_are_copied_to_syslog_over_tls_with_a_verified_server_and_a_clie
         outcome.is_err(),
         "no message reached the impostor: {outcome:?}"
     );
+    // (Sync mode writes two records, which may take one or two failed
+    // handshakes: the sink retries at most once a second.)
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !rp
-        .metrics()
-        .await
-        .contains("rempart_audit_sink_errors_total{sink=\"syslog\"} 1")
-    {
+    while !rp.metrics().await.lines().any(|l| {
+        l.strip_prefix("rempart_audit_sink_errors_total{sink=\"syslog\"} ")
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(|v| v >= 1.0)
+    }) {
         assert!(
             std::time::Instant::now() < deadline,
             "no sink error counted"
@@ -1283,7 +1284,8 @@ async fn records_are_copied_to_syslog_over_tls_with_a_verified_server_and_a_clie
     assert!(rp.stop().success());
     let (code, out, err) = verify(&[&trail]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("ok: 1 records"), "{out}");
+    // Sync mode: the pending record and the complete one.
+    assert!(out.contains("ok: 2 records"), "{out}");
 }
 
 // ------------------------------------------------------ rotation by age
