@@ -8,12 +8,15 @@
 //! - **buffered**: the writer lets records gather for `flush_interval`, then
 //!   writes them without fsync. A crash of rempart loses what is still
 //!   queued; a crash of the machine can also lose what the OS had not
-//!   written back. A clean stop writes and fsyncs everything queued.
+//!   written back. A failed write is kept and retried (bounded by the queue
+//!   capacity, then `on_full` decides). A clean stop writes and fsyncs
+//!   everything queued.
 //! - **sync**: each record carries a one-shot acknowledgement; the writer
 //!   writes everything waiting with one write and one `fdatasync` (group
-//!   commit) and then acknowledges each record. The request's response
-//!   waits for it, and is replaced by an error if the record did not reach
-//!   the disk.
+//!   commit) and then acknowledges each record. A request to be forwarded
+//!   first gets a pending record and is forwarded only once it is
+//!   acknowledged ([`exchange`]); answers wait for their record, and a
+//!   refusal is replaced by an error if its record did not reach the disk.
 
 mod buffers;
 pub mod chain;
