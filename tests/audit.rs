@@ -630,13 +630,14 @@ async fn rotation_under_load_keeps_one_chain_across_compressed_files() {
     // An edit inside a compressed file is named by file and line.
     let victim = &gz_files(&trails)[1];
     let text = gunzip(victim);
+    // (Every decision record, pending or complete, has an outcome.)
     let line = 1 + text
         .lines()
-        .position(|l| l.contains("\"status\":200"))
+        .position(|l| l.contains("\"outcome\":\"allowed\""))
         .unwrap();
     gzip(
         victim,
-        &text.replacen("\"status\":200", "\"status\":201", 1),
+        &text.replacen("\"outcome\":\"allowed\"", "\"outcome\":\"denied\"", 1),
     );
     let (code, _, err) = verify(&[&trails]);
     assert_ne!(code, 0);
