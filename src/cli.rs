@@ -1031,6 +1031,16 @@ fn audit_verify(
                 ),
                 _ => String::new(),
             };
+            if r.checkpoints == 0 {
+                // The chain proves what is there was not edited, not that
+                // nothing is missing at the end: say so where it is read.
+                eprintln!(
+                    "rempart: hint: this trail is not signed: whole records cut off the end \
+                     leave a valid, shorter chain that cannot be detected. Signed checkpoints \
+                     ([audit] checkpoint_key) and --public-key with --min-signed-seq or --strict \
+                     close this (docs/audit.md#signed-checkpoints)."
+                );
+            }
             emit(&format!(
                 "ok: {} records in {} file(s), seq {}..{}, from {} to {}{signed}",
                 r.records,

@@ -74,33 +74,53 @@ fn write(dir: &tempfile::TempDir, name: &str, lines: &[String]) -> std::path::Pa
 async fn every_kind_of_tampering_is_named_at_its_line() {
     let (dir, lines) = trail_lines().await;
     assert_eq!(lines.len(), 5);
+    // Each break is named by file, line and the seq the line states.
+    let named = |err: &str, at: &str, seq: u64, what: &str| {
+        assert!(
+            err.contains(&format!("{at} (seq {seq}): ")) && err.contains(what),
+            "expected {at} (seq {seq}) and {what:?} in: {err}"
+        );
+    };
 
     let mut edited = lines.clone();
     edited[2] = edited[2].replace("\"status\":200", "\"status\":404");
     let (code, _, err) = verify(&[&write(&dir, "edited.jsonl", &edited)]);
     assert_ne!(code, 0);
-    assert!(
-        err.contains("edited.jsonl:3") && err.contains("hash mismatch"),
-        "{err}"
-    );
+    named(&err, "edited.jsonl:3", 3, "hash mismatch");
 
     let mut deleted = lines.clone();
     deleted.remove(1);
     let (code, _, err) = verify(&[&write(&dir, "deleted.jsonl", &deleted)]);
     assert_ne!(code, 0);
-    assert!(
-        err.contains("deleted.jsonl:2") && err.contains("from 1 to 3"),
-        "{err}"
-    );
+    named(&err, "deleted.jsonl:2", 3, "from 1 to 3");
 
     let mut swapped = lines.clone();
     swapped.swap(3, 4);
     let (code, _, err) = verify(&[&write(&dir, "swapped.jsonl", &swapped)]);
     assert_ne!(code, 0);
-    assert!(
-        err.contains("swapped.jsonl:4") && err.contains("from 3 to 5"),
-        "{err}"
-    );
+    named(&err, "swapped.jsonl:4", 5, "from 3 to 5");
+
+    // A record inserted: a copy of another (its own hash is right), and a
+    // new one chained after line 2 (its hash is right, the next link not).
+    let mut copied = lines.clone();
+    copied.insert(2, lines[0].clone());
+    let (code, _, err) = verify(&[&write(&dir, "copied.jsonl", &copied)]);
+    assert_ne!(code, 0);
+    named(&err, "copied.jsonl:3", 1, "from 2 to 1");
+    let new_record = rechain(&lines[..3], 2, |b| b.replace("200", "404")).pop();
+    let mut inserted = lines[..2].to_vec();
+    inserted.extend(new_record.clone());
+    inserted.extend(lines[2..].iter().cloned());
+    let (code, _, err) = verify(&[&write(&dir, "inserted.jsonl", &inserted)]);
+    assert_ne!(code, 0);
+    named(&err, "inserted.jsonl:4", 3, "from 3 to 3");
+    let mut spliced = lines[..2].to_vec();
+    spliced.extend(new_record);
+    spliced.extend(lines[3..].iter().cloned());
+    let (code, _, err) = verify(&[&write(&dir, "spliced.jsonl", &spliced)]);
+    assert_ne!(code, 0);
+    // A replacement chained in: its successor's prev link breaks.
+    named(&err, "spliced.jsonl:4", 4, "prev_hash");
 
     // Split across two files (as rotation will): valid in order, broken out of order.
     let a = write(&dir, "a.jsonl", &lines[..2]);
@@ -108,7 +128,7 @@ async fn every_kind_of_tampering_is_named_at_its_line() {
     assert_eq!(verify(&[&a, &b]).0, 0);
     let (code, _, err) = verify(&[&b, &a]);
     assert_ne!(code, 0);
-    assert!(err.contains("a.jsonl:1"), "{err}");
+    named(&err, "a.jsonl:1", 1, "from 5 to 1");
 
     // A forged chain: re-numbered after a deletion, but the hashes no longer link.
     let mut forged = lines.clone();
@@ -116,7 +136,27 @@ async fn every_kind_of_tampering_is_named_at_its_line() {
     forged[1] = forged[1].replace("\"seq\":3", "\"seq\":2");
     let (code, _, err) = verify(&[&write(&dir, "forged.jsonl", &forged)]);
     assert_ne!(code, 0);
-    assert!(err.contains("forged.jsonl:2"), "{err}");
+    named(&err, "forged.jsonl:2", 2, "hash mismatch");
+
+    // A torn line in the middle (half a record, then the rest): its seq
+    // is still named.
+    let mut torn = lines.clone();
+    torn[3] = torn[3][..torn[3].len() / 2].to_string();
+    let (code, _, err) = verify(&[&write(&dir, "torn.jsonl", &torn)]);
+    assert_ne!(code, 0);
+    named(&err, "torn.jsonl:4", 4, "not a chained record");
+
+    // Whole lines cut off the end of an unsigned trail leave a valid,
+    // shorter chain: nothing can tell (only signed checkpoints and a
+    // witnessed signed seq can, see signed_checkpoints_…). verify says so.
+    let cut = write(&dir, "cut.jsonl", &lines[..3]);
+    let (code, out, err) = verify(&[&cut]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok: 3 records"), "{out}");
+    assert!(
+        err.contains("not signed") && err.contains("cut off the end"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -626,6 +666,32 @@ async fn signed_checkpoints_catch_a_rebuilt_chain_and_a_cut_back_trail() {
     let (code, _, err) = verify_args(&[r, "--public-key", &public, "--strict"]);
     assert_ne!(code, 0);
     assert!(err.contains("not fully signed"), "{err}");
+
+    // Rotation right after a checkpoint: the new file starts with it. Alone
+    // or after the previous file, it verifies with the key; a forged one
+    // at the head of a file does not.
+    let split = checkpoints[1];
+    let older = write(&dir, "older.jsonl", &lines[..split]);
+    let newer = write(&dir, "newer.jsonl", &lines[split..]);
+    let n = newer.to_str().unwrap();
+    let (code, out, err) = verify_args(&[n, "--public-key", &public]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("checkpoint(s) verified"), "{out}");
+    let (code, _, err) = verify_args(&[older.to_str().unwrap(), n, "--public-key", &public]);
+    assert_eq!(code, 0, "{err}");
+    let mut headless = lines[split..].to_vec();
+    headless[0] = rechain(&lines[..=split], split, |b| {
+        b.replacen("\"signed_seq\":", "\"signed_seq\":1", 1)
+    })
+    .pop()
+    .unwrap();
+    let h = write(&dir, "headless.jsonl", &headless[..1]);
+    let (code, _, err) = verify_args(&[h.to_str().unwrap(), "--public-key", &public]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("headless.jsonl:1") && err.contains("checkpoint signs seq 1"),
+        "{err}"
+    );
 }
 
 /// Pulls the JSON record out of an RFC 5424 message
