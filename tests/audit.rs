@@ -2,6 +2,7 @@
 //! traffic, `rempart audit verify` checks it, and every kind of edit is
 //! caught at the right line.
 
+#[macro_use]
 mod common;
 
 use common::{get, run, Rempart, Upstream};
@@ -981,6 +982,162 @@ async fn personal_data_is_minimised_before_the_record_is_written() {
         pseudonym,
     ]);
     assert_eq!(out.lines().count(), 2);
+}
+
+/// A copy of the shipped policies whose `data.json` carries
+/// `settings.audit.minimise = rules` (the rest of the settings as shipped).
+fn policies_minimising(dir: &std::path::Path, rules: serde_json::Value) -> std::path::PathBuf {
+    let out = dir.join("policies");
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in std::fs::read_dir(common::repo_policies()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
+    }
+    set_minimise(&out, rules);
+    out
+}
+
+/// Rewrites `data.settings.audit.minimise` (beside, then renamed over, so
+/// that a reload never reads half a file).
+fn set_minimise(policies: &std::path::Path, rules: serde_json::Value) {
+    let data = policies.join("data.json");
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&data).unwrap()).unwrap();
+    doc["settings"]["audit"] = serde_json::json!({ "minimise": rules });
+    let tmp = policies.join(".next");
+    std::fs::write(&tmp, doc.to_string()).unwrap();
+    std::fs::rename(&tmp, &data).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn minimisation_rules_in_policy_data_apply_reload_and_refuse_bad_rules() {
+    use rempart::audit::minimise::{Minimiser, Rules};
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = policies_minimising(
+        dir.path(),
+        serde_json::json!([
+            {"field": "source.ip", "action": "erase"},
+            {"field": "identity.subject", "action": "hash"},
+        ]),
+    );
+    let trail = dir.path().join("trail.jsonl");
+    let cfg = dir.path().join("rempart.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[upstream]\nurl = \"{}\"\n[audit]\nstdout = true\n\
+             [identity]\ntrusted_header = \"x-remote-user\"\ntrusted_sources = [\"127.0.0.1\"]\n",
+            up.url()
+        ),
+    )
+    .unwrap();
+    let mut rp = Rempart::start(
+        "",
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--policies",
+            policies.to_str().unwrap(),
+            "--audit",
+            trail.to_str().unwrap(),
+        ],
+    );
+    let as_bob = |rp: &Rempart| {
+        let url = rp.url("/api/contacts/1");
+        async move { common::request("GET", &url, &[("x-remote-user", "bob")]).await }
+    };
+    let first = as_bob(&rp).await;
+    let second = as_bob(&rp).await;
+    assert_eq!((first.status, second.status), (200, 200));
+    let a = rp.audit_record(&first.decision_id()).await;
+    let b = rp.audit_record(&second.decision_id()).await;
+    assert!(a["source"].get("ip").is_none(), "{a}");
+    assert!(a["source"]["port"].as_u64().is_some(), "{a}");
+    assert_eq!(a["erased"], serde_json::json!(["source.ip"]));
+    assert_eq!(a["masked"], serde_json::json!(["identity.subject"]));
+    // Keyed with the key made beside the trail: the same name, the same
+    // pseudonym, which only that key gives.
+    let key = std::fs::read(dir.path().join("trail.jsonl.hash-key")).unwrap();
+    let pseudonym = Minimiser::new(Rules::default(), key).pseudonym("bob");
+    assert_eq!(a["identity"]["subject"], pseudonym.as_str());
+    assert_eq!(b["identity"]["subject"], pseudonym.as_str());
+
+    // A reload changes the rules: the address is kept, the path hashed.
+    let rev0 = rp.policy_revision().await;
+    set_minimise(
+        &policies,
+        serde_json::json!([{"field": "request.path", "action": "hash"}]),
+    );
+    rp.signal("HUP");
+    eventually!("the reload", rp.policy_revision().await != rev0);
+    let rev1 = rp.policy_revision().await;
+    let third = as_bob(&rp).await;
+    let c = rp.audit_record(&third.decision_id()).await;
+    assert_eq!(c["source"]["ip"], "127.0.0.1", "{c}");
+    assert_eq!(c["identity"]["subject"], "bob", "{c}");
+    assert!(
+        c["request"]["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("hmac-sha256:"),
+        "{c}"
+    );
+    assert_eq!(c["masked"], serde_json::json!(["request.path"]));
+    assert!(c.get("erased").is_none(), "{c}");
+
+    // A bad rule is refused with the file and the rule named; the last
+    // good set (and its rules) keeps serving.
+    set_minimise(
+        &policies,
+        serde_json::json!([{"field": "source.ip", "action": "redact"}]),
+    );
+    rp.signal("HUP");
+    eventually!(
+        "the refusal",
+        rp.sample(r#"rempart_policy_reloads_total{result="failure"}"#)
+            .await
+            >= 1.0
+    );
+    assert_eq!(rp.policy_revision().await, rev1);
+    let log = rp.log_text();
+    let named = format!(
+        "{}: data.settings.audit.minimise[0].action: unknown action \"redact\"",
+        policies.join("data.json").display()
+    );
+    assert!(
+        log.contains("policy reload rejected") && log.contains(&named),
+        "{log}"
+    );
+    let fourth = as_bob(&rp).await;
+    let d = rp.audit_record(&fourth.decision_id()).await;
+    assert_eq!(d["masked"], serde_json::json!(["request.path"]), "{d}");
+    // The copies carry the minimised records only.
+    assert!(rp.stop().success());
+    let stdout = rp.stdout.lock().unwrap().join("\n");
+    assert!(!stdout.contains("/api/contacts/1"), "{stdout}");
+    let (code, _, err) = verify(&[&trail]);
+    assert_eq!(code, 0, "the chain covers the minimised records: {err}");
+
+    // Checked before deploying (and at start), with the same message.
+    set_minimise(
+        &policies,
+        serde_json::json!([{"field": "request.query", "action": "erase"}]),
+    );
+    let (code, out, err) = run(&[
+        "check",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--policies",
+        policies.to_str().unwrap(),
+    ]);
+    let err = format!("{out}{err}");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("data.settings.audit.minimise[0].field")
+            && err.contains("not a field of the audit record"),
+        "{err}"
+    );
 }
 
 // ------------------------------------------------- syslog over TLS (RFC 5425)
