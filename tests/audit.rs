@@ -492,7 +492,7 @@ async fn rotation_under_load_keeps_one_chain_across_compressed_files() {
     assert_ne!(code, 0);
     let name = victim.file_name().unwrap().to_str().unwrap();
     assert!(
-        err.contains(&format!("{name}:1:")) && err.contains("hash mismatch"),
+        err.contains(&format!("{name}:1 (seq ")) && err.contains("hash mismatch"),
         "{err}"
     );
 }
@@ -1100,6 +1100,12 @@ async fn minimisation_rules_in_policy_data_apply_reload_and_refuse_bad_rules() {
             >= 1.0
     );
     assert_eq!(rp.policy_revision().await, rev1);
+    // The metric moves just before the line is logged.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !rp.log_text().contains("policy reload rejected") && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let log = rp.log_text();
     let named = format!(
         "{}: data.settings.audit.minimise[0].action: unknown action \"redact\"",
