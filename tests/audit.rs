@@ -863,8 +863,56 @@ async fn audit_query_answers_by_decision_path_time_and_subject() {
     }
     let denied = common::request("TRACE", &rp.url("/api/contacts"), &[]).await;
     assert_eq!(denied.status, 403);
+    let export = get(&rp.url("/api/contact/export")).await;
+    assert_eq!(export.status, 200);
     assert!(rp.stop().success());
     let trail = rp.audit.to_str().unwrap();
+    // "Who exported contacts last month", as in docs/audit.md (the month
+    // being the one around now).
+    let at = |offset: i64| {
+        let now = std::time::SystemTime::now();
+        let t = if offset < 0 {
+            now - std::time::Duration::from_secs(offset.unsigned_abs())
+        } else {
+            now + std::time::Duration::from_secs(offset as u64)
+        };
+        humantime::format_rfc3339_seconds(t).to_string()
+    };
+    let (month_start, month_end) = (at(-15 * 24 * 3600), at(15 * 24 * 3600));
+    let (code, out, err) = run(&[
+        "audit",
+        "query",
+        trail,
+        "--type",
+        "contact",
+        "--operation",
+        "export",
+        "--since",
+        &month_start,
+        "--until",
+        &month_end,
+        "--format",
+        "table",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    assert!(
+        rows[0].contains("GET /api/contact/export") && rows[0].contains("export contact"),
+        "{out}"
+    );
+    let (_, out, _) = run(&[
+        "audit",
+        "query",
+        trail,
+        "--type",
+        "contact",
+        "--operation",
+        "export",
+        "--until",
+        &month_start,
+    ]);
+    assert!(out.is_empty(), "{out}");
     let ids = |out: &str| -> Vec<String> {
         out.lines()
             .map(|l| {
@@ -895,7 +943,7 @@ async fn audit_query_answers_by_decision_path_time_and_subject() {
     let (_, out, _) = run(&["audit", "query", trail, "--operation", "read"]);
     assert_eq!(ids(&out), allowed);
     let (_, out, _) = run(&["audit", "query", trail, "--operation", "export"]);
-    assert!(out.is_empty(), "{out}");
+    assert_eq!(ids(&out), vec![export.decision_id()]);
     // The table: a header, then one aligned line a record.
     let (code, out, err) = run(&[
         "audit",
@@ -1118,10 +1166,18 @@ async fn minimisation_rules_in_policy_data_apply_reload_and_refuse_bad_rules() {
     let fourth = as_bob(&rp).await;
     let d = rp.audit_record(&fourth.decision_id()).await;
     assert_eq!(d["masked"], serde_json::json!(["request.path"]), "{d}");
-    // The copies carry the minimised records only.
+    // The copies carry the minimised records, exactly as written.
     assert!(rp.stop().success());
-    let stdout = rp.stdout.lock().unwrap().join("\n");
-    assert!(!stdout.contains("/api/contacts/1"), "{stdout}");
+    let stdout = rp.stdout.lock().unwrap().clone();
+    let written = std::fs::read_to_string(&trail).unwrap();
+    assert_eq!(
+        stdout.iter().filter(|l| l.contains("decision_id")).count(),
+        4,
+        "{stdout:?}"
+    );
+    for line in written.lines().filter(|l| l.contains("decision_id")) {
+        assert!(stdout.iter().any(|l| l == line), "{line} not in {stdout:?}");
+    }
     let (code, _, err) = verify(&[&trail]);
     assert_eq!(code, 0, "the chain covers the minimised records: {err}");
 
