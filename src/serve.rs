@@ -322,7 +322,13 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
 
-    audit_writer.finish();
+    let unwritten = audit_writer.finish();
+    if unwritten > 0 {
+        anyhow::bail!(
+            "{unwritten} audit records could not be written before stopping (the trail \
+             could not be written; see the log above)"
+        );
+    }
     tracing::info!("audit trail flushed; stopped");
     Ok(())
 }

@@ -1193,3 +1193,320 @@ async fn an_https_proxy_with_client_certificates_names_the_workload() {
             >= 1.0
     );
 }
+
+/// What a destination finds in the trail when the first bytes of a
+/// request or tunnel reach it: the records (as JSON) that `matches`.
+fn trail_matches(
+    trail: &Path,
+    matches: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(trail)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| matches(r))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_mode_records_the_decision_before_any_byte_reaches_the_destination() {
+    let s = start(None, "\n[audit]\ndurability = \"sync\"\n");
+    let trail = s.rempart.audit.clone();
+
+    // Plain HTTP: the destination reads the request head, then looks in
+    // the trail for a record of that very path.
+    let t = trail.clone();
+    let http = Server::start_with(EU, move |stream| {
+        let trail = t.clone();
+        async move {
+            let mut reader = BufReader::new(stream);
+            let mut first = String::new();
+            if reader.read_line(&mut first).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let path = first.split_whitespace().nth(1).unwrap_or("").to_string();
+            loop {
+                let mut line = String::new();
+                match reader.read_line(&mut line).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if line == "\r\n" => break,
+                    Ok(_) => {}
+                }
+            }
+            let found = trail_matches(&trail, |r| r["request"]["path"] == path.as_str());
+            let body = serde_json::json!({"found": found}).to_string();
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = reader.get_mut().write_all(resp.as_bytes()).await;
+        }
+    })
+    .await;
+    let target = format!("http://{}/sync-plain-42", http.addr);
+    let (status, head, mut r) = raw(
+        s.proxy,
+        &format!("GET {target} HTTP/1.1\r\nHost: {}\r\n\r\n", http.addr),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    let seen: serde_json::Value = serde_json::from_str(&body_of(&mut r, &head).await).unwrap();
+    let found = seen["found"].as_array().unwrap();
+    assert_eq!(
+        found.len(),
+        1,
+        "the destination got a request not yet recorded: {seen}"
+    );
+    assert_eq!(found[0]["decision_id"], id.as_str());
+    assert_eq!(found[0]["exchange"], "pending");
+    assert_eq!(found[0]["direction"], "egress");
+    assert!(found[0]["status"].is_null());
+
+    // A tunnel, with bytes sent right behind the CONNECT head (before the
+    // 200): when they reach the destination, the decision is on disk.
+    let t = trail.clone();
+    let tunnel = Server::start_with(EU, move |stream| {
+        let trail = t.clone();
+        async move {
+            let port = stream.local_addr().unwrap().port();
+            let mut reader = BufReader::new(stream);
+            let mut first = String::new();
+            if reader.read_line(&mut first).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let found = trail_matches(&trail, |r| {
+                r["request"]["method"] == "CONNECT" && r["destination"]["port"] == port
+            });
+            let answer = format!("{}\n", serde_json::json!({"found": found}));
+            let _ = reader.get_mut().write_all(answer.as_bytes()).await;
+        }
+    })
+    .await;
+    let target = tunnel.addr.to_string();
+    let (status, head, mut r) = raw(
+        s.proxy,
+        &format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\nhello\n"),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut answer))
+        .await
+        .expect("the destination answered in time")
+        .unwrap();
+    let seen: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let found = seen["found"].as_array().unwrap();
+    assert_eq!(
+        found.len(),
+        1,
+        "bytes reached the destination before the record: {seen}"
+    );
+    assert_eq!(found[0]["decision_id"], id.as_str());
+    assert_eq!(found[0]["status"], 200);
+    drop(r);
+    let closing = closing_record(&s.rempart, &id).await;
+    assert_eq!(closing["transfer"]["bytes_to_destination"], 6);
+
+    // The plain request's complete record follows its pending one; query
+    // lists each request once.
+    let mut rempart = s.rempart;
+    assert!(rempart.stop().success());
+    let plain: Vec<serde_json::Value> =
+        trail_matches(&trail, |r| r["request"]["path"] == "/sync-plain-42");
+    assert_eq!(plain.len(), 2);
+    assert_eq!(plain[1]["status"], 200);
+    assert!(plain[1].get("exchange").is_none());
+    let (code, out, err) = common::run(&[
+        "audit",
+        "query",
+        trail.to_str().unwrap(),
+        "--direction",
+        "egress",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: std::collections::HashSet<&str> = listed
+        .iter()
+        .map(|r| r["decision_id"].as_str().unwrap())
+        .collect();
+    // Plain request once; the tunnel: its decision and its closing record.
+    assert_eq!(ids.len(), 2, "{out}");
+    assert_eq!(listed.len(), 3, "{out}");
+}
+
+// ---------------------------------------------------------------- queries
+
+/// The decision ids of `rempart audit query` JSON lines.
+fn query_ids(trail: &Path, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["audit", "query", trail.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (code, out, err) = common::run(&all);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!("{} matching record(s)", out.lines().count())),
+        "{err}"
+    );
+    out.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["decision_id"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// `rempart audit query --format table`: the rows after the header.
+fn query_rows(trail: &Path, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["audit", "query", trail.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--format", "table"]);
+    let (code, out, err) = common::run(&all);
+    assert_eq!(code, 0, "{err}");
+    let mut lines = out.lines();
+    assert!(lines.next().unwrap().starts_with("TIME"), "{out}");
+    lines.map(String::from).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_query_finds_egress_by_country_operator_jurisdiction_verdict_and_time() {
+    // Besides the shared map: 127.0.0.5 in the United States, run by
+    // Amazon (a US operator outside the EU, verdict outside_eu).
+    const US_OPERATOR_IN_US: &str = "127.0.0.5";
+    let eu = Server::start(EU, Kind::Http).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (country, asn) =
+        common::loopback_geo::write(dir.path(), &[(US_OPERATOR_IN_US, "US", 16509, "AMAZON-02")]);
+    let policies = common::loopback_geo::policies(dir.path());
+    let trail = dir.path().join("trail.jsonl");
+    let cfg = dir.path().join("rempart.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[egress]\nlisten = \"127.0.0.1:0\"\n{}",
+            common::loopback_geo::geo_toml(&country, &asn)
+        ),
+    )
+    .unwrap();
+    let mut rp = Rempart::start(
+        "",
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--policies",
+            policies.to_str().unwrap(),
+            "--audit",
+            trail.to_str().unwrap(),
+        ],
+    );
+    let proxy = rp.egress.expect("egress listener");
+    let id_of = |head: &str| header(head, "x-rempart-decision-id").unwrap().to_string();
+    // An EU operator in the EU (forwarded), a US address of an operator
+    // not in the registry, Amazon in Germany, Amazon in the US (refused).
+    let (status, head, _) = raw(
+        proxy,
+        &format!(
+            "GET http://{EU}:{}/ HTTP/1.1\r\nHost: {EU}\r\n\r\n",
+            eu.addr.port()
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    let to_eu = id_of(&head);
+    let (status, head, _) = raw(
+        proxy,
+        &format!("GET http://{US}:9/ HTTP/1.1\r\nHost: {US}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 403, "{head}");
+    let to_us = id_of(&head);
+    let (status, head, _) = connect(proxy, &format!("{US_OPERATOR_IN_EU}:443")).await;
+    assert_eq!(status, 403, "{head}");
+    let to_amazon_de = id_of(&head);
+    let (status, head, _) = connect(proxy, &format!("{US_OPERATOR_IN_US}:443")).await;
+    assert_eq!(status, 403, "{head}");
+    let to_amazon_us = id_of(&head);
+    let amazon_de = rp.audit_record(&to_amazon_de).await;
+    let (to_eu, to_us, to_amazon_de, to_amazon_us) = (
+        to_eu.as_str(),
+        to_us.as_str(),
+        to_amazon_de.as_str(),
+        to_amazon_us.as_str(),
+    );
+    assert!(rp.stop().success());
+    let amazon_us_geo = {
+        let text = std::fs::read_to_string(&trail).unwrap();
+        let line = text.lines().find(|l| l.contains(to_amazon_us)).unwrap();
+        serde_json::from_str::<serde_json::Value>(line).unwrap()["destination"]["geo"].clone()
+    };
+    assert_eq!(amazon_us_geo["sovereign"], "outside_eu", "{amazon_us_geo}");
+    assert_eq!(amazon_us_geo["operator"], "amazon", "{amazon_us_geo}");
+    assert_eq!(
+        amazon_de["destination"]["geo"]["sovereign"],
+        "non_eu_operator_in_eu"
+    );
+
+    let ids = |args: &[&str]| query_ids(&trail, args);
+    assert_eq!(ids(&["--country", "us"]), [to_us, to_amazon_us]);
+    assert_eq!(ids(&["--country", "FR"]), [to_eu]);
+    assert_eq!(ids(&["--operator", "amazon"]), [to_amazon_de, to_amazon_us]);
+    assert_eq!(ids(&["--sovereign", "outside_eu"]), [to_us, to_amazon_us]);
+    // The verdict alone misses the US operator outside the EU ...
+    assert_eq!(
+        ids(&["--sovereign", "non_eu_operator_in_eu"]),
+        [to_amazon_de]
+    );
+    // ... which the jurisdiction and --non-eu-operator catch, inside and
+    // outside the EU; the operator not in the registry is not named.
+    assert_eq!(ids(&["--jurisdiction", "us"]), [to_amazon_de, to_amazon_us]);
+    assert_eq!(ids(&["--jurisdiction", "FR"]), [to_eu]);
+    // "Every egress to a non-EU operator this week", as in docs/audit.md.
+    let week_ago = humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() - Duration::from_secs(7 * 24 * 3600),
+    )
+    .to_string();
+    assert_eq!(
+        ids(&[
+            "--direction",
+            "egress",
+            "--non-eu-operator",
+            "--since",
+            &week_ago
+        ]),
+        [to_amazon_de, to_amazon_us]
+    );
+    // Time: from the third record's timestamp on, and before it.
+    let third = amazon_de["timestamp"].as_str().unwrap();
+    assert_eq!(ids(&["--since", third]), [to_amazon_de, to_amazon_us]);
+    assert_eq!(ids(&["--until", third]), [to_eu, to_us]);
+    assert_eq!(
+        ids(&["--non-eu-operator", "--until", third]),
+        Vec::<String>::new()
+    );
+    assert!(ids(&["--until", &week_ago]).is_empty());
+
+    // The same questions as tables: one row a record, the destination's
+    // country and operator in it.
+    let rows = query_rows(&trail, &["--non-eu-operator"]);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(
+        rows[0].contains(&format!("{US_OPERATOR_IN_EU} DE amazon"))
+            && rows[0].contains("destination_non_eu_jurisdiction"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[1].contains(&format!("{US_OPERATOR_IN_US} US amazon"))
+            && rows[1].contains("destination_outside_eu"),
+        "{rows:?}"
+    );
+    let rows = query_rows(&trail, &["--country", "FR", "--since", &week_ago]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        rows[0].contains("allowed") && rows[0].contains(&format!("{EU} FR ovh")),
+        "{rows:?}"
+    );
+    assert!(query_rows(&trail, &["--operator", "nobody"]).is_empty());
+}

@@ -6,8 +6,9 @@
 //! bytes on disk, so no JSON re-encoding can disagree about it. `prev_hash`
 //! is the previous line's `hash` (64 zeros for the first line of a chain),
 //! so editing, deleting, inserting or reordering a line breaks the chain at
-//! that line. (Cutting lines off the end leaves a valid shorter chain; the
-//! planned signed checkpoints close that gap.)
+//! that line. (Cutting lines off the end leaves a valid shorter chain, and
+//! the hash is not secret; the signed checkpoints of [`super::checkpoint`]
+//! close those gaps.)
 
 use std::io::Write;
 

@@ -8,18 +8,23 @@
 //! - **buffered**: the writer lets records gather for `flush_interval`, then
 //!   writes them without fsync. A crash of rempart loses what is still
 //!   queued; a crash of the machine can also lose what the OS had not
-//!   written back. A clean stop writes and fsyncs everything queued.
+//!   written back. A failed write is kept and retried (bounded by the queue
+//!   capacity, then `on_full` decides). A clean stop writes and fsyncs
+//!   everything queued.
 //! - **sync**: each record carries a one-shot acknowledgement; the writer
 //!   writes everything waiting with one write and one `fdatasync` (group
-//!   commit) and then acknowledges each record. The request's response
-//!   waits for it, and is replaced by an error if the record did not reach
-//!   the disk.
+//!   commit) and then acknowledges each record. A request to be forwarded
+//!   first gets a pending record and is forwarded only once it is
+//!   acknowledged ([`exchange`]); answers wait for their record, and a
+//!   refusal is replaced by an error if its record did not reach the disk.
 
 mod buffers;
 pub mod chain;
 pub mod checkpoint;
 pub mod decision_log;
+pub mod exchange;
 pub mod files;
+pub mod minimise;
 pub mod privacy;
 pub mod query;
 mod record;
@@ -28,7 +33,8 @@ pub mod verify;
 mod writer;
 
 pub use record::{
-    AuditDecision, AuditEndpoint, AuditGeo, AuditIdentity, AuditRecord, AuditRequest, Transfer,
+    AuditDecision, AuditEndpoint, AuditGeo, AuditIdentity, AuditRecord, AuditRequest, BundleRef,
+    Transfer,
 };
 pub use writer::Rotation;
 
@@ -127,13 +133,14 @@ pub struct AuditSink {
     shared: Arc<Shared>,
     durability: Durability,
     on_full: OnFull,
-    privacy: Option<Arc<privacy::Privacy>>,
+    minimiser: Arc<minimise::Minimiser>,
     buffers: Arc<buffers::BufferPool>,
 }
 
 /// The writer thread; join it after every sink is dropped.
 pub struct AuditWriter {
     handle: std::thread::JoinHandle<()>,
+    shared: Arc<Shared>,
 }
 
 /// In sync mode, the promise that a record reaches the disk.
@@ -165,12 +172,10 @@ impl AuditSink {
                 );
             }
         }
-        let privacy = privacy::Privacy::new(
-            options.mask_source_ip,
-            options.mask_subject,
-            options.subject_hash_key.as_deref(),
-        )?
-        .map(Arc::new);
+        let minimiser = Arc::new(minimise::Minimiser::new(
+            privacy::configured_rules(options.mask_source_ip, options.mask_subject),
+            privacy::load_key(options.subject_hash_key.as_deref(), path)?,
+        ));
         let checkpointer = match &options.checkpoint {
             Some(c) => Some(checkpoint::Checkpointer::new(
                 checkpoint::load_signing_key(&c.key)?,
@@ -215,6 +220,7 @@ impl AuditSink {
                 flush_interval: options.flush_interval,
                 fsync_each_batch: options.durability == Durability::Sync,
                 rotation: options.rotation.clone(),
+                retain_max: options.capacity,
             },
             shared: Arc::clone(&shared),
             metrics: Arc::clone(&metrics),
@@ -223,11 +229,13 @@ impl AuditSink {
             sinks,
             buffers: Arc::clone(&buffers),
             batch: Vec::new(),
+            failed_counted: 0,
         };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))
             .context("cannot start the audit writer thread")?;
+        let writer_shared = Arc::clone(&shared);
         Ok((
             AuditSink {
                 tx,
@@ -235,10 +243,13 @@ impl AuditSink {
                 shared,
                 durability: options.durability,
                 on_full: options.on_full,
-                privacy,
+                minimiser,
                 buffers,
             },
-            AuditWriter { handle },
+            AuditWriter {
+                handle,
+                shared: writer_shared,
+            },
         ))
     }
 
@@ -252,10 +263,12 @@ impl AuditSink {
         self.shared.failing.load(Ordering::Relaxed)
     }
 
-    /// Queues one record. Buffered mode returns `None`; sync mode returns
-    /// the acknowledgement to wait for. When the queue is full the caller
-    /// waits for the writer (counted), unless `on_full = "drop"`.
-    pub fn record(&self, record: &AuditRecord<'_>) -> Option<AuditAck> {
+    /// Queues one record, minimised by the configured rules and `rules`
+    /// (those of the policy set that decided). Buffered mode returns
+    /// `None`; sync mode returns the acknowledgement to wait for. When the
+    /// queue is full the caller waits for the writer (counted), unless
+    /// `on_full = "drop"`.
+    pub fn record(&self, record: &AuditRecord<'_>, rules: &minimise::Rules) -> Option<AuditAck> {
         let mut line = self.buffers.take();
         match serde_json::to_writer(&mut line, record) {
             Ok(()) => {}
@@ -267,9 +280,11 @@ impl AuditSink {
                 return self.is_sync().then_some(AuditAck(None));
             }
         }
-        let line = match &self.privacy {
-            Some(p) => p.apply(line),
-            None => line,
+        // Before the writer chains it: the hash covers the minimised record.
+        let line = if self.minimiser.idle(rules) {
+            line
+        } else {
+            self.minimiser.apply(line, rules)
         };
         let (ack_tx, ack) = if self.is_sync() {
             let (tx, rx) = oneshot::channel();
@@ -313,10 +328,14 @@ impl AuditSink {
 
 impl AuditWriter {
     /// Waits for the writer to drain the queue, write, fsync and stop.
-    /// Call after every [`AuditSink`] clone is dropped.
-    pub fn finish(self) {
+    /// Call after every [`AuditSink`] clone is dropped. Returns how many
+    /// records could not be written (the disk still failing at the end);
+    /// 0 when the trail is complete.
+    pub fn finish(self) -> u64 {
+        self.shared.stopping.store(true, Ordering::Release);
         if self.handle.join().is_err() {
             tracing::error!("audit writer thread panicked");
         }
+        self.shared.unwritten.load(Ordering::Acquire)
     }
 }

@@ -20,15 +20,52 @@ pub struct AuditRecord<'a> {
     /// What the request touched, as the classify stage saw it.
     pub resource: AuditResource<'a>,
     pub decision: AuditDecision<'a>,
-    /// Status sent to the client.
-    pub status: u16,
+    /// Status sent to the client; `None` (null) on a pending record, whose
+    /// exchange has not happened yet.
+    pub status: Option<u16>,
     /// From accepting the request to sending the response head.
     pub latency_ms: f64,
     pub policy_revision: &'a str,
+    /// The OPA bundle the policy set came from, as OPA's decision logs
+    /// name it: `{"<name>": {"revision": "…"}}`. Absent for a directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundles: Option<BundleRef<'a>>,
+    /// `Some("pending")` on the record that sync durability writes, and
+    /// makes durable, *before* forwarding a request; the request's complete
+    /// record (no `exchange` field) follows with the same `decision_id`
+    /// once the exchange is over. See [`crate::audit::exchange`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exchange: Option<&'static str>,
     /// Egress tunnels only, on the second record of a decision, written
     /// when the tunnel closed: what it carried.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transfer: Option<Transfer>,
+}
+
+/// A bundle's name and manifest revision (absent when it has none).
+#[derive(Debug, Clone, Copy)]
+pub struct BundleRef<'a> {
+    pub name: &'a str,
+    pub revision: Option<&'a str>,
+}
+
+impl Serialize for BundleRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        #[derive(Serialize)]
+        struct Revision<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            revision: Option<&'a str>,
+        }
+        let mut map = s.serialize_map(Some(1))?;
+        map.serialize_entry(
+            self.name,
+            &Revision {
+                revision: self.revision,
+            },
+        )?;
+        map.end()
+    }
 }
 
 /// What an egress tunnel carried, counted when it closed.

@@ -25,6 +25,13 @@ const MAX_BATCH: usize = 4096;
 /// than kept: a batch under steady load is a few hundred KiB, a full one
 /// of [`MAX_BATCH`] records about 5 MiB.
 const MAX_KEPT_BATCH: usize = 1 << 20;
+/// Buffered mode, after a failed write: the first wait before retrying
+/// the records kept, doubled at each failure up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(20);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// Attempts at the last write when the writer stops (about three seconds
+/// with the backoff) before the records still held are given up, loudly.
+const SHUTDOWN_ATTEMPTS: u32 = 6;
 
 pub(super) enum Msg {
     /// One record, a JSON object; the writer chains it. In sync mode the
@@ -45,6 +52,12 @@ pub(super) struct Shared {
     /// after it may still be cut back by a failed write. Readers of the
     /// live file (the decision log) stop there.
     pub committed_seq: AtomicU64,
+    /// Every sender is gone and the writer is asked to finish: even at the
+    /// bound of records kept after failed writes, it drains the queue and
+    /// stops.
+    pub stopping: AtomicBool,
+    /// Set by the writer when it stopped with records it could not write.
+    pub unwritten: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +74,11 @@ pub(super) struct WriterSettings {
     pub flush_interval: Duration,
     pub fsync_each_batch: bool,
     pub rotation: Rotation,
+    /// Buffered mode: records kept for a retry after failed writes, at
+    /// most (the queue capacity). At the bound the writer stops taking
+    /// from the queue, which fills, and `on_full` decides: senders wait,
+    /// or drop (counted, and noted by a `loss` record).
+    pub retain_max: usize,
 }
 
 /// The active file and where the chain stands.
@@ -326,6 +344,9 @@ pub(super) struct Writer {
     pub buffers: Arc<super::buffers::BufferPool>,
     /// The chained lines of one commit, kept between commits.
     pub batch: Vec<u8>,
+    /// Of the records held after failed writes (buffered mode), how many
+    /// `rempart_audit_write_errors_total` already counted.
+    pub failed_counted: usize,
 }
 
 impl Writer {
@@ -333,44 +354,70 @@ impl Writer {
         let mut records: Vec<Vec<u8>> = Vec::with_capacity(256);
         let mut acks: Vec<oneshot::Sender<bool>> = Vec::new();
         let mut backlog = false;
-        loop {
-            // Block only while idle; once work arrives, let a batch gather
-            // (buffered mode). In sync mode the batch is whatever arrived
-            // during the previous write and fsync: group commit.
+        let mut retry = RETRY_MIN;
+        let mut closed = false;
+        while !closed {
             let fsync = self.settings.fsync_each_batch;
-            let first = match self.checkpointer.as_ref().and_then(Checkpointer::wait) {
-                None => match rx.recv() {
-                    Ok(m) => m,
-                    Err(_) => break,
-                },
-                // Records wait for a checkpoint: sign them when the interval
-                // ends even if no other record comes (retrying every second
-                // while the trail cannot be written).
-                Some(wait) => {
-                    let wait = if self.shared.failing.load(Ordering::Relaxed) {
-                        wait.max(Duration::from_secs(1))
-                    } else {
-                        wait
-                    };
-                    match rx.recv_timeout(wait) {
+            let mut next = None;
+            let limit;
+            if records.is_empty() {
+                // Block only while idle; once work arrives, let a batch
+                // gather (buffered mode). In sync mode the batch is
+                // whatever arrived during the previous write and fsync:
+                // group commit.
+                let first = match self.checkpointer.as_ref().and_then(Checkpointer::wait) {
+                    None => match rx.recv() {
                         Ok(m) => m,
-                        Err(RecvTimeoutError::Timeout) => {
-                            let _ = self.commit(&mut records, fsync, false);
-                            continue;
+                        Err(_) => break,
+                    },
+                    // Records wait for a checkpoint: sign them when the
+                    // interval ends even if no other record comes (retrying
+                    // every second while the trail cannot be written).
+                    Some(wait) => {
+                        let wait = if self.shared.failing.load(Ordering::Relaxed) {
+                            wait.max(Duration::from_secs(1))
+                        } else {
+                            wait
+                        };
+                        match rx.recv_timeout(wait) {
+                            Ok(m) => m,
+                            Err(RecvTimeoutError::Timeout) => {
+                                let _ = self.commit(&mut records, fsync, false);
+                                continue;
+                            }
+                            Err(RecvTimeoutError::Disconnected) => break,
                         }
-                        Err(RecvTimeoutError::Disconnected) => break,
                     }
+                };
+                if !fsync && !backlog && !self.settings.flush_interval.is_zero() {
+                    std::thread::sleep(self.settings.flush_interval);
                 }
-            };
-            if !fsync && !backlog && !self.settings.flush_interval.is_zero() {
-                std::thread::sleep(self.settings.flush_interval);
-            }
-            let mut next = Some(first);
-            while let Some(msg) = next.take().or_else(|| {
-                if records.len() < MAX_BATCH {
-                    rx.try_recv().ok()
+                next = Some(first);
+                limit = MAX_BATCH;
+            } else {
+                // Buffered mode after a failed write: the records are
+                // kept. Wait, then retry them with whatever arrived
+                // meanwhile, up to the bound (beyond it the queue fills
+                // and `on_full` decides).
+                std::thread::sleep(retry);
+                retry = (retry * 2).min(RETRY_MAX);
+                limit = if self.shared.stopping.load(Ordering::Acquire) {
+                    usize::MAX
                 } else {
-                    None
+                    self.settings.retain_max.max(1)
+                };
+            }
+            while let Some(msg) = next.take().or_else(|| {
+                if records.len() >= limit {
+                    return None;
+                }
+                match rx.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(mpsc::TryRecvError::Empty) => None,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        closed = true;
+                        None
+                    }
                 }
             }) {
                 match msg {
@@ -388,10 +435,28 @@ impl Writer {
             backlog = records.len() >= MAX_BATCH;
             let ok = self.commit(&mut records, fsync, false).is_ok();
             answer(&mut acks, ok);
+            if ok {
+                retry = RETRY_MIN;
+            }
         }
-        // Every sender is gone: the queue is drained; sign and make it durable.
-        if self.commit(&mut records, true, true).is_err() {
-            tracing::error!(path = %self.trail.path.display(), "audit write at shutdown failed");
+        // Every sender is gone: the queue is drained; sign and make it
+        // durable. Records still held after failed writes get a few more
+        // attempts, then are given up, loudly.
+        let mut attempts = 0;
+        while let Err(e) = self.commit(&mut records, true, true) {
+            attempts += 1;
+            if attempts >= SHUTDOWN_ATTEMPTS {
+                let unwritten = records.len() as u64 + self.trail.lost;
+                self.shared.unwritten.store(unwritten, Ordering::Release);
+                tracing::error!(
+                    path = %self.trail.path.display(),
+                    records = unwritten,
+                    "audit write at shutdown failed ({e}): {unwritten} audit records could not be written and are lost"
+                );
+                break;
+            }
+            std::thread::sleep(retry);
+            retry = (retry * 2).min(RETRY_MAX);
         }
         answer(&mut acks, false);
         self.compressor.finish();
@@ -472,9 +537,16 @@ impl Writer {
             }
         });
         let n = records.len() as u64;
-        self.buffers.give_back(records.drain(..));
+        // Buffered mode keeps the records of a failed write for a retry;
+        // sync mode has answered their requests (fail closed) and notes
+        // them as lost.
+        let retain = !self.settings.fsync_each_batch;
+        if result.is_ok() || !retain {
+            self.buffers.give_back(records.drain(..));
+        }
         let outcome = match result {
             Ok(()) => {
+                self.failed_counted = 0;
                 trail.len += batch.len() as u64;
                 trail.lost = 0;
                 self.shared
@@ -502,15 +574,30 @@ impl Writer {
                     tracing::error!(path = %trail.path.display(), "cannot cut back a failed audit write: {t}");
                 }
                 trail.head = before;
-                trail.lost += n;
                 if let Some(cp) = &mut self.checkpointer {
                     cp.since = unsigned;
                 }
                 self.shared.dropped.fetch_add(dropped, Ordering::Relaxed);
                 self.shared.failing.store(true, Ordering::Relaxed);
-                // Counted per record, so that the loss is known exactly.
-                self.metrics.audit_write_errors.inc_by(n.max(1));
-                tracing::error!(path = %trail.path.display(), records = n, "audit write failed: {e}");
+                // Counted once per record (not again at each retry), so
+                // that the count is exact; a failed write of no record
+                // (a note, a checkpoint) counts one.
+                let uncounted = if retain {
+                    let new = (n as usize).saturating_sub(self.failed_counted);
+                    self.failed_counted = n as usize;
+                    new as u64
+                } else {
+                    trail.lost += n;
+                    n
+                };
+                if uncounted > 0 || n == 0 {
+                    self.metrics.audit_write_errors.inc_by(uncounted.max(1));
+                }
+                if retain {
+                    tracing::error!(path = %trail.path.display(), records = n, "audit write failed: {e}; the records are kept and retried");
+                } else {
+                    tracing::error!(path = %trail.path.display(), records = n, "audit write failed: {e}");
+                }
                 Err(e)
             }
         };
@@ -541,6 +628,7 @@ mod tests {
                 flush_interval: Duration::ZERO,
                 fsync_each_batch: true,
                 rotation: rotation.clone(),
+                retain_max: 16,
             },
             shared: Arc::new(Shared::default()),
             compressor: Compressor::start(path, rotation.keep, Arc::clone(&metrics)).unwrap(),
@@ -549,6 +637,7 @@ mod tests {
             sinks: Vec::new(),
             buffers: Arc::default(),
             batch: Vec::new(),
+            failed_counted: 0,
         }
     }
 
@@ -592,6 +681,33 @@ mod tests {
         assert_eq!(lines[4]["seq"], 5);
         let report = super::super::verify::verify(&[path], None).unwrap();
         assert_eq!(report.records, 5);
+    }
+
+    #[test]
+    fn buffered_mode_keeps_a_failed_batch_and_writes_it_whole_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        let mut w = writer(&path, no_rotation());
+        w.settings.fsync_each_batch = false;
+        w.commit(&mut records(2), false, false).unwrap();
+        let good = std::mem::replace(&mut w.trail.file, File::open(&path).unwrap());
+        let mut held = records(3);
+        assert!(w.commit(&mut held, false, false).is_err());
+        assert_eq!(held.len(), 3, "the failed batch is kept");
+        assert_eq!(w.metrics.audit_write_errors.get(), 3);
+        // A retry with more records: each record counted once.
+        held.extend(records(2));
+        assert!(w.commit(&mut held, false, false).is_err());
+        assert_eq!(held.len(), 5);
+        assert_eq!(w.metrics.audit_write_errors.get(), 5);
+        w.trail.file = good;
+        w.commit(&mut held, false, false).unwrap();
+        assert!(held.is_empty());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 7);
+        assert!(!text.contains("\"loss\""), "nothing was lost: {text}");
+        let report = super::super::verify::verify(&[path], None).unwrap();
+        assert_eq!(report.records, 7);
     }
 
     #[test]

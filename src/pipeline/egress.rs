@@ -424,6 +424,14 @@ impl EgressGateway {
                 response
             }
             None => {
+                // Sync durability: no byte goes to the destination before
+                // a record of the decision is on disk.
+                let pending_durable = self.record_pending(&input, &ruling, accepted_at).await;
+                if pending_durable == Some(false) {
+                    drop(stream);
+                    drop(slot);
+                    return self.audit_refused(&input, &ruling, accepted_at, client_version);
+                }
                 let (response, error) = self.forward_plain(parts, body, &target, stream, &id).await;
                 drop(slot);
                 let outcome = if error.is_some() {
@@ -431,16 +439,25 @@ impl EgressGateway {
                 } else {
                     ruling.outcome
                 };
-                self.finish(
-                    response,
+                let response = self.with_head(response, &input, client_version);
+                let ack = self.record(
                     &input,
                     &ruling,
                     outcome,
+                    &response,
                     accepted_at,
                     error.as_deref(),
-                    client_version,
-                )
-                .await
+                );
+                match (pending_durable, ack) {
+                    // No pending record: the answer waits for this one.
+                    (None, Some(ack)) => {
+                        self.withhold_unless_durable(ack, response, &input, client_version)
+                            .await
+                    }
+                    // The pending record is on disk: the complete one goes
+                    // with the next group commit.
+                    _ => response,
+                }
             }
         }
     }
@@ -459,11 +476,13 @@ impl EgressGateway {
         Some(slot)
     }
 
-    /// Sets the decision id and protocol version, then records.
+    /// Sets the decision id and protocol version, then records; in sync
+    /// mode, answers only once the record is on disk (a tunnel whose
+    /// decision could not be recorded is not opened).
     #[allow(clippy::too_many_arguments)]
     async fn finish(
         &self,
-        mut response: Response<ProxyBody>,
+        response: Response<ProxyBody>,
         input: &PolicyInput,
         ruling: &Ruling,
         outcome: Outcome,
@@ -471,12 +490,41 @@ impl EgressGateway {
         error: Option<&str>,
         client_version: http::Version,
     ) -> Response<ProxyBody> {
+        let response = self.with_head(response, input, client_version);
+        // 7. record
+        match self.record(input, ruling, outcome, &response, accepted_at, error) {
+            Some(ack) => {
+                self.withhold_unless_durable(ack, response, input, client_version)
+                    .await
+            }
+            None => response,
+        }
+    }
+
+    fn with_head(
+        &self,
+        mut response: Response<ProxyBody>,
+        input: &PolicyInput,
+        client_version: http::Version,
+    ) -> Response<ProxyBody> {
         if let Ok(v) = HeaderValue::from_str(&input.request.id) {
             response.headers_mut().insert(DECISION_ID, v);
         }
         *response.version_mut() = client_version;
-        // 7. record
-        let ack = record::record(
+        response
+    }
+
+    /// The request's complete record (counted).
+    fn record(
+        &self,
+        input: &PolicyInput,
+        ruling: &Ruling,
+        outcome: Outcome,
+        response: &Response<ProxyBody>,
+        accepted_at: Instant,
+        error: Option<&str>,
+    ) -> Option<crate::audit::AuditAck> {
+        record::record(
             &Evidence {
                 input,
                 ruling,
@@ -485,22 +533,92 @@ impl EgressGateway {
                 accepted_at,
                 upstream_error: error,
                 transfer: None,
+                pending: false,
             },
             self.audit_scope,
             &self.audit,
             &self.metrics,
-        );
-        // Sync durability: answer only once the record is on disk; a tunnel
-        // whose decision could not be recorded is not opened.
-        if let Some(ack) = ack {
-            if !ack.durable().await {
-                self.metrics.audit_sync_failures.inc();
-                tracing::error!(decision_id = %input.request.id, "audit record not durable; response withheld");
-                response = enforce::audit_unavailable(&input.request.id, self.audit_failure_status);
-                *response.version_mut() = client_version;
-            }
+        )
+    }
+
+    /// Sync durability: writes the pending record of a plain request about
+    /// to be forwarded and waits until it is on disk. `None` when there is
+    /// nothing to wait for (buffered mode, or a request not recorded).
+    async fn record_pending(
+        &self,
+        input: &PolicyInput,
+        ruling: &Ruling,
+        accepted_at: Instant,
+    ) -> Option<bool> {
+        if !self.audit.is_sync() {
+            return None;
         }
+        let ack = record::record(
+            &Evidence {
+                input,
+                ruling,
+                outcome: ruling.outcome,
+                status: 0,
+                accepted_at,
+                upstream_error: None,
+                transfer: None,
+                pending: true,
+            },
+            self.audit_scope,
+            &self.audit,
+            &self.metrics,
+        )?;
+        Some(ack.durable().await)
+    }
+
+    /// The answer to a request whose pending record could not be made
+    /// durable: not forwarded, `failure_status`, recorded as an error.
+    fn audit_refused(
+        &self,
+        input: &PolicyInput,
+        ruling: &Ruling,
+        accepted_at: Instant,
+        client_version: http::Version,
+    ) -> Response<ProxyBody> {
+        self.metrics.audit_sync_failures.inc();
+        tracing::error!(decision_id = %input.request.id, "audit record not durable; request not forwarded");
+        let response = self.with_head(
+            enforce::audit_unavailable(&input.request.id, self.audit_failure_status),
+            input,
+            client_version,
+        );
+        // Attempted like any record: the first that reaches the disk
+        // reopens the way. Nobody waits for it.
+        let _ = self.record(
+            input,
+            ruling,
+            Outcome::Error,
+            &response,
+            accepted_at,
+            Some(enforce::AUDIT_UNAVAILABLE),
+        );
         response
+    }
+
+    /// Sync durability: the answer goes out only once its record is on
+    /// disk, else it is replaced by `failure_status`.
+    async fn withhold_unless_durable(
+        &self,
+        ack: crate::audit::AuditAck,
+        response: Response<ProxyBody>,
+        input: &PolicyInput,
+        client_version: http::Version,
+    ) -> Response<ProxyBody> {
+        if ack.durable().await {
+            return response;
+        }
+        self.metrics.audit_sync_failures.inc();
+        tracing::error!(decision_id = %input.request.id, "audit record not durable; response withheld");
+        self.with_head(
+            enforce::audit_unavailable(&input.request.id, self.audit_failure_status),
+            input,
+            client_version,
+        )
     }
 
     /// Refuses before any policy answer, with rempart's own reason.
@@ -520,7 +638,7 @@ impl EgressGateway {
             refused.code,
             &refused.message,
             outcome,
-            self.policies.current().revision.clone(),
+            std::sync::Arc::clone(self.policies.current().stamp()),
         );
         let id = &input.request.id;
         let mut response = enforce::json_response(
@@ -613,6 +731,7 @@ impl EgressGateway {
                     status: 200,
                     accepted_at,
                     upstream_error: None,
+                    pending: false,
                     transfer: Some(Transfer {
                         bytes_to_destination: carried.to_destination,
                         bytes_from_destination: carried.from_destination,

@@ -271,6 +271,11 @@ pub fn policy_unavailable(decision_id: &str) -> Response<ProxyBody> {
 /// Sync durability mode: the request's record could not be made durable,
 /// so the request is refused (or its response withheld) rather than served
 /// unaudited.
+/// `decision.error` of a request refused because its record could not be
+/// made durable (sync mode).
+pub const AUDIT_UNAVAILABLE: &str =
+    "audit trail unavailable (durability = sync): the decision's record could not be written";
+
 pub fn audit_unavailable(decision_id: &str, status: u16) -> Response<ProxyBody> {
     json_response(
         StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),

@@ -6,7 +6,9 @@
 //! 4. [`locate`]   — where the source and the destination are;
 //! 5. [`decide`]   — evaluate the policy set on the input document;
 //! 6. [`enforce`]  — answer 403/503, or forward and stream the response;
-//! 7. [`record`]   — write the audit record and count the metrics.
+//! 7. [`record`]   — write the audit record and count the metrics (in sync
+//!    durability mode, a record of the decision is also made durable
+//!    before step 6 forwards anything).
 //!
 //! [`Gateway::handle`] calls the stages in that order and nothing else; the
 //! policy input document ([`crate::input::PolicyInput`]) is made of the
@@ -39,13 +41,9 @@ use crate::policy::InputReads;
 use crate::policy::PolicyStore;
 use accept::Connection;
 use decide::{Action, DecidePolicy};
-use enforce::{Forwarded, ProxyBody, Upstream, DECISION_ID};
+use enforce::{Forwarded, ProxyBody, Upstream, AUDIT_UNAVAILABLE, DECISION_ID};
 use identify::Identifier;
 use record::Evidence;
-
-/// `decision.error` of a request refused because the trail cannot be written.
-const AUDIT_UNAVAILABLE: &str =
-    "audit trail unavailable (durability = sync): the last write failed";
 
 /// The upstream located with one generation of geo data (kept alive
 /// here, so that the pointer comparison cannot be fooled by reuse).
@@ -217,14 +215,37 @@ impl Gateway {
         // 6. enforce
         let mut upstream_error = None;
         let mut outcome = ruling.outcome;
-        // Sync durability: while the trail cannot be written, a request that
-        // would be recorded is not forwarded at all (fail closed). Its own
-        // record is still attempted: the first one that succeeds reopens
-        // the way.
-        let audit_refused = self.audit.is_sync()
-            && ruling.action == Action::Forward
-            && self.audit.is_failing()
-            && record::worth_recording(self.audit_scope, &ruling, outcome);
+        // Sync durability: a request that would be recorded is forwarded
+        // only once a record of its decision is on disk (the pending
+        // record; its complete record follows the exchange). If that record
+        // cannot be made durable, the request is not forwarded (fail
+        // closed) and is answered `failure_status`.
+        let pending_durable = match ruling.action {
+            Action::Forward if self.audit.is_sync() => {
+                let ack = record::record(
+                    &Evidence {
+                        input: &input,
+                        ruling: &ruling,
+                        outcome,
+                        status: 0,
+                        accepted_at,
+                        upstream_error: None,
+                        transfer: None,
+                        pending: true,
+                    },
+                    self.audit_scope,
+                    &self.audit,
+                    &self.metrics,
+                );
+                match ack {
+                    Some(ack) => Some(ack.durable().await),
+                    // Not worth recording (`record = "deny_and_warn"`).
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        let audit_refused = pending_durable == Some(false);
         let overrides = ruling.decision.response.as_deref();
         let mut response = match ruling.action {
             Action::Deny => match overrides {
@@ -234,6 +255,7 @@ impl Gateway {
             Action::Unavailable => enforce::policy_unavailable(&id),
             Action::Forward if audit_refused => {
                 self.metrics.audit_sync_failures.inc();
+                tracing::error!(decision_id = %id, "audit record not durable; request not forwarded");
                 outcome = Outcome::Error;
                 upstream_error = Some(AUDIT_UNAVAILABLE.to_string());
                 enforce::audit_unavailable(&id, self.audit_failure_status)
@@ -284,18 +306,30 @@ impl Gateway {
                 accepted_at,
                 upstream_error: upstream_error.as_deref(),
                 transfer: None,
+                pending: false,
             },
             self.audit_scope,
             &self.audit,
             &self.metrics,
         );
-        // Sync durability: answer only once the record is on disk.
+        // Sync durability: the answer waits until its record is on disk
+        // (one group commit). Without a durable pending record, a record
+        // that cannot be made durable replaces the answer with
+        // `failure_status`; after one (the request was forwarded, the CRM
+        // acted), the CRM's answer goes out and the pending record stands.
         if let Some(ack) = ack {
-            if !ack.durable().await && !audit_refused {
-                self.metrics.audit_sync_failures.inc();
-                tracing::error!(decision_id = %id, "audit record not durable; response withheld");
-                response = enforce::audit_unavailable(&id, self.audit_failure_status);
-                *response.version_mut() = client_version;
+            let durable = ack.durable().await;
+            match pending_durable {
+                None if !durable => {
+                    self.metrics.audit_sync_failures.inc();
+                    tracing::error!(decision_id = %id, "audit record not durable; response withheld");
+                    response = enforce::audit_unavailable(&id, self.audit_failure_status);
+                    *response.version_mut() = client_version;
+                }
+                Some(true) if !durable => {
+                    tracing::error!(decision_id = %id, "complete audit record not durable; its pending record stands");
+                }
+                _ => {}
             }
         }
         response

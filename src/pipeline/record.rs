@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
-use crate::audit::{AuditAck, AuditDecision, AuditIdentity, AuditRecord, AuditRequest, AuditSink};
+use crate::audit::{
+    AuditAck, AuditDecision, AuditIdentity, AuditRecord, AuditRequest, AuditSink, BundleRef,
+};
 use crate::config::AuditRecordScope;
 use crate::input::{Direction, PolicyInput};
 use crate::metrics::{Metrics, Outcome};
@@ -23,6 +25,10 @@ pub struct Evidence<'a> {
     /// Set on the closing record of an egress tunnel (whose decision was
     /// recorded and counted when it opened).
     pub transfer: Option<crate::audit::Transfer>,
+    /// The sync-mode record written before forwarding (`"exchange":
+    /// "pending"`, no status): not counted, since the request's complete
+    /// record follows.
+    pub pending: bool,
 }
 
 /// Whether a request with this ruling and final outcome gets a record.
@@ -61,7 +67,8 @@ fn count(ev: &Evidence<'_>, metrics: &Metrics) {
 }
 
 /// Counts the request and queues its record. In sync durability mode,
-/// returns the acknowledgement the response must wait for.
+/// returns the acknowledgement that the record is on disk: a pending
+/// record's before forwarding, a refusal's before answering.
 pub fn record(
     ev: &Evidence<'_>,
     scope: AuditRecordScope,
@@ -70,42 +77,51 @@ pub fn record(
 ) -> Option<AuditAck> {
     let input = ev.input;
     let d = &ev.ruling.decision;
-    if ev.transfer.is_none() {
+    if ev.transfer.is_none() && !ev.pending {
         count(ev, metrics);
     }
     if !worth_recording(scope, ev.ruling, ev.outcome) {
         return None;
     }
     let error = ev.upstream_error.or(ev.ruling.error.as_deref());
-    audit.record(&AuditRecord {
-        decision_id: &input.request.id,
-        timestamp: &input.time.rfc3339,
-        direction: input.direction.as_str(),
-        request: AuditRequest {
-            method: &input.request.method,
-            host: &input.request.host,
-            path: &input.request.path,
-            protocol: &input.request.protocol,
+    let stamp = &ev.ruling.stamp;
+    audit.record(
+        &AuditRecord {
+            decision_id: &input.request.id,
+            timestamp: &input.time.rfc3339,
+            direction: input.direction.as_str(),
+            request: AuditRequest {
+                method: &input.request.method,
+                host: &input.request.host,
+                path: &input.request.path,
+                protocol: &input.request.protocol,
+            },
+            source: (&input.source).into(),
+            destination: input.destination.as_ref().into(),
+            identity: AuditIdentity {
+                method: &input.identity.method,
+                subject: input.identity.subject.as_deref(),
+                error: input.identity.error.as_deref(),
+            },
+            resource: (&input.resource).into(),
+            decision: AuditDecision {
+                outcome: ev.outcome.as_str(),
+                allow: d.allow,
+                enforced: ev.ruling.enforced,
+                deny: &d.deny,
+                warn: &d.warn,
+                error,
+            },
+            status: (!ev.pending).then_some(ev.status),
+            latency_ms: (ev.accepted_at.elapsed().as_secs_f64() * 1e6).round() / 1000.0,
+            policy_revision: &stamp.revision,
+            exchange: ev.pending.then_some(crate::audit::exchange::PENDING),
+            bundles: stamp.bundle.as_ref().map(|(name, revision)| BundleRef {
+                name,
+                revision: revision.as_deref(),
+            }),
+            transfer: ev.transfer,
         },
-        source: (&input.source).into(),
-        destination: input.destination.as_ref().into(),
-        identity: AuditIdentity {
-            method: &input.identity.method,
-            subject: input.identity.subject.as_deref(),
-            error: input.identity.error.as_deref(),
-        },
-        resource: (&input.resource).into(),
-        decision: AuditDecision {
-            outcome: ev.outcome.as_str(),
-            allow: d.allow,
-            enforced: ev.ruling.enforced,
-            deny: &d.deny,
-            warn: &d.warn,
-            error,
-        },
-        status: ev.status,
-        latency_ms: (ev.accepted_at.elapsed().as_secs_f64() * 1e6).round() / 1000.0,
-        policy_revision: &ev.ruling.revision,
-        transfer: ev.transfer,
-    })
+        &stamp.minimise,
+    )
 }

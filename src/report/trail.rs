@@ -138,6 +138,9 @@ pub struct Aggregator<'r> {
     reasons: BTreeMap<(String, String), ReasonRow>,
     subjects: BTreeMap<String, SubjectRow>,
     hosts: BTreeMap<String, HostAddresses>,
+    /// Sync mode's pending records, counted only if no complete record
+    /// follows (see [`crate::audit::exchange`]).
+    pending: crate::audit::exchange::Pending<Value>,
 }
 
 fn bounded<V: Default>(map: &mut BTreeMap<String, V>, key: String) -> &mut V {
@@ -164,6 +167,7 @@ impl<'r> Aggregator<'r> {
             reasons: BTreeMap::new(),
             subjects: BTreeMap::new(),
             hosts: BTreeMap::new(),
+            pending: crate::audit::exchange::Pending::default(),
         }
     }
 
@@ -188,7 +192,14 @@ impl<'r> Aggregator<'r> {
         Ok(())
     }
 
+    /// Takes one trail line, in trail order.
     pub fn add(&mut self, v: &Value) {
+        if self.pending.take(v, || v.clone()) {
+            self.count(v);
+        }
+    }
+
+    fn count(&mut self, v: &Value) {
         if !self.filter.matches(v) {
             return;
         }
@@ -401,6 +412,9 @@ impl<'r> Aggregator<'r> {
     }
 
     pub fn finish(mut self) -> Observations {
+        for v in std::mem::take(&mut self.pending).unsettled() {
+            self.count(&v);
+        }
         let mut destinations: Vec<DestinationRow> = self.destinations.into_values().collect();
         destinations.sort_by_key(|d| std::cmp::Reverse(d.requests));
         let mut reasons: Vec<ReasonRow> = self.reasons.into_values().collect();
