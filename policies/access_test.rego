@@ -260,3 +260,16 @@ test_inspected_bodies_are_decided_on_what_they_say if {
 	d2 := rempart.decision with input as unlink
 	codes(d2) == {"delete_requires_role"}
 }
+
+# The generic profile types a request by the collection named in the URL
+# (`/api/contacts/42` is type `contacts`): the usual collection names of
+# people are personal data too, and a product catalogue is not.
+test_generic_collections_of_people_are_personal_data if {
+	us := {"scope": "public", "country": "US", "in_eu": false, "in_eea": false}
+	every t in ["contacts", "customers", "accounts", "users", "people"] {
+		d := rempart.decision with input as from_public(request("GET", "/api/x/42", {"type": t, "operation": "read"}, ["sales"]), us)
+		codes(d) == {"personal_data_outside_eea"}
+	}
+	products := rempart.decision with input as from_public(request("GET", "/api/products/42", {"type": "products", "operation": "read"}, ["sales"]), us)
+	products.allow
+}
