@@ -838,17 +838,64 @@ fn prometheus_config_and_rules_pass_promtool_check_and_unit_tests() {
         "rules_test.yml",
     ]));
     assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS"));
-    // Every alert of rules.yml has at least one firing test case.
-    let tests = read(&dir.join("rules_test.yml"));
+    // Every alert of rules.yml has a test case where it fires and one where
+    // it stays quiet (promtool only checks the cases that exist).
+    let tests = yaml_file(&dir.join("rules_test.yml"));
+    let (mut firing, mut quiet) = (BTreeSet::new(), BTreeSet::new());
+    for case in tests["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_array().cloned().unwrap_or_default())
+    {
+        let name = case["alertname"].as_str().unwrap().to_string();
+        if case["exp_alerts"].as_array().is_some_and(|a| !a.is_empty()) {
+            firing.insert(name);
+        } else {
+            quiet.insert(name);
+        }
+    }
     for alert in rule_alert_names() {
         assert!(
-            tests.contains(&format!("alertname: {alert}")),
-            "{alert} has no test in rules_test.yml"
+            firing.contains(&alert),
+            "{alert} has no firing case in rules_test.yml"
+        );
+        assert!(
+            quiet.contains(&alert),
+            "{alert} has no non-firing case in rules_test.yml"
         );
     }
-    // The Kubernetes scrape job is at least well-formed YAML with the job.
-    let k8s = yaml_file(&dir.join("scrape-kubernetes.yml"));
-    assert_eq!(k8s["scrape_configs"][0]["job_name"], "rempart-kubernetes");
+    // The Kubernetes scrape job: Debian's promtool rejects
+    // kubernetes_sd_configs (built without it), so check everything else
+    // of the job with promtool, the discovery swapped for a file; what its
+    // relabelling keeps is checked by a real Prometheus below.
+    let (_tmp, swapped) = kubernetes_job_with_file_discovery(Path::new("targets.json"));
+    run_ok(Command::new(promtool()).args(["check", "config", swapped.to_str().unwrap()]));
+}
+
+/// scrape-kubernetes.yml with its `kubernetes_sd_configs` (role pod)
+/// replaced by a `file_sd_configs` reading `targets`: the same job and
+/// relabelling, runnable by a Prometheus built without Kubernetes discovery.
+fn kubernetes_job_with_file_discovery(targets: &Path) -> (tempfile::TempDir, PathBuf) {
+    let mut k8s = yaml_file(&deploy("prometheus/scrape-kubernetes.yml"));
+    let jobs = k8s["scrape_configs"].as_array_mut().unwrap();
+    assert_eq!(jobs.len(), 1);
+    let job = jobs[0].as_object_mut().unwrap();
+    assert_eq!(job["job_name"], "rempart-kubernetes");
+    let sd = job
+        .remove("kubernetes_sd_configs")
+        .expect("kubernetes_sd_configs");
+    assert_eq!(sd, serde_json::json!([{"role": "pod"}]));
+    job.insert(
+        "file_sd_configs".into(),
+        serde_json::json!([{"files": [targets], "refresh_interval": "1s"}]),
+    );
+    k8s["global"] = serde_json::json!({"scrape_interval": "1s"});
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("prometheus.yml");
+    // JSON is YAML.
+    std::fs::write(&path, serde_json::to_string_pretty(&k8s).unwrap()).unwrap();
+    (tmp, path)
 }
 
 fn rules() -> Value {
@@ -1227,4 +1274,124 @@ async fn a_real_prometheus_scrapes_rempart_and_evaluates_the_rules() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Starts a real Prometheus on `config`; returns it and its port once
+/// ready.
+async fn start_prometheus(config: &Path, data: &Path) -> (KillOnDrop, u16) {
+    let prometheus = tool("prometheus", "apt-get install prometheus (.ci/run does)");
+    let port = common::unused_port();
+    let log = std::fs::File::create(data.join("prometheus.log")).unwrap();
+    let server = KillOnDrop(
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                data.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = common::client()
+            .get(format!("http://127.0.0.1:{port}/-/ready").parse().unwrap())
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ready {
+            return (server, port);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus not ready in 60 s; log:\n{}",
+            std::fs::read_to_string(data.join("prometheus.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The job of scrape-kubernetes.yml, run by a real Prometheus on targets
+/// carrying the labels Kubernetes pod discovery gives them (one target per
+/// declared container port): it scrapes rempart's admin port of annotated
+/// pods only, and labels the series with namespace, pod and app.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubernetes_scrape_job_keeps_only_the_admin_port_of_annotated_pods() {
+    let (rp, _up, _geo) = populated_rempart().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let targets = tmp.path().join("targets.json");
+    let pod = |address: String, port_name: &str, pod: &str, annotated: bool| {
+        let mut labels = serde_json::json!({
+            "__meta_kubernetes_namespace": "crm",
+            "__meta_kubernetes_pod_name": pod,
+            "__meta_kubernetes_pod_container_port_name": port_name,
+            "__meta_kubernetes_pod_label_app_kubernetes_io_name": "crm",
+        });
+        if annotated {
+            labels["__meta_kubernetes_pod_annotation_prometheus_io_scrape"] = "true".into();
+            labels["__meta_kubernetes_pod_annotation_prometheus_io_port"] = "9090".into();
+        }
+        serde_json::json!({"targets": [address], "labels": labels})
+    };
+    let closed = format!("127.0.0.1:{}", common::unused_port());
+    std::fs::write(
+        &targets,
+        serde_json::json!([
+            // The sidecar pod: rempart's admin port (scraped), rempart's
+            // proxy ports and the CRM's port (not).
+            pod(rp.admin.to_string(), "admin", "crm-7d9f-abcde", true),
+            pod(closed.clone(), "http", "crm-7d9f-abcde", true),
+            pod(closed.clone(), "egress", "crm-7d9f-abcde", true),
+            // A pod that did not ask to be scraped.
+            pod(closed, "admin", "other-1", false),
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let (_tmp, config) = kubernetes_job_with_file_discovery(&targets);
+    let (_server, port) = start_prometheus(&config, tmp.path()).await;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (active, dropped) = loop {
+        let r = get(&format!("http://127.0.0.1:{port}/api/v1/targets")).await;
+        let data = r.json()["data"].clone();
+        let active = data["activeTargets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let dropped = data["droppedTargets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if active.len() + dropped.len() == 4 && active.iter().all(|t| t["health"] == "up") {
+            break (active, dropped);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "targets not scraped in 60 s: {data:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(active.len(), 1, "{active:#?}");
+    assert_eq!(dropped.len(), 3, "{dropped:#?}");
+    let labels = &active[0]["labels"];
+    assert_eq!(labels["job"], "rempart-kubernetes");
+    assert_eq!(labels["instance"], rp.admin.to_string());
+    assert_eq!(
+        (&labels["namespace"], &labels["pod"], &labels["app"]),
+        (&"crm".into(), &"crm-7d9f-abcde".into(), &"crm".into())
+    );
+    assert_eq!(
+        active[0]["scrapeUrl"],
+        format!("http://{}/metrics", rp.admin)
+    );
+    // And the series carry them.
+    let q = prometheus_query(
+        port,
+        "rempart_requests_total{job=\"rempart-kubernetes\",namespace=\"crm\",pod=\"crm-7d9f-abcde\"}",
+    )
+    .await;
+    assert!(!q["data"]["result"].as_array().unwrap().is_empty(), "{q:#}");
 }
