@@ -578,6 +578,15 @@ fn assert_hardened_rempart(c: &Value, what: &str) {
     assert!(audit.get("readOnly").is_none_or(|r| r == false), "{what}");
 }
 
+/// The longest rempart can take from SIGTERM to exit with `cfg`: requests
+/// and egress tunnels drain together within `drain_timeout`, then the
+/// tunnels still open are cut and write their closing records within one
+/// more second (src/pipeline/egress.rs, CUT_GRACE; tests/egress.rs checks
+/// it on a real tunnel).
+fn rempart_max_drain_secs(cfg: &toml::Table) -> u64 {
+    duration_secs(cfg, "server", "drain_timeout") + 1
+}
+
 #[test]
 fn rendered_sidecar_base_is_hardened_and_wired_to_rempart() {
     let docs = rendered("kubernetes/base");
@@ -631,16 +640,24 @@ fn rendered_sidecar_base_is_hardened_and_wired_to_rempart() {
     }
     assert_eq!(env_of(crm, "LISTEN_ADDR"), "127.0.0.1:8000");
 
-    // Shutdown budget: the CRM's preStop and drain, then rempart's drain,
-    // within the grace period (deploy/README.md, "Rolling restarts").
+    // Shutdown budget: the CRM's preStop and its own drain, then rempart's
+    // longest drain, within the grace period (deploy/README.md, "Rolling
+    // restarts").
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     let pre_stop = crm["lifecycle"]["preStop"]["sleep"]["seconds"]
         .as_u64()
         .unwrap();
-    let drain = duration_secs(&cfg, "server", "drain_timeout");
+    let crm_drain: u64 = deployment["spec"]["template"]["metadata"]["annotations"]
+        ["rempart.io/crm-drain-seconds"]
+        .as_str()
+        .expect("the CRM's drain is declared")
+        .parse()
+        .unwrap();
+    assert!(crm_drain > 0);
+    let rempart_drain = rempart_max_drain_secs(&cfg);
     assert!(
-        grace > pre_stop + drain,
-        "terminationGracePeriodSeconds {grace} <= preStop {pre_stop} + drain_timeout {drain}"
+        grace >= pre_stop + crm_drain + rempart_drain,
+        "terminationGracePeriodSeconds {grace} < CRM preStop {pre_stop} + CRM drain {crm_drain} + rempart's longest drain {rempart_drain}"
     );
 
     // The config ConfigMap carries exactly the file `rempart check` accepted.
@@ -707,6 +724,18 @@ fn rendered_egress_gateway_overlay_forces_crm_egress_through_the_gateway() {
     let gw = object(&docs, "Deployment", "rempart-egress");
     let c = &gw["spec"]["template"]["spec"]["containers"][0];
     assert_hardened_rempart(c, "gateway");
+    // Shutdown budget: preStop while the endpoint removal propagates, then
+    // rempart's longest drain, within the grace period.
+    let gw_pod = &gw["spec"]["template"]["spec"];
+    let grace = gw_pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_u64()
+        .unwrap();
+    let drain = rempart_max_drain_secs(&gw_toml);
+    assert!(
+        grace >= pre_stop + drain,
+        "gateway terminationGracePeriodSeconds {grace} < preStop {pre_stop} + rempart's longest drain {drain}"
+    );
     let proxy_port = c["ports"]
         .as_array()
         .unwrap()
@@ -766,10 +795,10 @@ fn systemd_unit_is_hardened_and_passes_systemd_analyze_verify() {
     // The stop timeout outlasts the drain of the config it runs.
     let cfg = toml_file(&deploy("systemd/rempart.toml"));
     let stop = humantime::parse_duration(&directives["TimeoutStopSec"]).unwrap();
-    let drain = duration_secs(&cfg, "server", "drain_timeout");
+    let drain = rempart_max_drain_secs(&cfg);
     assert!(
         stop.as_secs() > drain,
-        "TimeoutStopSec {stop:?} <= drain_timeout {drain}s"
+        "TimeoutStopSec {stop:?} <= rempart's longest drain {drain}s"
     );
     assert!(cfg["audit"]["path"]
         .as_str()

@@ -1193,3 +1193,97 @@ async fn an_https_proxy_with_client_certificates_names_the_workload() {
             >= 1.0
     );
 }
+
+/// Sends `what` through a tunnel to an echo server and reads it back;
+/// returns its length.
+async fn echo_through(tunnel: &mut BufReader<TcpStream>, what: &[u8]) -> u64 {
+    tunnel.get_mut().write_all(what).await.unwrap();
+    let mut back = vec![0u8; what.len()];
+    tokio::time::timeout(Duration::from_secs(2), tunnel.read_exact(&mut back))
+        .await
+        .expect("echo through the tunnel in time")
+        .unwrap();
+    assert_eq!(back, what);
+    what.len() as u64
+}
+
+/// Graceful shutdown with a tunnel open: SIGTERM closes the listener at
+/// once, the open tunnel keeps carrying bytes until `[server]
+/// drain_timeout`, then rempart closes it (within one drain, not two),
+/// writes its closing record (`closed_by: "shutdown"`) and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_open_tunnel_run_until_drain_timeout_then_closes_it_with_a_record() {
+    const DRAIN: Duration = Duration::from_secs(3);
+    let echo = Server::start(EU, Kind::Echo).await;
+    let mut s = start(None, "[server]\ndrain_timeout = \"3s\"\n");
+    let (status, head, mut tunnel) = connect(s.proxy, &echo.addr.to_string()).await;
+    assert_eq!(status, 200, "{head}");
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    let mut sent = 0u64;
+    sent += echo_through(&mut tunnel, b"before SIGTERM").await;
+
+    let stopped_at = Instant::now();
+    s.rempart.signal("TERM");
+    // New connections are refused at once (every worker dropped its socket).
+    loop {
+        if TcpStream::connect(s.proxy).await.is_err() {
+            break;
+        }
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(1),
+            "the egress listener still accepts after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The open tunnel keeps working while the drain runs.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sent += echo_through(&mut tunnel, b"draining").await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    sent += echo_through(&mut tunnel, b"still draining").await;
+    assert!(stopped_at.elapsed() < DRAIN);
+
+    // Then rempart closes it: end of stream once drain_timeout is over.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tunnel.read_to_end(&mut rest))
+        .await
+        .expect("the tunnel is closed after the drain")
+        .unwrap();
+    let closed_after = stopped_at.elapsed();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        closed_after >= DRAIN - Duration::from_millis(100),
+        "closed {closed_after:?} after SIGTERM, before drain_timeout"
+    );
+    assert!(
+        closed_after < DRAIN + Duration::from_secs(2),
+        "closed {closed_after:?} after SIGTERM: more than one drain_timeout"
+    );
+
+    // rempart exits 0, within one drain_timeout (and the 1 s the cut
+    // tunnels get to write their records).
+    let mut child = s.rempart.child.take().unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopped_at.elapsed() < DRAIN + Duration::from_secs(5),
+            "rempart did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}: {}", s.rempart.log_text());
+    assert!(stopped_at.elapsed() < DRAIN + Duration::from_secs(2));
+
+    // The trail has the tunnel's closing record, with every byte it carried.
+    let closing = closing_record(&s.rempart, &id).await;
+    let t = &closing["transfer"];
+    assert_eq!(t["closed_by"], "shutdown", "{closing}");
+    assert_eq!(t["bytes_to_destination"].as_u64(), Some(sent));
+    assert_eq!(t["bytes_from_destination"].as_u64(), Some(sent));
+    assert!(t["duration_ms"].as_u64().unwrap() >= DRAIN.as_millis() as u64);
+    assert_eq!(closing["decision"]["outcome"], "allowed");
+    // And the trail is intact (hash chain).
+    let (code, out, err) = common::run(&["audit", "verify", s.rempart.audit.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+}
