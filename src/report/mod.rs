@@ -376,8 +376,8 @@ pub fn build(inputs: Inputs<'_>) -> Report {
         rows()
             .flat_map(|d| d.forwarded_examples.iter())
             .chain(rows().flat_map(|d| d.examples.iter()))
-            .cloned()
             .take(5)
+            .cloned()
             .collect()
     };
     let mut criteria = Vec::new();
