@@ -559,12 +559,13 @@ fn assert_hardened_rempart(c: &Value, what: &str) {
         .as_u64()
         .unwrap();
     assert_eq!(admin_port, 9090, "{what}");
-    // docs/performance.md: peak RSS 44.3 MiB. The request must cover it,
-    // the limit leave room.
+    // docs/performance.md, session 7: peak RSS 48-52 MiB in three runs,
+    // 72.3 MiB in the fourth. The request must cover the highest peak
+    // measured, the limit leave room (deploy/README.md, "Resources").
     let req = mebibytes(c["resources"]["requests"]["memory"].as_str().unwrap());
     let lim = mebibytes(c["resources"]["limits"]["memory"].as_str().unwrap());
     assert!(
-        req >= 45 && lim >= 2 * req,
+        req >= 73 && lim >= 2 * req,
         "{what}: memory {req}Mi/{lim}Mi"
     );
     // Audit trail: one directory per pod.
