@@ -685,6 +685,61 @@ fn rendered_sidecar_base_is_hardened_and_wired_to_rempart() {
     let np = object(&docs, "NetworkPolicy", "crm");
     let text = np["spec"]["ingress"].to_string();
     assert!(text.contains("8080") && text.contains("9090") && !text.contains("8000"));
+    // Egress: DNS to kube-dns, and 80/443 to public addresses only — the
+    // gap deploy/README.md documents is exactly this, no wider: no other
+    // port, no private range, no metadata endpoint.
+    let egress = np["spec"]["egress"].as_array().unwrap();
+    assert_eq!(egress.len(), 2, "{egress:#?}");
+    assert_eq!(
+        egress[0]["to"][0]["podSelector"]["matchLabels"]["k8s-app"],
+        "kube-dns"
+    );
+    let ports: BTreeSet<u64> = egress[0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ports, BTreeSet::from([53]));
+    let ports: BTreeSet<u64> = egress[1]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ports, BTreeSet::from([80, 443]));
+    for block in egress[1]["to"].as_array().unwrap() {
+        let except = str_list(&block["ipBlock"]["except"]);
+        let must: &[&str] = if block["ipBlock"]["cidr"] == "0.0.0.0/0" {
+            &[
+                "10.0.0.0/8",
+                "100.64.0.0/10",
+                "169.254.0.0/16",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+            ]
+        } else {
+            &["fc00::/7", "fe80::/10"]
+        };
+        for range in must {
+            assert!(
+                except.iter().any(|e| e == range),
+                "{range} not excepted: {block}"
+            );
+        }
+    }
+    // The files a security team reads say plainly that the base does not
+    // force outbound traffic, and where to go instead.
+    for file in [
+        "kubernetes/base/crm-networkpolicy.yaml",
+        "kubernetes/base/kustomization.yaml",
+    ] {
+        let text = read(&deploy(file));
+        assert!(
+            text.contains("NOT force") && text.contains("overlays/egress-gateway"),
+            "{file} does not warn about the sidecar's egress gap"
+        );
+    }
 }
 
 #[test]
