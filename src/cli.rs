@@ -137,6 +137,15 @@ enum AuditCommand {
         /// destination.geo.sovereign (e.g. outside_eu).
         #[arg(long, value_name = "VERDICT")]
         sovereign: Option<String>,
+        /// destination.geo.jurisdiction: the country whose law governs the
+        /// destination's operator (e.g. US).
+        #[arg(long, value_name = "CC")]
+        jurisdiction: Option<String>,
+        /// Destinations run by a known operator that is not an EU one (law
+        /// of a country outside the EEA, or CLOUD Act), inside or outside
+        /// the EU.
+        #[arg(long)]
+        non_eu_operator: bool,
         /// request.method (e.g. DELETE).
         #[arg(long)]
         method: Option<String>,
@@ -461,6 +470,8 @@ pub fn main() -> ExitCode {
             country,
             operator,
             sovereign,
+            jurisdiction,
+            non_eu_operator,
             method,
             path,
             direction,
@@ -483,6 +494,17 @@ pub fn main() -> ExitCode {
                 country,
                 operator,
                 sovereign,
+                jurisdiction,
+                non_eu_operator: match non_eu_operator {
+                    true => match crate::geo::registry::Registry::builtin() {
+                        Ok(r) => Some(std::sync::Arc::new(r)),
+                        Err(e) => {
+                            eprintln!("rempart: the built-in operator registry: {e:#}");
+                            return ExitCode::FAILURE;
+                        }
+                    },
+                    false => None,
+                },
                 method,
                 path_prefix: path,
                 direction,
@@ -1031,6 +1053,16 @@ fn audit_verify(
                 ),
                 _ => String::new(),
             };
+            if r.checkpoints == 0 {
+                // The chain proves what is there was not edited, not that
+                // nothing is missing at the end: say so where it is read.
+                eprintln!(
+                    "rempart: hint: this trail is not signed: whole records cut off the end \
+                     leave a valid, shorter chain that cannot be detected. Signed checkpoints \
+                     ([audit] checkpoint_key) and --public-key with --min-signed-seq or --strict \
+                     close this (docs/audit.md#signed-checkpoints)."
+                );
+            }
             emit(&format!(
                 "ok: {} records in {} file(s), seq {}..{}, from {} to {}{signed}",
                 r.records,

@@ -1219,6 +1219,9 @@ impl JwtConfig {
 pub struct BundleConfig {
     /// A local bundle: `.tar.gz` file or directory (watched like `dir`).
     pub path: Option<PathBuf>,
+    /// The bundle's name in decision-log events (`bundles.<name>`);
+    /// default: the file name of `path` or `url` without `.tar.gz`.
+    pub name: Option<String>,
     /// A bundle server URL polled with `ETag` / `If-None-Match`.
     pub url: Option<String>,
     /// Where the last good downloaded bundle is kept, so that rempart
@@ -1251,6 +1254,7 @@ impl Default for BundleConfig {
     fn default() -> Self {
         BundleConfig {
             path: None,
+            name: None,
             url: None,
             persist_dir: PathBuf::from("rempart-bundle"),
             poll_min: Seconds(Duration::from_secs(60)),

@@ -2,6 +2,7 @@
 //! traffic, `rempart audit verify` checks it, and every kind of edit is
 //! caught at the right line.
 
+#[macro_use]
 mod common;
 
 use common::{get, run, Rempart, Upstream};
@@ -74,33 +75,53 @@ fn write(dir: &tempfile::TempDir, name: &str, lines: &[String]) -> std::path::Pa
 async fn every_kind_of_tampering_is_named_at_its_line() {
     let (dir, lines) = trail_lines().await;
     assert_eq!(lines.len(), 5);
+    // Each break is named by file, line and the seq the line states.
+    let named = |err: &str, at: &str, seq: u64, what: &str| {
+        assert!(
+            err.contains(&format!("{at} (seq {seq}): ")) && err.contains(what),
+            "expected {at} (seq {seq}) and {what:?} in: {err}"
+        );
+    };
 
     let mut edited = lines.clone();
     edited[2] = edited[2].replace("\"status\":200", "\"status\":404");
     let (code, _, err) = verify(&[&write(&dir, "edited.jsonl", &edited)]);
     assert_ne!(code, 0);
-    assert!(
-        err.contains("edited.jsonl:3") && err.contains("hash mismatch"),
-        "{err}"
-    );
+    named(&err, "edited.jsonl:3", 3, "hash mismatch");
 
     let mut deleted = lines.clone();
     deleted.remove(1);
     let (code, _, err) = verify(&[&write(&dir, "deleted.jsonl", &deleted)]);
     assert_ne!(code, 0);
-    assert!(
-        err.contains("deleted.jsonl:2") && err.contains("from 1 to 3"),
-        "{err}"
-    );
+    named(&err, "deleted.jsonl:2", 3, "from 1 to 3");
 
     let mut swapped = lines.clone();
     swapped.swap(3, 4);
     let (code, _, err) = verify(&[&write(&dir, "swapped.jsonl", &swapped)]);
     assert_ne!(code, 0);
-    assert!(
-        err.contains("swapped.jsonl:4") && err.contains("from 3 to 5"),
-        "{err}"
-    );
+    named(&err, "swapped.jsonl:4", 5, "from 3 to 5");
+
+    // A record inserted: a copy of another (its own hash is right), and a
+    // new one chained after line 2 (its hash is right, the next link not).
+    let mut copied = lines.clone();
+    copied.insert(2, lines[0].clone());
+    let (code, _, err) = verify(&[&write(&dir, "copied.jsonl", &copied)]);
+    assert_ne!(code, 0);
+    named(&err, "copied.jsonl:3", 1, "from 2 to 1");
+    let new_record = rechain(&lines[..3], 2, |b| b.replace("200", "404")).pop();
+    let mut inserted = lines[..2].to_vec();
+    inserted.extend(new_record.clone());
+    inserted.extend(lines[2..].iter().cloned());
+    let (code, _, err) = verify(&[&write(&dir, "inserted.jsonl", &inserted)]);
+    assert_ne!(code, 0);
+    named(&err, "inserted.jsonl:4", 3, "from 3 to 3");
+    let mut spliced = lines[..2].to_vec();
+    spliced.extend(new_record);
+    spliced.extend(lines[3..].iter().cloned());
+    let (code, _, err) = verify(&[&write(&dir, "spliced.jsonl", &spliced)]);
+    assert_ne!(code, 0);
+    // A replacement chained in: its successor's prev link breaks.
+    named(&err, "spliced.jsonl:4", 4, "prev_hash");
 
     // Split across two files (as rotation will): valid in order, broken out of order.
     let a = write(&dir, "a.jsonl", &lines[..2]);
@@ -108,7 +129,7 @@ async fn every_kind_of_tampering_is_named_at_its_line() {
     assert_eq!(verify(&[&a, &b]).0, 0);
     let (code, _, err) = verify(&[&b, &a]);
     assert_ne!(code, 0);
-    assert!(err.contains("a.jsonl:1"), "{err}");
+    named(&err, "a.jsonl:1", 1, "from 5 to 1");
 
     // A forged chain: re-numbered after a deletion, but the hashes no longer link.
     let mut forged = lines.clone();
@@ -116,7 +137,27 @@ async fn every_kind_of_tampering_is_named_at_its_line() {
     forged[1] = forged[1].replace("\"seq\":3", "\"seq\":2");
     let (code, _, err) = verify(&[&write(&dir, "forged.jsonl", &forged)]);
     assert_ne!(code, 0);
-    assert!(err.contains("forged.jsonl:2"), "{err}");
+    named(&err, "forged.jsonl:2", 2, "hash mismatch");
+
+    // A torn line in the middle (half a record, then the rest): its seq
+    // is still named.
+    let mut torn = lines.clone();
+    torn[3] = torn[3][..torn[3].len() / 2].to_string();
+    let (code, _, err) = verify(&[&write(&dir, "torn.jsonl", &torn)]);
+    assert_ne!(code, 0);
+    named(&err, "torn.jsonl:4", 4, "not a chained record");
+
+    // Whole lines cut off the end of an unsigned trail leave a valid,
+    // shorter chain: nothing can tell (only signed checkpoints and a
+    // witnessed signed seq can, see signed_checkpoints_…). verify says so.
+    let cut = write(&dir, "cut.jsonl", &lines[..3]);
+    let (code, out, err) = verify(&[&cut]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok: 3 records"), "{out}");
+    assert!(
+        err.contains("not signed") && err.contains("cut off the end"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -451,7 +492,7 @@ async fn rotation_under_load_keeps_one_chain_across_compressed_files() {
     assert_ne!(code, 0);
     let name = victim.file_name().unwrap().to_str().unwrap();
     assert!(
-        err.contains(&format!("{name}:1:")) && err.contains("hash mismatch"),
+        err.contains(&format!("{name}:1 (seq ")) && err.contains("hash mismatch"),
         "{err}"
     );
 }
@@ -626,6 +667,32 @@ async fn signed_checkpoints_catch_a_rebuilt_chain_and_a_cut_back_trail() {
     let (code, _, err) = verify_args(&[r, "--public-key", &public, "--strict"]);
     assert_ne!(code, 0);
     assert!(err.contains("not fully signed"), "{err}");
+
+    // Rotation right after a checkpoint: the new file starts with it. Alone
+    // or after the previous file, it verifies with the key; a forged one
+    // at the head of a file does not.
+    let split = checkpoints[1];
+    let older = write(&dir, "older.jsonl", &lines[..split]);
+    let newer = write(&dir, "newer.jsonl", &lines[split..]);
+    let n = newer.to_str().unwrap();
+    let (code, out, err) = verify_args(&[n, "--public-key", &public]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("checkpoint(s) verified"), "{out}");
+    let (code, _, err) = verify_args(&[older.to_str().unwrap(), n, "--public-key", &public]);
+    assert_eq!(code, 0, "{err}");
+    let mut headless = lines[split..].to_vec();
+    headless[0] = rechain(&lines[..=split], split, |b| {
+        b.replacen("\"signed_seq\":", "\"signed_seq\":1", 1)
+    })
+    .pop()
+    .unwrap();
+    let h = write(&dir, "headless.jsonl", &headless[..1]);
+    let (code, _, err) = verify_args(&[h.to_str().unwrap(), "--public-key", &public]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("headless.jsonl:1") && err.contains("checkpoint signs seq 1"),
+        "{err}"
+    );
 }
 
 /// Pulls the JSON record out of an RFC 5424 message
@@ -796,8 +863,56 @@ async fn audit_query_answers_by_decision_path_time_and_subject() {
     }
     let denied = common::request("TRACE", &rp.url("/api/contacts"), &[]).await;
     assert_eq!(denied.status, 403);
+    let export = get(&rp.url("/api/contact/export")).await;
+    assert_eq!(export.status, 200);
     assert!(rp.stop().success());
     let trail = rp.audit.to_str().unwrap();
+    // "Who exported contacts last month", as in docs/audit.md (the month
+    // being the one around now).
+    let at = |offset: i64| {
+        let now = std::time::SystemTime::now();
+        let t = if offset < 0 {
+            now - std::time::Duration::from_secs(offset.unsigned_abs())
+        } else {
+            now + std::time::Duration::from_secs(offset as u64)
+        };
+        humantime::format_rfc3339_seconds(t).to_string()
+    };
+    let (month_start, month_end) = (at(-15 * 24 * 3600), at(15 * 24 * 3600));
+    let (code, out, err) = run(&[
+        "audit",
+        "query",
+        trail,
+        "--type",
+        "contact",
+        "--operation",
+        "export",
+        "--since",
+        &month_start,
+        "--until",
+        &month_end,
+        "--format",
+        "table",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    assert!(
+        rows[0].contains("GET /api/contact/export") && rows[0].contains("export contact"),
+        "{out}"
+    );
+    let (_, out, _) = run(&[
+        "audit",
+        "query",
+        trail,
+        "--type",
+        "contact",
+        "--operation",
+        "export",
+        "--until",
+        &month_start,
+    ]);
+    assert!(out.is_empty(), "{out}");
     let ids = |out: &str| -> Vec<String> {
         out.lines()
             .map(|l| {
@@ -828,7 +943,7 @@ async fn audit_query_answers_by_decision_path_time_and_subject() {
     let (_, out, _) = run(&["audit", "query", trail, "--operation", "read"]);
     assert_eq!(ids(&out), allowed);
     let (_, out, _) = run(&["audit", "query", trail, "--operation", "export"]);
-    assert!(out.is_empty(), "{out}");
+    assert_eq!(ids(&out), vec![export.decision_id()]);
     // The table: a header, then one aligned line a record.
     let (code, out, err) = run(&[
         "audit",
@@ -915,6 +1030,176 @@ async fn personal_data_is_minimised_before_the_record_is_written() {
         pseudonym,
     ]);
     assert_eq!(out.lines().count(), 2);
+}
+
+/// A copy of the shipped policies whose `data.json` carries
+/// `settings.audit.minimise = rules` (the rest of the settings as shipped).
+fn policies_minimising(dir: &std::path::Path, rules: serde_json::Value) -> std::path::PathBuf {
+    let out = dir.join("policies");
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in std::fs::read_dir(common::repo_policies()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
+    }
+    set_minimise(&out, rules);
+    out
+}
+
+/// Rewrites `data.settings.audit.minimise` (beside, then renamed over, so
+/// that a reload never reads half a file).
+fn set_minimise(policies: &std::path::Path, rules: serde_json::Value) {
+    let data = policies.join("data.json");
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&data).unwrap()).unwrap();
+    doc["settings"]["audit"] = serde_json::json!({ "minimise": rules });
+    let tmp = policies.join(".next");
+    std::fs::write(&tmp, doc.to_string()).unwrap();
+    std::fs::rename(&tmp, &data).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn minimisation_rules_in_policy_data_apply_reload_and_refuse_bad_rules() {
+    use rempart::audit::minimise::{Minimiser, Rules};
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = policies_minimising(
+        dir.path(),
+        serde_json::json!([
+            {"field": "source.ip", "action": "erase"},
+            {"field": "identity.subject", "action": "hash"},
+        ]),
+    );
+    let trail = dir.path().join("trail.jsonl");
+    let cfg = dir.path().join("rempart.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[upstream]\nurl = \"{}\"\n[audit]\nstdout = true\n\
+             [identity]\ntrusted_header = \"x-remote-user\"\ntrusted_sources = [\"127.0.0.1\"]\n",
+            up.url()
+        ),
+    )
+    .unwrap();
+    let mut rp = Rempart::start(
+        "",
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--policies",
+            policies.to_str().unwrap(),
+            "--audit",
+            trail.to_str().unwrap(),
+        ],
+    );
+    let as_bob = |rp: &Rempart| {
+        let url = rp.url("/api/contacts/1");
+        async move { common::request("GET", &url, &[("x-remote-user", "bob")]).await }
+    };
+    let first = as_bob(&rp).await;
+    let second = as_bob(&rp).await;
+    assert_eq!((first.status, second.status), (200, 200));
+    let a = rp.audit_record(&first.decision_id()).await;
+    let b = rp.audit_record(&second.decision_id()).await;
+    assert!(a["source"].get("ip").is_none(), "{a}");
+    assert!(a["source"]["port"].as_u64().is_some(), "{a}");
+    assert_eq!(a["erased"], serde_json::json!(["source.ip"]));
+    assert_eq!(a["masked"], serde_json::json!(["identity.subject"]));
+    // Keyed with the key made beside the trail: the same name, the same
+    // pseudonym, which only that key gives.
+    let key = std::fs::read(dir.path().join("trail.jsonl.hash-key")).unwrap();
+    let pseudonym = Minimiser::new(Rules::default(), key).pseudonym("bob");
+    assert_eq!(a["identity"]["subject"], pseudonym.as_str());
+    assert_eq!(b["identity"]["subject"], pseudonym.as_str());
+
+    // A reload changes the rules: the address is kept, the path hashed.
+    let rev0 = rp.policy_revision().await;
+    set_minimise(
+        &policies,
+        serde_json::json!([{"field": "request.path", "action": "hash"}]),
+    );
+    rp.signal("HUP");
+    eventually!("the reload", rp.policy_revision().await != rev0);
+    let rev1 = rp.policy_revision().await;
+    let third = as_bob(&rp).await;
+    let c = rp.audit_record(&third.decision_id()).await;
+    assert_eq!(c["source"]["ip"], "127.0.0.1", "{c}");
+    assert_eq!(c["identity"]["subject"], "bob", "{c}");
+    assert!(
+        c["request"]["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("hmac-sha256:"),
+        "{c}"
+    );
+    assert_eq!(c["masked"], serde_json::json!(["request.path"]));
+    assert!(c.get("erased").is_none(), "{c}");
+
+    // A bad rule is refused with the file and the rule named; the last
+    // good set (and its rules) keeps serving.
+    set_minimise(
+        &policies,
+        serde_json::json!([{"field": "source.ip", "action": "redact"}]),
+    );
+    rp.signal("HUP");
+    eventually!(
+        "the refusal",
+        rp.sample(r#"rempart_policy_reloads_total{result="failure"}"#)
+            .await
+            >= 1.0
+    );
+    assert_eq!(rp.policy_revision().await, rev1);
+    // The metric moves just before the line is logged.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !rp.log_text().contains("policy reload rejected") && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let log = rp.log_text();
+    let named = format!(
+        "{}: data.settings.audit.minimise[0].action: unknown action \"redact\"",
+        policies.join("data.json").display()
+    );
+    assert!(
+        log.contains("policy reload rejected") && log.contains(&named),
+        "{log}"
+    );
+    let fourth = as_bob(&rp).await;
+    let d = rp.audit_record(&fourth.decision_id()).await;
+    assert_eq!(d["masked"], serde_json::json!(["request.path"]), "{d}");
+    // The copies carry the minimised records, exactly as written.
+    assert!(rp.stop().success());
+    let stdout = rp.stdout.lock().unwrap().clone();
+    let written = std::fs::read_to_string(&trail).unwrap();
+    assert_eq!(
+        stdout.iter().filter(|l| l.contains("decision_id")).count(),
+        4,
+        "{stdout:?}"
+    );
+    for line in written.lines().filter(|l| l.contains("decision_id")) {
+        assert!(stdout.iter().any(|l| l == line), "{line} not in {stdout:?}");
+    }
+    let (code, _, err) = verify(&[&trail]);
+    assert_eq!(code, 0, "the chain covers the minimised records: {err}");
+
+    // Checked before deploying (and at start), with the same message.
+    set_minimise(
+        &policies,
+        serde_json::json!([{"field": "request.query", "action": "erase"}]),
+    );
+    let (code, out, err) = run(&[
+        "check",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--policies",
+        policies.to_str().unwrap(),
+    ]);
+    let err = format!("{out}{err}");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("data.settings.audit.minimise[0].field")
+            && err.contains("not a field of the audit record"),
+        "{err}"
+    );
 }
 
 // ------------------------------------------------- syslog over TLS (RFC 5425)

@@ -316,7 +316,10 @@ async fn decisions_arrive_as_opa_decision_log_events() {
         .starts_with("127.0.0.0:"));
     assert!(e["metrics"]["timer_server_handler_ns"].as_u64().unwrap() > 0);
     assert!(e["revision"].as_str().is_some_and(|r| !r.is_empty()));
-    assert!(e.get("bundles").is_none(), "no bundle feature yet");
+    assert!(
+        e.get("bundles").is_none(),
+        "policies from a directory: no bundle to name"
+    );
     // The event points at its line in the hash chain.
     let line = rp.audit_record(&allowed.decision_id()).await;
     assert_eq!(e["trail"]["seq"], line["seq"]);
@@ -342,6 +345,106 @@ async fn decisions_arrive_as_opa_decision_log_events() {
     assert!(rp.stop().success());
     // Delivered batches are deleted from the spool.
     assert!(spool_files(&dir.path().join("trail.jsonl.spool")).is_empty());
+}
+
+/// A copy of the shipped policies with `data.settings.audit.minimise`.
+fn policies_minimising(dir: &Path, rules: Value) -> PathBuf {
+    let out = dir.join("policies");
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in std::fs::read_dir(common::repo_policies()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
+    }
+    let data = out.join("data.json");
+    let mut doc: Value = serde_json::from_str(&std::fs::read_to_string(&data).unwrap()).unwrap();
+    doc["settings"]["audit"] = serde_json::json!({ "minimise": rules });
+    std::fs::write(&data, doc.to_string()).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bundle_is_named_in_the_events_and_its_minimisation_applies_to_them() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Seen::default());
+    let port = free_addr();
+    let addr = port.addr;
+    let _collector = Collector::start(port, Arc::clone(&seen)).await;
+    let policies = policies_minimising(
+        dir.path(),
+        serde_json::json!([
+            {"field": "identity.subject", "action": "erase"},
+            {"field": "source.ip", "action": "hash"},
+        ]),
+    );
+    let bundle = dir.path().join("crm.tar.gz");
+    let (code, out, err) = common::run(&[
+        "policy",
+        "build",
+        policies.to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--revision",
+        "v42",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let trail = dir.path().join("trail.jsonl");
+    let cfg = dir.path().join("rempart.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[upstream]\nurl = \"{}\"\n[policy.bundle]\npath = \"{}\"\n\
+             [identity]\ntrusted_header = \"x-remote-user\"\ntrusted_sources = [\"127.0.0.1\"]\n\
+             [audit]\n[audit.decision_log]\n{}\n",
+            up.url(),
+            bundle.display(),
+            fast(&format!("http://{addr}/logs"))
+        ),
+    )
+    .unwrap();
+    let mut rp = Rempart::start(
+        "",
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--audit",
+            trail.to_str().unwrap(),
+        ],
+    );
+    let r = request(
+        "GET",
+        &rp.url("/api/contacts/7"),
+        &[("x-remote-user", "bob")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    wait_until("1 event", 30, || !seen.events().is_empty()).await;
+    let e = seen.events()[0].clone();
+    assert_eq!(e["decision_id"], r.decision_id().as_str());
+    // OPA's shape: the bundle by name (the file's, without .tar.gz) and
+    // manifest revision.
+    assert_eq!(
+        e["bundles"],
+        serde_json::json!({"crm": {"revision": "v42"}})
+    );
+    assert_eq!(e["revision"], "v42");
+    // The policy data's rules, applied before the record was written:
+    // neither the trail nor the event holds the name or the address.
+    assert!(e["input"]["identity"].get("subject").is_none(), "{e}");
+    let hashed = e["input"]["source"]["ip"].as_str().unwrap();
+    assert!(hashed.starts_with("hmac-sha256:"), "{e}");
+    assert_eq!(e["erased"], serde_json::json!(["/input/identity/subject"]));
+    assert_eq!(e["masked"], serde_json::json!(["/input/source/ip"]));
+    let line = rp.audit_record(&r.decision_id()).await;
+    assert_eq!(line["bundles"], e["bundles"]);
+    assert_eq!(line["source"]["ip"], hashed);
+    assert!(rp.stop().success());
+    let text = std::fs::read_to_string(&trail).unwrap();
+    assert!(!text.contains("\"bob\""), "{text}");
+    assert!(
+        e.get("requested_by").is_none(),
+        "a hashed address is no address: {e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

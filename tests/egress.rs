@@ -1192,3 +1192,175 @@ async fn sigterm_lets_an_open_tunnel_run_until_drain_timeout_then_closes_it_with
     let (code, out, err) = common::run(&["audit", "verify", s.rempart.audit.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+// ---------------------------------------------------------------- queries
+
+/// The decision ids of `rempart audit query` JSON lines.
+fn query_ids(trail: &Path, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["audit", "query", trail.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (code, out, err) = common::run(&all);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!("{} matching record(s)", out.lines().count())),
+        "{err}"
+    );
+    out.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["decision_id"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// `rempart audit query --format table`: the rows after the header.
+fn query_rows(trail: &Path, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["audit", "query", trail.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--format", "table"]);
+    let (code, out, err) = common::run(&all);
+    assert_eq!(code, 0, "{err}");
+    let mut lines = out.lines();
+    assert!(lines.next().unwrap().starts_with("TIME"), "{out}");
+    lines.map(String::from).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_query_finds_egress_by_country_operator_jurisdiction_verdict_and_time() {
+    // Besides the shared map: 127.0.0.5 in the United States, run by
+    // Amazon (a US operator outside the EU, verdict outside_eu).
+    const US_OPERATOR_IN_US: &str = "127.0.0.5";
+    let eu = Server::start(EU, Kind::Http).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (country, asn) =
+        common::loopback_geo::write(dir.path(), &[(US_OPERATOR_IN_US, "US", 16509, "AMAZON-02")]);
+    let policies = common::loopback_geo::policies(dir.path());
+    let trail = dir.path().join("trail.jsonl");
+    let cfg = dir.path().join("rempart.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[egress]\nlisten = \"127.0.0.1:0\"\n{}",
+            common::loopback_geo::geo_toml(&country, &asn)
+        ),
+    )
+    .unwrap();
+    let mut rp = Rempart::start(
+        "",
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--policies",
+            policies.to_str().unwrap(),
+            "--audit",
+            trail.to_str().unwrap(),
+        ],
+    );
+    let proxy = rp.egress.expect("egress listener");
+    let id_of = |head: &str| header(head, "x-rempart-decision-id").unwrap().to_string();
+    // An EU operator in the EU (forwarded), a US address of an operator
+    // not in the registry, Amazon in Germany, Amazon in the US (refused).
+    let (status, head, _) = raw(
+        proxy,
+        &format!(
+            "GET http://{EU}:{}/ HTTP/1.1\r\nHost: {EU}\r\n\r\n",
+            eu.addr.port()
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    let to_eu = id_of(&head);
+    let (status, head, _) = raw(
+        proxy,
+        &format!("GET http://{US}:9/ HTTP/1.1\r\nHost: {US}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 403, "{head}");
+    let to_us = id_of(&head);
+    let (status, head, _) = connect(proxy, &format!("{US_OPERATOR_IN_EU}:443")).await;
+    assert_eq!(status, 403, "{head}");
+    let to_amazon_de = id_of(&head);
+    let (status, head, _) = connect(proxy, &format!("{US_OPERATOR_IN_US}:443")).await;
+    assert_eq!(status, 403, "{head}");
+    let to_amazon_us = id_of(&head);
+    let amazon_de = rp.audit_record(&to_amazon_de).await;
+    let (to_eu, to_us, to_amazon_de, to_amazon_us) = (
+        to_eu.as_str(),
+        to_us.as_str(),
+        to_amazon_de.as_str(),
+        to_amazon_us.as_str(),
+    );
+    assert!(rp.stop().success());
+    let amazon_us_geo = {
+        let text = std::fs::read_to_string(&trail).unwrap();
+        let line = text.lines().find(|l| l.contains(to_amazon_us)).unwrap();
+        serde_json::from_str::<serde_json::Value>(line).unwrap()["destination"]["geo"].clone()
+    };
+    assert_eq!(amazon_us_geo["sovereign"], "outside_eu", "{amazon_us_geo}");
+    assert_eq!(amazon_us_geo["operator"], "amazon", "{amazon_us_geo}");
+    assert_eq!(
+        amazon_de["destination"]["geo"]["sovereign"],
+        "non_eu_operator_in_eu"
+    );
+
+    let ids = |args: &[&str]| query_ids(&trail, args);
+    assert_eq!(ids(&["--country", "us"]), [to_us, to_amazon_us]);
+    assert_eq!(ids(&["--country", "FR"]), [to_eu]);
+    assert_eq!(ids(&["--operator", "amazon"]), [to_amazon_de, to_amazon_us]);
+    assert_eq!(ids(&["--sovereign", "outside_eu"]), [to_us, to_amazon_us]);
+    // The verdict alone misses the US operator outside the EU ...
+    assert_eq!(
+        ids(&["--sovereign", "non_eu_operator_in_eu"]),
+        [to_amazon_de]
+    );
+    // ... which the jurisdiction and --non-eu-operator catch, inside and
+    // outside the EU; the operator not in the registry is not named.
+    assert_eq!(ids(&["--jurisdiction", "us"]), [to_amazon_de, to_amazon_us]);
+    assert_eq!(ids(&["--jurisdiction", "FR"]), [to_eu]);
+    // "Every egress to a non-EU operator this week", as in docs/audit.md.
+    let week_ago = humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() - Duration::from_secs(7 * 24 * 3600),
+    )
+    .to_string();
+    assert_eq!(
+        ids(&[
+            "--direction",
+            "egress",
+            "--non-eu-operator",
+            "--since",
+            &week_ago
+        ]),
+        [to_amazon_de, to_amazon_us]
+    );
+    // Time: from the third record's timestamp on, and before it.
+    let third = amazon_de["timestamp"].as_str().unwrap();
+    assert_eq!(ids(&["--since", third]), [to_amazon_de, to_amazon_us]);
+    assert_eq!(ids(&["--until", third]), [to_eu, to_us]);
+    assert_eq!(
+        ids(&["--non-eu-operator", "--until", third]),
+        Vec::<String>::new()
+    );
+    assert!(ids(&["--until", &week_ago]).is_empty());
+
+    // The same questions as tables: one row a record, the destination's
+    // country and operator in it.
+    let rows = query_rows(&trail, &["--non-eu-operator"]);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(
+        rows[0].contains(&format!("{US_OPERATOR_IN_EU} DE amazon"))
+            && rows[0].contains("destination_non_eu_jurisdiction"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[1].contains(&format!("{US_OPERATOR_IN_US} US amazon"))
+            && rows[1].contains("destination_outside_eu"),
+        "{rows:?}"
+    );
+    let rows = query_rows(&trail, &["--country", "FR", "--since", &week_ago]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        rows[0].contains("allowed") && rows[0].contains(&format!("{EU} FR ovh")),
+        "{rows:?}"
+    );
+    assert!(query_rows(&trail, &["--operator", "nobody"]).is_empty());
+}

@@ -20,6 +20,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod decision_log;
 pub mod files;
+pub mod minimise;
 pub mod privacy;
 pub mod query;
 mod record;
@@ -28,7 +29,8 @@ pub mod verify;
 mod writer;
 
 pub use record::{
-    AuditDecision, AuditEndpoint, AuditGeo, AuditIdentity, AuditRecord, AuditRequest, Transfer,
+    AuditDecision, AuditEndpoint, AuditGeo, AuditIdentity, AuditRecord, AuditRequest, BundleRef,
+    Transfer,
 };
 pub use writer::Rotation;
 
@@ -127,7 +129,7 @@ pub struct AuditSink {
     shared: Arc<Shared>,
     durability: Durability,
     on_full: OnFull,
-    privacy: Option<Arc<privacy::Privacy>>,
+    minimiser: Arc<minimise::Minimiser>,
     buffers: Arc<buffers::BufferPool>,
 }
 
@@ -165,12 +167,10 @@ impl AuditSink {
                 );
             }
         }
-        let privacy = privacy::Privacy::new(
-            options.mask_source_ip,
-            options.mask_subject,
-            options.subject_hash_key.as_deref(),
-        )?
-        .map(Arc::new);
+        let minimiser = Arc::new(minimise::Minimiser::new(
+            privacy::configured_rules(options.mask_source_ip, options.mask_subject),
+            privacy::load_key(options.subject_hash_key.as_deref(), path)?,
+        ));
         let checkpointer = match &options.checkpoint {
             Some(c) => Some(checkpoint::Checkpointer::new(
                 checkpoint::load_signing_key(&c.key)?,
@@ -235,7 +235,7 @@ impl AuditSink {
                 shared,
                 durability: options.durability,
                 on_full: options.on_full,
-                privacy,
+                minimiser,
                 buffers,
             },
             AuditWriter { handle },
@@ -252,10 +252,12 @@ impl AuditSink {
         self.shared.failing.load(Ordering::Relaxed)
     }
 
-    /// Queues one record. Buffered mode returns `None`; sync mode returns
-    /// the acknowledgement to wait for. When the queue is full the caller
-    /// waits for the writer (counted), unless `on_full = "drop"`.
-    pub fn record(&self, record: &AuditRecord<'_>) -> Option<AuditAck> {
+    /// Queues one record, minimised by the configured rules and `rules`
+    /// (those of the policy set that decided). Buffered mode returns
+    /// `None`; sync mode returns the acknowledgement to wait for. When the
+    /// queue is full the caller waits for the writer (counted), unless
+    /// `on_full = "drop"`.
+    pub fn record(&self, record: &AuditRecord<'_>, rules: &minimise::Rules) -> Option<AuditAck> {
         let mut line = self.buffers.take();
         match serde_json::to_writer(&mut line, record) {
             Ok(()) => {}
@@ -267,9 +269,11 @@ impl AuditSink {
                 return self.is_sync().then_some(AuditAck(None));
             }
         }
-        let line = match &self.privacy {
-            Some(p) => p.apply(line),
-            None => line,
+        // Before the writer chains it: the hash covers the minimised record.
+        let line = if self.minimiser.idle(rules) {
+            line
+        } else {
+            self.minimiser.apply(line, rules)
         };
         let (ack_tx, ack) = if self.is_sync() {
             let (tx, rx) = oneshot::channel();

@@ -6,9 +6,12 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::time::SystemTime;
 
+use std::sync::Arc;
+
 use anyhow::Context;
 
 use super::files::open_lines;
+use crate::geo::registry::Registry;
 
 /// Every filter is optional; a record must match all that are given.
 #[derive(Debug, Default, Clone)]
@@ -24,6 +27,13 @@ pub struct Filter {
     pub operator: Option<String>,
     /// `destination.geo.sovereign` verdict, e.g. `outside_eu`.
     pub sovereign: Option<String>,
+    /// `destination.geo.jurisdiction`: the country whose law governs the
+    /// destination's operator (ISO code, case-insensitive).
+    pub jurisdiction: Option<String>,
+    /// Only destinations run by a known operator that is not an EU one,
+    /// wherever the address is (see [`non_eu_operator`]); the registry
+    /// gives the EEA countries.
+    pub non_eu_operator: Option<Arc<Registry>>,
     pub method: Option<String>,
     /// Prefix of `request.path`.
     pub path_prefix: Option<String>,
@@ -79,6 +89,11 @@ impl Filter {
             && eq(&self.country, "/destination/geo/country", true)
             && eq(&self.operator, "/destination/geo/operator", false)
             && eq(&self.sovereign, "/destination/geo/sovereign", false)
+            && eq(&self.jurisdiction, "/destination/geo/jurisdiction", true)
+            && self
+                .non_eu_operator
+                .as_ref()
+                .is_none_or(|r| non_eu_operator(v, r))
             && eq(&self.method, "/request/method", true)
             && eq(&self.direction, "/direction", false)
             && eq(&self.resource_type, "/resource/type", false)
@@ -88,6 +103,26 @@ impl Filter {
                 str_at("/request/path").is_some_and(|got| got.starts_with(p.as_str()))
             })
     }
+}
+
+/// True when the record's destination is run by a known operator that is
+/// not an EU one: under the law of a country outside the EEA, or exposed to
+/// the US CLOUD Act, wherever the address is (in the EU that is the verdict
+/// `non_eu_operator_in_eu`; outside, the verdict is `outside_eu` whoever
+/// runs it, so the operator is read). A destination whose operator is
+/// unknown does not match.
+fn non_eu_operator(v: &serde_json::Value, registry: &Registry) -> bool {
+    let Some(geo) = v.pointer("/destination/geo") else {
+        return false;
+    };
+    if geo.get("sovereign").and_then(|s| s.as_str()) == Some(crate::geo::NON_EU_OPERATOR_IN_EU) {
+        return true;
+    }
+    let Some(jurisdiction) = geo.get("jurisdiction").and_then(|j| j.as_str()) else {
+        return false;
+    };
+    !registry.in_eea(&jurisdiction.to_ascii_uppercase())
+        || geo.get("cloud_act").and_then(|c| c.as_bool()) == Some(true)
 }
 
 /// Writes the matching records of `files` (in order) to `out`, as they are
@@ -213,7 +248,7 @@ mod tests {
             "resource": {"crm": "generic", "type": "contacts", "id": null, "operation": "export", "bulk": true},
             "identity": {"subject": "bob"},
             "decision": {"outcome": "allowed"},
-            "destination": {"geo": {"country": "US", "operator": "amazon", "sovereign": "outside_eu"}}
+            "destination": {"geo": {"country": "US", "operator": "amazon", "jurisdiction": "US", "sovereign": "outside_eu"}}
         });
         let f = |f: Filter| f.matches(&rec);
         assert!(f(Filter::default()));
@@ -248,6 +283,42 @@ mod tests {
             resource_id: Some("42".into()),
             ..Filter::default()
         }));
+        // Operators: by jurisdiction, and "non-EU" inside and outside the EU.
+        let registry = Arc::new(Registry::builtin().unwrap());
+        let non_eu = || Filter {
+            non_eu_operator: Some(Arc::clone(&registry)),
+            ..Filter::default()
+        };
+        assert!(f(Filter {
+            jurisdiction: Some("us".into()),
+            ..Filter::default()
+        }));
+        assert!(f(non_eu()), "a US operator");
+        let with_geo = |geo: serde_json::Value| {
+            let mut r = rec.clone();
+            r["destination"]["geo"] = geo;
+            non_eu().matches(&r)
+        };
+        assert!(with_geo(
+            serde_json::json!({"country": "US", "operator": "amazon",
+            "jurisdiction": "US", "cloud_act": true, "sovereign": "outside_eu"})
+        ));
+        assert!(with_geo(
+            serde_json::json!({"country": "DE", "operator": "amazon",
+            "jurisdiction": "US", "cloud_act": true, "sovereign": "non_eu_operator_in_eu"})
+        ));
+        assert!(!with_geo(
+            serde_json::json!({"country": "FR", "operator": "ovh",
+            "jurisdiction": "FR", "cloud_act": false, "sovereign": "eu_operated_in_eu"})
+        ));
+        assert!(!with_geo(
+            serde_json::json!({"country": "CA", "operator": "ovh",
+            "jurisdiction": "FR", "cloud_act": false, "sovereign": "outside_eu"})
+        ));
+        assert!(!with_geo(
+            serde_json::json!({"country": "US", "operator": null,
+            "jurisdiction": null, "sovereign": "outside_eu"})
+        ));
         let cells = table_cells(&rec);
         assert_eq!(cells[3], "bob");
         assert_eq!(cells[4], "GET /api/contacts/export");

@@ -25,10 +25,40 @@ pub struct AuditRecord<'a> {
     /// From accepting the request to sending the response head.
     pub latency_ms: f64,
     pub policy_revision: &'a str,
+    /// The OPA bundle the policy set came from, as OPA's decision logs
+    /// name it: `{"<name>": {"revision": "…"}}`. Absent for a directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundles: Option<BundleRef<'a>>,
     /// Egress tunnels only, on the second record of a decision, written
     /// when the tunnel closed: what it carried.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transfer: Option<Transfer>,
+}
+
+/// A bundle's name and manifest revision (absent when it has none).
+#[derive(Debug, Clone, Copy)]
+pub struct BundleRef<'a> {
+    pub name: &'a str,
+    pub revision: Option<&'a str>,
+}
+
+impl Serialize for BundleRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        #[derive(Serialize)]
+        struct Revision<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            revision: Option<&'a str>,
+        }
+        let mut map = s.serialize_map(Some(1))?;
+        map.serialize_entry(
+            self.name,
+            &Revision {
+                revision: self.revision,
+            },
+        )?;
+        map.end()
+    }
 }
 
 /// What an egress tunnel carried, counted when it closed.

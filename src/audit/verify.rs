@@ -9,6 +9,7 @@ use ed25519_dalek::VerifyingKey;
 
 use super::chain::{check_line, GENESIS};
 use super::checkpoint;
+use super::decision_log::event::seq_of;
 use super::files::open_lines;
 
 #[derive(Debug)]
@@ -202,15 +203,18 @@ fn verify_file(
             return Ok(());
         }
         n += 1;
+        // What the line says its seq is, read from its first bytes: named
+        // even when the rest of the line cannot be trusted.
+        let stated_seq = seq_of(buf.as_bytes());
         if !buf.ends_with('\n') {
             return Err(broken(
                 n,
-                None,
+                stated_seq,
                 "torn last line (no newline): a write was cut off".into(),
             ));
         }
         let line = buf.trim_end_matches('\n');
-        let c = check_line(line).map_err(|what| broken(n, None, what))?;
+        let c = check_line(line).map_err(|what| broken(n, stated_seq, what))?;
         match prev {
             None => {
                 if c.seq == 1 && c.prev_hash != GENESIS {
@@ -241,7 +245,13 @@ fn verify_file(
         }
         if c.value["type"] == "checkpoint" {
             if let Some(key) = key {
-                checkpoint::check(&c.value, prev.as_ref(), key)
+                // A file may start with a checkpoint (rotation right after
+                // one was due): the record it signs is the one its own
+                // prev link names, in the previous file.
+                let before = prev
+                    .clone()
+                    .unwrap_or_else(|| (c.seq.saturating_sub(1), c.prev_hash.clone()));
+                checkpoint::check(&c.value, Some(&before), key)
                     .map_err(|what| broken(n, Some(c.seq), what))?;
             }
             report.checkpoints += 1;

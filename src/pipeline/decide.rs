@@ -30,7 +30,9 @@ pub struct Ruling {
     pub enforced: bool,
     pub decision: Decision,
     pub error: Option<String>,
-    pub revision: String,
+    /// What the audit record takes from the set that decided (revision,
+    /// bundle, minimisation rules).
+    pub stamp: Arc<crate::policy::Stamp>,
 }
 
 /// How decisions are applied; fixed for the process's life.
@@ -83,13 +85,18 @@ pub fn decide(
     metrics
         .policy_evaluation_seconds
         .observe(started.elapsed().as_secs_f64());
-    rule(result, how, set.revision.clone(), metrics)
+    rule(result, how, Arc::clone(set.stamp()), metrics)
 }
 
 /// A ruling of rempart's own, when a request is refused before or instead
 /// of the policy's answer (egress: bad request, proxy authentication,
 /// limits, DNS): one reason, as a policy would give it.
-pub fn refusal(code: &str, message: &str, outcome: Outcome, revision: String) -> Ruling {
+pub fn refusal(
+    code: &str,
+    message: &str,
+    outcome: Outcome,
+    stamp: Arc<crate::policy::Stamp>,
+) -> Ruling {
     Ruling {
         action: Action::Deny,
         outcome,
@@ -104,7 +111,7 @@ pub fn refusal(code: &str, message: &str, outcome: Outcome, revision: String) ->
             response: None,
         },
         error: None,
-        revision,
+        stamp,
     }
 }
 
@@ -113,7 +120,7 @@ pub fn refusal(code: &str, message: &str, outcome: Outcome, revision: String) ->
 pub fn rule(
     result: anyhow::Result<Decision>,
     how: &DecidePolicy,
-    revision: String,
+    stamp: Arc<crate::policy::Stamp>,
     metrics: &Metrics,
 ) -> Ruling {
     match result {
@@ -123,7 +130,7 @@ pub fn rule(
             enforced: true,
             decision,
             error: None,
-            revision,
+            stamp,
         },
         Ok(decision) => match how.mode {
             Mode::Enforce => Ruling {
@@ -132,7 +139,7 @@ pub fn rule(
                 enforced: true,
                 decision,
                 error: None,
-                revision,
+                stamp,
             },
             Mode::Monitor => Ruling {
                 action: Action::Forward,
@@ -140,13 +147,13 @@ pub fn rule(
                 enforced: false,
                 decision,
                 error: None,
-                revision,
+                stamp,
             },
         },
         Err(e) => {
             metrics.policy_evaluation_errors.inc();
             let error = format!("{e:#}");
-            tracing::warn!(%revision, "policy evaluation error: {error}");
+            tracing::warn!(revision = %stamp.revision, "policy evaluation error: {error}");
             let fail_closed = how.mode == Mode::Enforce && how.on_error == OnError::Deny;
             Ruling {
                 action: if fail_closed {
@@ -166,7 +173,7 @@ pub fn rule(
                     response: None,
                 },
                 error: Some(error),
-                revision,
+                stamp,
             }
         }
     }
@@ -207,12 +214,17 @@ mod tests {
             warn: vec![],
             response: None,
         };
-        let r = rule(Ok(ok), &how(Mode::Enforce, OnError::Deny), "r".into(), &m);
+        let r = rule(
+            Ok(ok),
+            &how(Mode::Enforce, OnError::Deny),
+            crate::policy::Stamp::revision("r"),
+            &m,
+        );
         assert_eq!((r.action, r.outcome), (Action::Forward, Outcome::Allowed));
         let r = rule(
             Ok(denied()),
             &how(Mode::Enforce, OnError::Deny),
-            "r".into(),
+            crate::policy::Stamp::revision("r"),
             &m,
         );
         assert_eq!(
@@ -222,7 +234,7 @@ mod tests {
         let r = rule(
             Ok(denied()),
             &how(Mode::Monitor, OnError::Deny),
-            "r".into(),
+            crate::policy::Stamp::revision("r"),
             &m,
         );
         assert_eq!(
@@ -232,7 +244,7 @@ mod tests {
         let r = rule(
             Err(anyhow::anyhow!("boom")),
             &how(Mode::Enforce, OnError::Deny),
-            "r".into(),
+            crate::policy::Stamp::revision("r"),
             &m,
         );
         assert_eq!((r.action, r.outcome), (Action::Unavailable, Outcome::Error));
@@ -240,7 +252,7 @@ mod tests {
         let r = rule(
             Err(anyhow::anyhow!("boom")),
             &how(Mode::Enforce, OnError::Allow),
-            "r".into(),
+            crate::policy::Stamp::revision("r"),
             &m,
         );
         assert_eq!(

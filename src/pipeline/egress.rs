@@ -524,7 +524,7 @@ impl EgressGateway {
             refused.code,
             &refused.message,
             outcome,
-            self.policies.current().revision.clone(),
+            std::sync::Arc::clone(self.policies.current().stamp()),
         );
         let id = &input.request.id;
         let mut response = enforce::json_response(

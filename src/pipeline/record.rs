@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
-use crate::audit::{AuditAck, AuditDecision, AuditIdentity, AuditRecord, AuditRequest, AuditSink};
+use crate::audit::{
+    AuditAck, AuditDecision, AuditIdentity, AuditRecord, AuditRequest, AuditSink, BundleRef,
+};
 use crate::config::AuditRecordScope;
 use crate::input::{Direction, PolicyInput};
 use crate::metrics::{Metrics, Outcome};
@@ -77,35 +79,43 @@ pub fn record(
         return None;
     }
     let error = ev.upstream_error.or(ev.ruling.error.as_deref());
-    audit.record(&AuditRecord {
-        decision_id: &input.request.id,
-        timestamp: &input.time.rfc3339,
-        direction: input.direction.as_str(),
-        request: AuditRequest {
-            method: &input.request.method,
-            host: &input.request.host,
-            path: &input.request.path,
-            protocol: &input.request.protocol,
+    let stamp = &ev.ruling.stamp;
+    audit.record(
+        &AuditRecord {
+            decision_id: &input.request.id,
+            timestamp: &input.time.rfc3339,
+            direction: input.direction.as_str(),
+            request: AuditRequest {
+                method: &input.request.method,
+                host: &input.request.host,
+                path: &input.request.path,
+                protocol: &input.request.protocol,
+            },
+            source: (&input.source).into(),
+            destination: input.destination.as_ref().into(),
+            identity: AuditIdentity {
+                method: &input.identity.method,
+                subject: input.identity.subject.as_deref(),
+                error: input.identity.error.as_deref(),
+            },
+            resource: (&input.resource).into(),
+            decision: AuditDecision {
+                outcome: ev.outcome.as_str(),
+                allow: d.allow,
+                enforced: ev.ruling.enforced,
+                deny: &d.deny,
+                warn: &d.warn,
+                error,
+            },
+            status: ev.status,
+            latency_ms: (ev.accepted_at.elapsed().as_secs_f64() * 1e6).round() / 1000.0,
+            policy_revision: &stamp.revision,
+            bundles: stamp.bundle.as_ref().map(|(name, revision)| BundleRef {
+                name,
+                revision: revision.as_deref(),
+            }),
+            transfer: ev.transfer,
         },
-        source: (&input.source).into(),
-        destination: input.destination.as_ref().into(),
-        identity: AuditIdentity {
-            method: &input.identity.method,
-            subject: input.identity.subject.as_deref(),
-            error: input.identity.error.as_deref(),
-        },
-        resource: (&input.resource).into(),
-        decision: AuditDecision {
-            outcome: ev.outcome.as_str(),
-            allow: d.allow,
-            enforced: ev.ruling.enforced,
-            deny: &d.deny,
-            warn: &d.warn,
-            error,
-        },
-        status: ev.status,
-        latency_ms: (ev.accepted_at.elapsed().as_secs_f64() * 1e6).round() / 1000.0,
-        policy_revision: &ev.ruling.revision,
-        transfer: ev.transfer,
-    })
+        &stamp.minimise,
+    )
 }

@@ -121,11 +121,36 @@ pub struct BundleSpec {
     /// What to call the set in logs and `/readyz` (the server's URL when
     /// this is the persisted copy of a downloaded bundle).
     pub origin: Option<String>,
+    /// The bundle's name in decision-log events (`bundles.<name>`).
+    pub name: String,
+}
+
+/// A bundle's default name: the last segment of its path or URL, without
+/// `.tar.gz` / `.tgz` (`crm.tar.gz` → `crm`).
+pub fn default_name(path_or_url: &str) -> String {
+    let last = path_or_url
+        .split(['?', '#'])
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    let name = last
+        .strip_suffix(".tar.gz")
+        .or_else(|| last.strip_suffix(".tgz"))
+        .unwrap_or(last);
+    if name.is_empty() {
+        "rempart".into()
+    } else {
+        name.into()
+    }
 }
 
 impl BundleSpec {
     pub fn local(path: PathBuf) -> Self {
         BundleSpec {
+            name: default_name(&path.to_string_lossy()),
             path,
             limits: BundleLimits::default(),
             verification: None,
@@ -146,6 +171,7 @@ impl PartialEq for BundleSpec {
             && self.limits == other.limits
             && self.verification.is_some() == other.verification.is_some()
             && self.origin == other.origin
+            && self.name == other.name
     }
 }
 
@@ -174,12 +200,17 @@ pub fn spec_from_config(cfg: &crate::config::BundleConfig) -> anyhow::Result<Bun
     };
     Ok(match (&cfg.path, &cfg.url) {
         (Some(path), _) => BundleSpec {
+            name: cfg
+                .name
+                .clone()
+                .unwrap_or_else(|| default_name(&path.to_string_lossy())),
             path: path.clone(),
             limits,
             verification,
             origin: None,
         },
         (None, Some(url)) => BundleSpec {
+            name: cfg.name.clone().unwrap_or_else(|| default_name(url)),
             path: fetch::persisted_bundle(&cfg.persist_dir),
             limits,
             verification,
@@ -443,10 +474,11 @@ pub(crate) fn activate(
     let all = sources(rego, data, &origin);
     let mut set = compile_files_for(entry, origin, all)
         .map_err(|e| BundleError::new(Rejection::Compile, e))?;
-    if !manifest.revision.is_empty() {
-        set.revision = manifest.revision;
+    let revision = Some(manifest.revision).filter(|r| !r.is_empty());
+    if let Some(r) = &revision {
+        set = set.with_revision(r.clone());
     }
-    Ok(set)
+    Ok(set.with_bundle_revision(revision))
 }
 
 #[cfg(test)]

@@ -206,6 +206,33 @@ fn data_document(files: &[SourceFile]) -> anyhow::Result<serde_json::Value> {
     Ok(data)
 }
 
+/// `"<file>: "` for the data file that defines
+/// `data.settings.audit.minimise` (several cannot: that is a conflict).
+fn minimise_file(files: &[SourceFile]) -> String {
+    let wanted = crate::audit::minimise::DATA_PATH;
+    files
+        .iter()
+        .filter(|f| f.rel.ends_with("data.json"))
+        .find(|f| {
+            let dirs: Vec<&str> = f.rel.split('/').collect();
+            let dirs = &dirs[..dirs.len() - 1];
+            if dirs.len() > wanted.len() || dirs != &wanted[..dirs.len()] {
+                return false;
+            }
+            serde_json::from_str::<serde_json::Value>(&f.text)
+                .ok()
+                .and_then(|doc| {
+                    wanted[dirs.len()..]
+                        .iter()
+                        .try_fold(&doc, |v, k| v.get(k))
+                        .cloned()
+                })
+                .is_some()
+        })
+        .map(|f| format!("{}: ", f.shown))
+        .unwrap_or_default()
+}
+
 pub(crate) fn revision(files: &[SourceFile]) -> String {
     let mut h = Sha256::new();
     for f in files {
@@ -228,7 +255,12 @@ pub(crate) fn compile_files_for(
         bail!("{origin}: no .rego files found");
     }
     let revision = revision(&files);
-    let data = Value::from(data_document(&files)?);
+    let document = data_document(&files)?;
+    let minimise = crate::audit::minimise::Rules::from_policy_data(&document).map_err(|e| {
+        let at = minimise_file(&files);
+        anyhow!("{at}{e}")
+    })?;
+    let data = Value::from(document);
     let names = files.iter().map(|f| f.rel.clone()).collect();
     let rego = files
         .into_iter()
@@ -237,7 +269,7 @@ pub(crate) fn compile_files_for(
         .collect();
     let mut set = PolicySet::compile_for(entry, origin, rego, data, revision)?;
     set.files = names;
-    Ok(set)
+    Ok(set.with_minimise(minimise))
 }
 
 /// The files of a source, optionally with its `*_test.rego` files.

@@ -66,6 +66,35 @@ pub struct PolicySet {
     /// Kept to evaluate through the interpreter (`policy eval --interpreter`,
     /// and the test that proves the RVM gives the same answers).
     engine: regorus::Engine,
+    /// `data.settings.audit.minimise`, checked at load.
+    minimise: crate::audit::minimise::Rules,
+    /// The OPA bundle the set came from: name (given by the store that
+    /// serves it) and manifest revision.
+    bundle: Option<(String, Option<String>)>,
+    /// What the audit records of this set's decisions take from it.
+    stamp: Arc<Stamp>,
+}
+
+/// What the audit record of a decision takes from the set that made it,
+/// shared by every ruling of that set (one `Arc` clone per request).
+#[derive(Debug, Default)]
+pub struct Stamp {
+    /// The set's revision (`policy_revision`).
+    pub revision: String,
+    /// `(name, manifest revision)` when the set came from an OPA bundle.
+    pub bundle: Option<(String, Option<String>)>,
+    /// The minimisation rules of the set's data.
+    pub minimise: crate::audit::minimise::Rules,
+}
+
+impl Stamp {
+    /// A stamp naming only a revision (rulings made without a set).
+    pub fn revision(revision: impl Into<String>) -> Arc<Stamp> {
+        Arc::new(Stamp {
+            revision: revision.into(),
+            ..Stamp::default()
+        })
+    }
 }
 
 impl std::fmt::Debug for PolicySet {
@@ -242,8 +271,11 @@ value := {entry}
             reads,
             cache_bypass,
             engine,
+            minimise: Default::default(),
+            bundle: None,
+            stamp: Arc::default(),
         };
-        Ok(set)
+        Ok(set.restamped())
     }
 
     /// Evaluates the entry point through the RVM program on this thread's
@@ -251,6 +283,51 @@ value := {entry}
     pub fn evaluate(&self, input: Value, limits: &EvalLimits) -> anyhow::Result<Decision> {
         let raw = self.evaluate_raw(input, limits)?;
         self.read_decision(&raw)
+    }
+
+    /// What the audit records of this set's decisions take from it.
+    pub fn stamp(&self) -> &Arc<Stamp> {
+        &self.stamp
+    }
+
+    /// The minimisation rules of the set's data.
+    pub fn minimise(&self) -> &crate::audit::minimise::Rules {
+        &self.minimise
+    }
+
+    fn restamped(mut self) -> Self {
+        self.stamp = Arc::new(Stamp {
+            revision: self.revision.clone(),
+            bundle: self.bundle.clone(),
+            minimise: self.minimise.clone(),
+        });
+        self
+    }
+
+    /// Sets the revision (a bundle manifest's replaces the digest).
+    pub(crate) fn with_revision(mut self, revision: String) -> Self {
+        self.revision = revision;
+        self.restamped()
+    }
+
+    pub(crate) fn with_minimise(mut self, rules: crate::audit::minimise::Rules) -> Self {
+        self.minimise = rules;
+        self.restamped()
+    }
+
+    /// Marks the set as coming from a bundle with this manifest revision.
+    pub(crate) fn with_bundle_revision(mut self, revision: Option<String>) -> Self {
+        self.bundle = Some((String::new(), revision));
+        self.restamped()
+    }
+
+    /// Names the bundle the set came from (the store serving it knows).
+    pub(crate) fn name_bundle(mut self, name: &str) -> Self {
+        match &mut self.bundle {
+            Some((n, _)) if n != name => *n = name.to_string(),
+            _ => return self,
+        }
+        self.restamped()
     }
 
     /// What of the input this set's rules read.

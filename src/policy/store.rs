@@ -37,6 +37,14 @@ fn note_cacheability(set: &PolicySet) {
     }
 }
 
+/// Names the bundle a set came from after the source serving it.
+fn named(set: PolicySet, source: &PolicySource) -> PolicySet {
+    match source {
+        PolicySource::Bundle(spec) => set.name_bundle(&spec.name),
+        _ => set,
+    }
+}
+
 /// What a reload did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReloadOutcome {
@@ -59,7 +67,7 @@ impl PolicyStore {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
         let loaded = crate::reload::fingerprint(&watched_paths(&source));
-        let set = load_for(&source, entry)?;
+        let set = named(load_for(&source, entry)?, &source);
         note_cacheability(&set);
         metrics.set_policy_revision(&set.revision);
         if matches!(source, PolicySource::Bundle(_)) {
@@ -78,6 +86,7 @@ impl PolicyStore {
     /// fetched at start-up). Every later set must define the decision rule
     /// `set` was compiled for.
     pub fn from_set(set: PolicySet, source: PolicySource, metrics: Arc<Metrics>) -> Arc<Self> {
+        let set = named(set, &source);
         note_cacheability(&set);
         metrics.set_policy_revision(&set.revision);
         if matches!(source, PolicySource::Bundle(_)) {
@@ -101,6 +110,7 @@ impl PolicyStore {
     /// must have been compiled for [`PolicyStore::entry`].
     pub fn install(&self, set: PolicySet) {
         debug_assert_eq!(set.entry(), self.entry, "{}", set.origin);
+        let set = named(set, &self.source);
         let revision = set.revision.clone();
         note_cacheability(&set);
         self.current.store(Arc::new(set));
@@ -122,6 +132,7 @@ impl PolicyStore {
     pub fn reload(&self) -> anyhow::Result<ReloadOutcome> {
         match load_for(&self.source, &self.entry) {
             Ok(set) => {
+                let set = named(set, &self.source);
                 if set.revision == self.current.load().revision {
                     return Ok(ReloadOutcome::Unchanged);
                 }

@@ -40,6 +40,24 @@ pub fn seq_of(line: &[u8]) -> Option<u64> {
     std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
+/// Where a record field (dotted, as in the record's `masked` / `erased`)
+/// sits in the event: under `/input` or, for `decision.*`, `/result`.
+fn pointer_in_event(field: &str) -> Option<String> {
+    let (top, rest) = field.split_once('.').unwrap_or((field, ""));
+    let tail = if rest.is_empty() {
+        String::new()
+    } else {
+        format!("/{}", rest.replace('.', "/"))
+    };
+    match top {
+        "direction" | "request" | "source" | "destination" | "identity" => {
+            Some(format!("/input/{top}{tail}"))
+        }
+        "decision" if !rest.is_empty() => Some(format!("/result{tail}")),
+        _ => None,
+    }
+}
+
 /// The event for a parsed trail line, or `None` when the line is not a
 /// decision (see the module comment).
 pub fn event(record: &Value, labels: &Labels) -> Option<Value> {
@@ -83,18 +101,27 @@ pub fn event(record: &Value, labels: &Labels) -> Option<Value> {
         event.insert("revision".into(), Value::String(rev.into()));
     }
     event.insert("labels".into(), labels.0.clone());
-    // OPA names masked and erased fields by JSON pointer into the event.
+    // OPA names masked and erased fields by JSON pointer into the event;
+    // a field the event does not carry (`resource.*`) is not named.
     for key in ["masked", "erased"] {
         if let Some(fields) = record.get(key).and_then(Value::as_array) {
             let pointers: Vec<Value> = fields
                 .iter()
                 .filter_map(Value::as_str)
-                .map(|f| Value::String(format!("/input/{}", f.replace('.', "/"))))
+                .filter_map(pointer_in_event)
+                .map(Value::String)
                 .collect();
-            event.insert(key.into(), Value::Array(pointers));
+            if !pointers.is_empty() {
+                event.insert(key.into(), Value::Array(pointers));
+            }
         }
     }
-    if let Some(ip) = record.pointer("/source/ip").and_then(Value::as_str) {
+    // Only a (possibly truncated) address; a hashed one is no address.
+    if let Some(ip) = record
+        .pointer("/source/ip")
+        .and_then(Value::as_str)
+        .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
+    {
         let port = record.pointer("/source/port").and_then(Value::as_u64);
         let by = match (ip.contains(':'), port) {
             (false, Some(p)) => format!("{ip}:{p}"),
@@ -143,6 +170,16 @@ mod tests {
         assert_eq!(e["requested_by"], "10.0.0.0:5000");
         assert_eq!(e["metrics"]["timer_server_handler_ns"], 1_500_000);
         assert_eq!(e["trail"]["seq"], 7);
+
+        let mut other_fields = v.clone();
+        other_fields["masked"] = json!(["decision.deny", "resource.id", "identity.subject"]);
+        other_fields["erased"] = json!(["resource.id"]);
+        let e = event(&other_fields, &labels).unwrap();
+        assert_eq!(
+            e["masked"],
+            json!(["/result/deny", "/input/identity/subject"])
+        );
+        assert!(e.get("erased").is_none(), "resource is not in the event");
 
         let mut with_bundle = v.clone();
         with_bundle["bundles"] = json!({"crm": {}});
