@@ -171,6 +171,10 @@ impl DecisionLogMetrics {
     }
 }
 
+/// The audit sinks besides the file (`sink` label of
+/// `rempart_audit_sink_dropped_total` and `rempart_audit_sink_errors_total`).
+pub const AUDIT_SINKS: [&str; 2] = ["stdout", "syslog"];
+
 /// The label value that stands for every value past a [`BoundedLabel`]'s
 /// cap, and for values that are not well-formed label values.
 pub const OTHER_LABEL: &str = "other";
@@ -513,6 +517,12 @@ impl Metrics {
             &["sink"],
         ));
         reg(Box::new(audit_sink_errors.clone()));
+        // Exported at 0 from the start, so that an alert on increase() sees
+        // the first drop or error (a series born at 1 has no increase).
+        for sink in AUDIT_SINKS {
+            audit_sink_dropped.with_label_values(&[sink]);
+            audit_sink_errors.with_label_values(&[sink]);
+        }
 
         let connections_open = must(IntGauge::new(
             "rempart_connections_open",

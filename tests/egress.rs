@@ -13,115 +13,20 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::dns::Dns;
 use common::Rempart;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 
 use common::loopback_geo::{EU, US, US_OPERATOR_IN_EU};
-
-// ---------------------------------------------------------------- DNS
-
-/// A real DNS server on UDP loopback answering A/AAAA from a table.
-/// `silent.test` never gets an answer; names not in the table get NXDOMAIN.
-struct Dns {
-    addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Dns {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Dns {
-    async fn start(records: &[(&str, &[&str])]) -> Dns {
-        let table: HashMap<String, Vec<IpAddr>> = records
-            .iter()
-            .map(|(n, ips)| {
-                (
-                    n.to_string(),
-                    ips.iter().map(|i| i.parse().unwrap()).collect(),
-                )
-            })
-            .collect();
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = socket.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let mut buf = [0u8; 1500];
-            loop {
-                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
-                    return;
-                };
-                if let Some(reply) = dns_answer(&buf[..n], &table) {
-                    let _ = socket.send_to(&reply, from).await;
-                }
-            }
-        });
-        Dns { addr, task }
-    }
-}
-
-fn dns_answer(q: &[u8], table: &HashMap<String, Vec<IpAddr>>) -> Option<Vec<u8>> {
-    if q.len() < 12 {
-        return None;
-    }
-    let mut i = 12;
-    let mut labels = Vec::new();
-    loop {
-        let len = *q.get(i)? as usize;
-        i += 1;
-        if len == 0 {
-            break;
-        }
-        labels.push(String::from_utf8_lossy(q.get(i..i + len)?).to_ascii_lowercase());
-        i += len;
-    }
-    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
-    let question_end = i + 4;
-    let name = labels.join(".");
-    if name == "silent.test" {
-        return None;
-    }
-    let found = table.get(&name);
-    let answers: Vec<&IpAddr> = found
-        .map(|ips| {
-            ips.iter()
-                .filter(|ip| matches!((ip, qtype), (IpAddr::V4(_), 1) | (IpAddr::V6(_), 28)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut r = Vec::new();
-    r.extend_from_slice(&q[0..2]);
-    r.push(0x80 | (q[2] & 0x01)); // response, recursion desired copied
-    r.push(0x80 | if found.is_some() { 0 } else { 3 }); // RA, NOERROR/NXDOMAIN
-    r.extend_from_slice(&1u16.to_be_bytes());
-    r.extend_from_slice(&(answers.len() as u16).to_be_bytes());
-    r.extend_from_slice(&[0, 0, 0, 0]);
-    r.extend_from_slice(&q[12..question_end]);
-    for ip in answers {
-        r.extend_from_slice(&[0xc0, 0x0c]);
-        let (t, data) = match ip {
-            IpAddr::V4(v4) => (1u16, v4.octets().to_vec()),
-            IpAddr::V6(v6) => (28u16, v6.octets().to_vec()),
-        };
-        r.extend_from_slice(&t.to_be_bytes());
-        r.extend_from_slice(&1u16.to_be_bytes());
-        r.extend_from_slice(&60u32.to_be_bytes());
-        r.extend_from_slice(&(data.len() as u16).to_be_bytes());
-        r.extend_from_slice(&data);
-    }
-    Some(r)
-}
 
 // -------------------------------------------------------- destinations
 
@@ -1337,6 +1242,100 @@ async fn sync_mode_records_the_decision_before_any_byte_reaches_the_destination(
     // Plain request once; the tunnel: its decision and its closing record.
     assert_eq!(ids.len(), 2, "{out}");
     assert_eq!(listed.len(), 3, "{out}");
+}
+
+/// Sends `what` through a tunnel to an echo server and reads it back;
+/// returns its length.
+async fn echo_through(tunnel: &mut BufReader<TcpStream>, what: &[u8]) -> u64 {
+    tunnel.get_mut().write_all(what).await.unwrap();
+    let mut back = vec![0u8; what.len()];
+    tokio::time::timeout(Duration::from_secs(2), tunnel.read_exact(&mut back))
+        .await
+        .expect("echo through the tunnel in time")
+        .unwrap();
+    assert_eq!(back, what);
+    what.len() as u64
+}
+
+/// Graceful shutdown with a tunnel open: SIGTERM closes the listener at
+/// once, the open tunnel keeps carrying bytes until `[server]
+/// drain_timeout`, then rempart closes it (within one drain, not two),
+/// writes its closing record (`closed_by: "shutdown"`) and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_open_tunnel_run_until_drain_timeout_then_closes_it_with_a_record() {
+    const DRAIN: Duration = Duration::from_secs(3);
+    let echo = Server::start(EU, Kind::Echo).await;
+    let mut s = start(None, "[server]\ndrain_timeout = \"3s\"\n");
+    let (status, head, mut tunnel) = connect(s.proxy, &echo.addr.to_string()).await;
+    assert_eq!(status, 200, "{head}");
+    let id = header(&head, "x-rempart-decision-id").unwrap().to_string();
+    let mut sent = 0u64;
+    sent += echo_through(&mut tunnel, b"before SIGTERM").await;
+
+    let stopped_at = Instant::now();
+    s.rempart.signal("TERM");
+    // New connections are refused at once (every worker dropped its socket).
+    loop {
+        if TcpStream::connect(s.proxy).await.is_err() {
+            break;
+        }
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(1),
+            "the egress listener still accepts after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The open tunnel keeps working while the drain runs.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sent += echo_through(&mut tunnel, b"draining").await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    sent += echo_through(&mut tunnel, b"still draining").await;
+    assert!(stopped_at.elapsed() < DRAIN);
+
+    // Then rempart closes it: end of stream once drain_timeout is over.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tunnel.read_to_end(&mut rest))
+        .await
+        .expect("the tunnel is closed after the drain")
+        .unwrap();
+    let closed_after = stopped_at.elapsed();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        closed_after >= DRAIN - Duration::from_millis(100),
+        "closed {closed_after:?} after SIGTERM, before drain_timeout"
+    );
+    assert!(
+        closed_after < DRAIN + Duration::from_secs(2),
+        "closed {closed_after:?} after SIGTERM: more than one drain_timeout"
+    );
+
+    // rempart exits 0, within one drain_timeout (and the 1 s the cut
+    // tunnels get to write their records).
+    let mut child = s.rempart.child.take().unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopped_at.elapsed() < DRAIN + Duration::from_secs(5),
+            "rempart did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}: {}", s.rempart.log_text());
+    assert!(stopped_at.elapsed() < DRAIN + Duration::from_secs(2));
+
+    // The trail has the tunnel's closing record, with every byte it carried.
+    let closing = closing_record(&s.rempart, &id).await;
+    let t = &closing["transfer"];
+    assert_eq!(t["closed_by"], "shutdown", "{closing}");
+    assert_eq!(t["bytes_to_destination"].as_u64(), Some(sent));
+    assert_eq!(t["bytes_from_destination"].as_u64(), Some(sent));
+    assert!(t["duration_ms"].as_u64().unwrap() >= DRAIN.as_millis() as u64);
+    assert_eq!(closing["decision"]["outcome"], "allowed");
+    // And the trail is intact (hash chain).
+    let (code, out, err) = common::run(&["audit", "verify", s.rempart.audit.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
 }
 
 // ---------------------------------------------------------------- queries

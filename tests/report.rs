@@ -598,3 +598,247 @@ async fn admin_report_without_a_cap_matches_the_cli() {
         cli["observations"]["decisions"]
     );
 }
+
+/// Sends `n` bytes through an echo tunnel and reads them back.
+async fn exchange(tunnel: &mut tokio::net::TcpStream, n: usize) {
+    let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    tunnel.write_all(&data).await.unwrap();
+    let mut back = vec![0u8; n];
+    tokio::time::timeout(Duration::from_secs(10), tunnel.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(back, data);
+}
+
+/// Opens an allowed tunnel to `target`, carries `n` bytes each way, closes.
+async fn tunnel_carrying(proxy: std::net::SocketAddr, target: &str, n: usize) {
+    let (status, mut t) = connect(proxy, target).await;
+    assert_eq!(status, 200, "{target} refused");
+    exchange(&mut t, n).await;
+    t.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    t.read_to_end(&mut rest).await.unwrap();
+}
+
+/// The decision record (not a tunnel's closing one) of the request to `host`.
+fn decision_of<'a>(records: &'a [Value], host: &str) -> Vec<&'a Value> {
+    records
+        .iter()
+        .filter(|r| {
+            r["destination"]["host"] == host && r.get("transfer").is_none_or(|t| t.is_null())
+        })
+        .collect()
+}
+
+/// Data that actually left: an allow-list (host exceptions in the policy
+/// data) lets real tunnels through the egress proxy to the United States
+/// and to Amazon in Germany, and to a name with one EU and one US address.
+/// The report scores the observed criteria partially, from the shares of
+/// requests and bytes, and its examples are those forwarded requests —
+/// and `--since` leaves out what came before.
+#[tokio::test(flavor = "multi_thread")]
+async fn report_scores_forwarded_non_eu_traffic_with_its_decisions_as_evidence() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (country, asn) = loopback_geo::write(dir.path(), &[]);
+    let policies = loopback_geo::policies_with(dir.path(), |data| {
+        data["settings"]["sovereignty"]["host_exceptions"] =
+            serde_json::json!(["us.test", "s3.amazon.test", "mixed.test"]);
+    });
+    let (eu, _eu_task) = echo_server(EU).await;
+    let (us, _us_task) = echo_server(US).await;
+    let (aws, _aws_task) = echo_server(US_OPERATOR_IN_EU).await;
+    let dns = common::dns::Dns::start(&[
+        ("eu.test", &[EU]),
+        ("us.test", &[US]),
+        ("s3.amazon.test", &[US_OPERATOR_IN_EU]),
+        // Two addresses, EU first: the data goes to France, but the name
+        // has a replica in the United States.
+        ("mixed.test", &[EU, US]),
+    ])
+    .await;
+    let audit = dir.path().join("audit.jsonl");
+    let config = dir.path().join("rempart.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nmode = \"enforce\"\n[upstream]\nurl = \"{}\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [egress]\nlisten = \"127.0.0.9:0\"\ndns_servers = [\"{}\"]\n\
+             [policy]\ndir = \"{}\"\n[audit]\npath = \"{}\"\n{}",
+            up.url(),
+            dns.addr,
+            policies.display(),
+            audit.display(),
+            loopback_geo::geo_toml(&country, &asn),
+        ),
+    )
+    .unwrap();
+    let mut rempart = Rempart::try_start(
+        "",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--audit",
+            audit.to_str().unwrap(),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("rempart did not start: {e}"));
+    let proxy = rempart.egress.expect("egress listener");
+
+    // Before the period: a flow to the United States that --since must
+    // leave out.
+    tunnel_carrying(proxy, &format!("us.test:{}", us.port()), 10).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while decision_of(&rempart.audit_records(), "us.test").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no record of the early flow"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let since = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // The period: 3 requests to the CRM (France), and 4 tunnels: to
+    // France 4000 bytes each way, to the US as many, to Amazon in Germany
+    // 50, to mixed.test (France) 20. One attempt to the US without an
+    // exception is refused.
+    for _ in 0..3 {
+        assert_eq!(get(&rempart.url("/api/contacts/1")).await.status, 200);
+    }
+    tunnel_carrying(proxy, &format!("eu.test:{}", eu.port()), 4000).await;
+    tunnel_carrying(proxy, &format!("us.test:{}", us.port()), 4000).await;
+    tunnel_carrying(proxy, &format!("s3.amazon.test:{}", aws.port()), 50).await;
+    tunnel_carrying(proxy, &format!("mixed.test:{}", eu.port()), 20).await;
+    assert_eq!(connect(proxy, &format!("{US}:{}", us.port())).await.0, 403);
+    // Stopped: every tunnel's closing record is in the trail.
+    assert!(rempart.stop().success());
+    let until =
+        humantime::format_rfc3339_micros(std::time::SystemTime::now() + Duration::from_secs(1))
+            .to_string();
+    let records = rempart.audit_records();
+    let us_flows = decision_of(&records, "us.test");
+    assert_eq!(us_flows.len(), 2);
+    let (early_us, us_flow) = (
+        us_flows[0]["decision_id"].as_str().unwrap(),
+        us_flows[1]["decision_id"].as_str().unwrap(),
+    );
+    assert_eq!(us_flows[1]["decision"]["outcome"], "allowed");
+    let aws_flow = decision_of(&records, "s3.amazon.test")[0]["decision_id"]
+        .as_str()
+        .unwrap();
+    let mixed = decision_of(&records, "mixed.test")[0];
+    assert_eq!(mixed["destination"]["ip"], EU);
+    let mixed_flow = mixed["decision_id"].as_str().unwrap();
+    let refused = decision_of(&records, US)[0]["decision_id"]
+        .as_str()
+        .unwrap();
+
+    let r = report_json(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--since",
+        &since,
+        "--until",
+        &until,
+    ]);
+    let obs = &r["observations"];
+    // 3 ingress + 4 tunnels + 1 refusal; the early flow is out.
+    assert_eq!(obs["decisions"], 8, "{obs:#}");
+    let fw = &obs["forwarded"];
+    // Amazon in Germany is located in the EU (hosting) but under US law.
+    assert_eq!(fw["eu"]["requests"], 6);
+    assert_eq!(fw["non_eu"]["requests"], 1);
+    assert_eq!(fw["eu"]["bytes"], 8000 + 100 + 40);
+    assert_eq!(fw["non_eu"]["bytes"], 8000);
+    assert_eq!(fw["cloud_act"]["requests"], 1);
+    assert_eq!(fw["non_eu_jurisdiction"]["requests"], 1);
+
+    // Hosting in the EU: 6 of 7 requests (5 of 6 points) but only about
+    // half the bytes (3 of 6): the lower share counts; plus the 4
+    // enforcement points (the policy still denies what is not excepted).
+    let hosting = criterion(&r, "hosting_eu");
+    assert_eq!(hosting["score"], 3 + 4, "{hosting:#}");
+    assert!(hosting["evidence"]
+        .to_string()
+        .contains("egress bytes kept in the EU: 50.4 %"));
+    // Its evidence is the request that left, then the one refused.
+    assert_eq!(
+        hosting["examples"],
+        serde_json::json!([us_flow, refused]),
+        "{hosting:#}"
+    );
+    // US cloud in the path: capped at 3 of 6, plus enforcement.
+    let us_cloud = criterion(&r, "no_us_cloud");
+    assert_eq!(us_cloud["score"], 3 + 4, "{us_cloud:#}");
+    assert_eq!(us_cloud["examples"][0], aws_flow);
+    assert!(us_cloud["evidence"].to_string().contains("amazon"));
+    // CLOUD Act: 6 of 7 requests under EU law (7 of 9), plus enforcement.
+    let cloud_act = criterion(&r, "outside_cloud_act");
+    assert_eq!(cloud_act["score"], 7 + 6, "{cloud_act:#}");
+    assert_eq!(cloud_act["examples"][0], aws_flow);
+    // Redundancy: 5 located hosts, 2 with an address outside the EU
+    // (us.test, and mixed.test's replica): 1 of 3, plus enforcement.
+    let redundancy = criterion(&r, "redundancy_eu_only");
+    assert_eq!(redundancy["score"], 1 + 2, "{redundancy:#}");
+    assert!(redundancy["evidence"][0].as_str().unwrap().starts_with(
+        "5 located destination hosts with forwarded traffic, 1 seen on several addresses"
+    ));
+    assert!(redundancy["evidence"]
+        .to_string()
+        .contains("mixed.test (FR, US)"));
+    let examples: Vec<&str> = redundancy["examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert!(
+        examples.contains(&mixed_flow) && examples.contains(&us_flow),
+        "{examples:?}"
+    );
+    let host = obs["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == "mixed.test")
+        .unwrap();
+    assert_eq!(host["addresses"], serde_json::json!([EU, US]));
+    // Partial everywhere it was observed; the total adds up.
+    for id in [
+        "hosting_eu",
+        "no_us_cloud",
+        "outside_cloud_act",
+        "redundancy_eu_only",
+    ] {
+        let c = criterion(&r, id);
+        assert!(
+            c["score"].as_u64() > Some(0) && c["score"].as_u64() < c["max"].as_u64(),
+            "{id}"
+        );
+        assert_eq!(c["basis"], "observed");
+    }
+    assert_eq!(r["score"], 7 + 7 + 13 + 3);
+    assert_eq!(r["verdict"], "insufficient");
+
+    // Every example of every criterion is a decision of the trail, inside
+    // the period.
+    for c in r["criteria"].as_array().unwrap() {
+        for e in c["examples"].as_array().unwrap() {
+            assert_ne!(e, early_us, "{}: an example from before --since", c["id"]);
+            assert!(
+                records.iter().any(|x| &x["decision_id"] == e),
+                "{}: {e} is not in the trail",
+                c["id"]
+            );
+        }
+    }
+
+    // Without --since the early flow counts.
+    let all = report_json(&["--config", config.to_str().unwrap()]);
+    assert_eq!(all["observations"]["forwarded"]["non_eu"]["requests"], 2);
+    assert_eq!(all["observations"]["decisions"], 9);
+}

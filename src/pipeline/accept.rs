@@ -123,7 +123,8 @@ pub async fn serve(
         |_, _| {},
         |_| {},
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 /// Completes the TLS handshake of an accepted connection, bounded by
@@ -230,7 +231,7 @@ pub async fn serve_egress(
     let gw_for_drain = Arc::clone(&gateway);
     let first_byte = gateway.limits.header_read_timeout;
     let stop = shutdown.clone();
-    accept_loop(
+    let drain_deadline = accept_loop(
         listener,
         shutdown,
         drain,
@@ -284,9 +285,11 @@ pub async fn serve_egress(
         |m| m.egress.refusal(Refusal::HeaderTimeout).inc(),
     )
     .await?;
-    // Tunnels outlive their HTTP connection: they get a drain period of
-    // their own after the HTTP connections' (so up to twice drain_timeout).
-    gw_for_drain.wait_for_tunnels(drain).await;
+    // Tunnels outlive their HTTP connection: they may run until the end of
+    // the same drain period, then are cut (with a closing record each), so
+    // the whole drain stays within drain_timeout (plus CUT_GRACE for the
+    // cut tunnels' records).
+    gw_for_drain.wait_for_tunnels(drain_deadline).await;
     Ok(())
 }
 
@@ -323,7 +326,7 @@ type ConnError = Box<dyn std::error::Error + Send + Sync>;
 /// The accept loop shared by the ingress and egress listeners: accepts
 /// until `shutdown`, serves each connection with `serve_conn`, and on
 /// shutdown lets open connections finish their requests for at most
-/// `drain`.
+/// `drain`. Returns when the drain ends: the deadline it had.
 ///
 /// A client that sends no byte within `first_byte_timeout` is dropped
 /// before any HTTP machinery runs (hyper's header timeout only starts with
@@ -338,7 +341,7 @@ async fn accept_loop<Fut, F, E>(
     serve_conn: F,
     on_error: E,
     on_silent: fn(&Metrics),
-) -> anyhow::Result<()>
+) -> anyhow::Result<tokio::time::Instant>
 where
     F: Fn(tokio::net::TcpStream, Connection, Watcher) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<(), ConnError>> + Send + 'static,
@@ -392,13 +395,14 @@ where
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
+    let deadline = tokio::time::Instant::now() + drain;
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("drain timeout reached with connections still open");
     }
-    Ok(())
+    Ok(deadline)
 }
 
 /// Describes a request for the policy: decoded path and query, lower-case

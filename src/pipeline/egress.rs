@@ -85,6 +85,9 @@ pub struct EgressGateway {
     slots: Arc<Slots>,
     tunnels: AtomicUsize,
     tunnels_closed: Notify,
+    /// Cancelled when the shutdown drain ends: the tunnels still open close
+    /// (`closed_by: "shutdown"`) and write their closing record.
+    tunnels_cut: tokio_util::sync::CancellationToken,
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -128,6 +131,7 @@ impl EgressGateway {
             slots,
             tunnels: AtomicUsize::new(0),
             tunnels_closed: Notify::new(),
+            tunnels_cut: tokio_util::sync::CancellationToken::new(),
             metrics,
         }
     }
@@ -760,15 +764,16 @@ impl EgressGateway {
         client: hyper::upgrade::Upgraded,
         mut destination: tokio::net::TcpStream,
     ) -> tunnel::Carried {
-        let (idle, max) = (
+        let (idle, max, cut) = (
             self.limits.tunnel_idle_timeout,
             self.limits.tunnel_max_duration,
+            self.tunnels_cut.clone(),
         );
         let parts = match client.downcast::<accept::EgressIo>() {
             Ok(parts) => parts,
             // Not the listener's own stream type (never expected): copy.
             Err(client) => {
-                return tunnel::carry(TokioIo::new(client), destination, idle, max).await
+                return tunnel::carry(TokioIo::new(client), destination, idle, max, cut).await
             }
         };
         // Bytes the client sent right behind its CONNECT head, already read
@@ -788,14 +793,14 @@ impl EgressGateway {
         let mut carried = match parts.io.into_inner() {
             #[cfg(target_os = "linux")]
             tokio_util::either::Either::Left(tcp) => {
-                tunnel::carry_tcp(tcp, destination, idle, max).await
+                tunnel::carry_tcp(tcp, destination, idle, max, cut).await
             }
             #[cfg(not(target_os = "linux"))]
             tokio_util::either::Either::Left(tcp) => {
-                tunnel::carry(tcp, destination, idle, max).await
+                tunnel::carry(tcp, destination, idle, max, cut).await
             }
             tokio_util::either::Either::Right(tls) => {
-                tunnel::carry(tls, destination, idle, max).await
+                tunnel::carry(tls, destination, idle, max, cut).await
             }
         };
         carried.to_destination += early.len() as u64;
@@ -896,22 +901,46 @@ impl EgressGateway {
         }
     }
 
-    /// Waits (at most `drain`) for the open tunnels to close.
-    pub async fn wait_for_tunnels(&self, drain: Duration) {
-        let deadline = tokio::time::Instant::now() + drain;
+    /// Waits until `deadline` (the end of the shutdown drain) for the open
+    /// tunnels to close, then cuts the ones still open and waits for them
+    /// to write their closing records (at most [`CUT_GRACE`] more).
+    pub async fn wait_for_tunnels(&self, deadline: tokio::time::Instant) {
+        if self.tunnels_closed_by(deadline).await {
+            return;
+        }
+        tracing::warn!(
+            open = self.tunnels.load(Ordering::Acquire),
+            "drain timeout reached with egress tunnels still open: closing them"
+        );
+        self.tunnels_cut.cancel();
+        if !self
+            .tunnels_closed_by(tokio::time::Instant::now() + CUT_GRACE)
+            .await
+        {
+            tracing::error!(
+                open = self.tunnels.load(Ordering::Acquire),
+                "egress tunnels did not close after being cut: their closing records are lost"
+            );
+        }
+    }
+
+    /// True once no tunnel is open, false if `deadline` came first.
+    async fn tunnels_closed_by(&self, deadline: tokio::time::Instant) -> bool {
         loop {
             let closed = self.tunnels_closed.notified();
-            let open = self.tunnels.load(Ordering::Acquire);
-            if open == 0 {
-                return;
+            if self.tunnels.load(Ordering::Acquire) == 0 {
+                return true;
             }
             if tokio::time::timeout_at(deadline, closed).await.is_err() {
-                tracing::warn!(open, "drain timeout reached with egress tunnels still open");
-                return;
+                return false;
             }
         }
     }
 }
+
+/// How long cut tunnels get to write their closing records after the
+/// drain: the cut ends them at once, so this only bounds a stuck writer.
+pub const CUT_GRACE: Duration = Duration::from_secs(1);
 
 /// The time one connection attempt may take when `left` addresses (this
 /// one included) remain before `deadline`: an even share of what is left,

@@ -369,12 +369,15 @@ pub fn build(inputs: Inputs<'_>) -> Report {
     let fw = &obs.forwarded;
     let judged_requests = fw.eu.requests + fw.non_eu.requests + fw.unknown.requests;
     let judged_bytes = fw.eu.bytes + fw.non_eu.bytes + fw.unknown.bytes;
+    // The evidence of a criterion: first the forwarded requests that cost
+    // it points (data that left), then the attempts that were stopped.
     let non_eu_examples = |pred: &dyn Fn(&trail::DestinationRow) -> bool| -> Vec<String> {
-        obs.destinations
-            .iter()
-            .filter(|d| pred(d))
-            .flat_map(|d| d.examples.iter().cloned())
+        let rows = || obs.destinations.iter().filter(|d| pred(d));
+        rows()
+            .flat_map(|d| d.forwarded_examples.iter())
+            .chain(rows().flat_map(|d| d.examples.iter()))
             .take(5)
+            .cloned()
             .collect()
     };
     let mut criteria = Vec::new();
@@ -458,6 +461,12 @@ pub fn build(inputs: Inputs<'_>) -> Report {
             .map(|h| format!("{} ({})", h.host, h.countries.iter().cloned().collect::<Vec<_>>().join(", ")))
             .collect();
         let multi = judged.iter().filter(|h| h.addresses.len() > 1).count();
+        let examples: Vec<String> = judged
+            .iter()
+            .filter(|h| h.countries.iter().any(|c| c == crate::geo::UNKNOWN || !eu(c)))
+            .flat_map(|h| h.examples.iter().cloned())
+            .take(5)
+            .collect();
         let points = scaled(3, (judged.len() - outside.len()) as u64, judged.len() as u64);
         let mut ev = vec![format!(
             "{} located destination hosts with forwarded traffic, {} seen on several addresses; every address of {} is in the EU",
@@ -470,8 +479,12 @@ pub fn build(inputs: Inputs<'_>) -> Report {
         }
         ev.push("backups and replicas that never cross rempart are not seen: ask the vendor where they are".into());
         let improve = (!outside.is_empty()).then(|| "remove the non-EU replicas or addresses of these hosts".to_string());
-        (points, ev, improve)
+        (points, ev, improve, examples)
     });
+    let (redundancy, redundancy_examples) = match redundancy {
+        Some((points, ev, improve, examples)) => (Some((points, ev, improve)), examples),
+        None => (None, Vec::new()),
+    };
     criteria.push(observed_criterion(
         "redundancy_eu_only",
         "Hosting",
@@ -486,7 +499,7 @@ pub fn build(inputs: Inputs<'_>) -> Report {
             "addresses outside the EU (each resolved address is judged)",
             country_data,
         ),
-        Vec::new(),
+        redundancy_examples,
     ));
 
     // 4. Hosting contract under French law (10).

@@ -145,7 +145,12 @@ pub fn markdown(r: &Report) -> String {
             d.denied,
             d.bytes,
             md_cell(&d.hosts.iter().cloned().collect::<Vec<_>>().join(", ")),
-            d.examples.join(" "),
+            d.forwarded_examples
+                .iter()
+                .chain(&d.examples)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" "),
         );
     }
     let _ = writeln!(o, "\n### Denials and warnings by reason\n\n| Direction | Code | Denied | Monitored | Warned | Examples |\n|---|---|---:|---:|---:|---|");

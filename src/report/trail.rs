@@ -67,7 +67,12 @@ pub struct DestinationRow {
     pub forwarded: u64,
     pub denied: u64,
     pub bytes: u64,
+    /// Decisions that were not simply allowed: denied, monitored, error.
     pub examples: Vec<String>,
+    /// Forwarded decisions whose data left the EU or its law (outside the
+    /// EU, unknown location, an operator under non-EU law or the CLOUD
+    /// Act): the requests that cost the observed criteria their points.
+    pub forwarded_examples: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -102,6 +107,9 @@ pub struct HostAddresses {
     pub host: String,
     pub countries: BTreeSet<String>,
     pub addresses: BTreeSet<String>,
+    /// Forwarded decisions to this host that listed an address outside
+    /// the EU or of unknown location.
+    pub examples: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -264,8 +272,9 @@ impl<'r> Aggregator<'r> {
             .entry(outcome.clone())
             .or_default() += 1;
 
+        let mut left_eu = false;
         if forwarded {
-            self.classify(
+            left_eu = self.classify(
                 1,
                 0,
                 country.as_deref(),
@@ -276,14 +285,17 @@ impl<'r> Aggregator<'r> {
             if outcome == "monitored" {
                 self.obs.forwarded.monitored += 1;
             }
+            let registry = self.registry;
             let entry = bounded(&mut self.hosts, host.clone());
             entry.host.clone_from(&host);
+            let mut outside = false;
             let mut add_address = |ip: Option<&str>, c: Option<&str>| {
                 if let Some(ip) = ip {
                     if entry.addresses.len() < 16 {
                         entry.addresses.insert(ip.to_string());
                     }
                 }
+                outside |= c.is_none_or(|c| !registry.in_eu(c));
                 entry
                     .countries
                     .insert(c.unwrap_or(crate::geo::UNKNOWN).to_string());
@@ -301,6 +313,10 @@ impl<'r> Aggregator<'r> {
                     }
                 }
                 _ => add_address(s("/destination/ip"), country.as_deref()),
+            }
+            // A local destination (no location) is not judged.
+            if outside && sovereign != crate::geo::LOCAL {
+                example(&mut entry.examples, id);
             }
         }
 
@@ -323,6 +339,9 @@ impl<'r> Aggregator<'r> {
         }
         if outcome != "allowed" {
             example(&mut row.examples, id);
+        }
+        if left_eu {
+            example(&mut row.forwarded_examples, id);
         }
 
         for (kind, list) in [("deny", "/decision/deny"), ("warn", "/decision/warn")] {
@@ -383,6 +402,9 @@ impl<'r> Aggregator<'r> {
         }
     }
 
+    /// Counts forwarded traffic by where it went; true when it left the
+    /// EU or its law (outside the EU, unknown location, an operator under
+    /// non-EEA law or the CLOUD Act).
     fn classify(
         &mut self,
         requests: u64,
@@ -391,11 +413,18 @@ impl<'r> Aggregator<'r> {
         sovereign: &str,
         cloud_act: Option<bool>,
         jurisdiction: &Option<String>,
-    ) {
+    ) -> bool {
         let f = &mut self.obs.forwarded;
+        let mut left = true;
         match country {
-            _ if sovereign == crate::geo::LOCAL => f.local.add(requests, bytes),
-            Some(c) if self.registry.in_eu(c) => f.eu.add(requests, bytes),
+            _ if sovereign == crate::geo::LOCAL => {
+                f.local.add(requests, bytes);
+                left = false;
+            }
+            Some(c) if self.registry.in_eu(c) => {
+                f.eu.add(requests, bytes);
+                left = false;
+            }
             Some(_) => f.non_eu.add(requests, bytes),
             None => f.unknown.add(requests, bytes),
         }
@@ -408,7 +437,9 @@ impl<'r> Aggregator<'r> {
             || cloud_act == Some(true)
         {
             f.non_eu_jurisdiction.add(requests, bytes);
+            left = true;
         }
+        left
     }
 
     pub fn finish(mut self) -> Observations {
@@ -428,5 +459,234 @@ impl<'r> Aggregator<'r> {
         self.obs.subjects = subjects;
         self.obs.hosts = self.hosts.into_values().collect();
         self.obs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A decision record as the trail holds it (the fields the report
+    /// reads).
+    fn record(id: &str, t: &str, outcome: &str, host: &str, geo: Value) -> Value {
+        json!({
+            "decision_id": id,
+            "timestamp": t,
+            "direction": "egress",
+            "request": {"method": "CONNECT", "path": "/"},
+            "decision": {"outcome": outcome, "deny": [], "warn": []},
+            "destination": {"host": host, "ip": "192.0.2.1", "geo": geo},
+        })
+    }
+
+    fn geo(
+        country: Option<&str>,
+        operator: Option<&str>,
+        law: Option<&str>,
+        sovereign: &str,
+    ) -> Value {
+        json!({
+            "country": country,
+            "operator": operator,
+            "jurisdiction": law,
+            "cloud_act": operator.map(|o| o == "amazon"),
+            "sovereign": sovereign,
+        })
+    }
+
+    fn fr() -> Value {
+        geo(
+            Some("FR"),
+            Some("ovhcloud"),
+            Some("FR"),
+            "eu_operated_in_eu",
+        )
+    }
+    fn us() -> Value {
+        geo(Some("US"), None, None, "outside_eu")
+    }
+    fn amazon_de() -> Value {
+        geo(
+            Some("DE"),
+            Some("amazon"),
+            Some("US"),
+            "non_eu_operator_in_eu",
+        )
+    }
+
+    fn observe(records: &[Value], filter: Filter) -> Observations {
+        let registry = Registry::builtin().unwrap();
+        let mut agg = Aggregator::new(&registry, filter, None);
+        for r in records {
+            agg.add(r);
+        }
+        agg.finish()
+    }
+
+    fn row<'a>(obs: &'a Observations, country: &str) -> &'a DestinationRow {
+        obs.destinations
+            .iter()
+            .find(|d| d.country.as_deref() == Some(country))
+            .unwrap()
+    }
+
+    const T: &str = "2026-11-28T09:00:00Z";
+
+    #[test]
+    fn allowed_flows_that_left_the_eu_keep_their_decision_ids() {
+        let obs = observe(
+            &[
+                record("eu-1", T, "allowed", "eu.test", fr()),
+                record("us-1", T, "allowed", "us.test", us()),
+                record("aws-1", T, "allowed", "s3.test", amazon_de()),
+                record("us-2", T, "denied", "us.test", us()),
+            ],
+            Filter::default(),
+        );
+        let f = &obs.forwarded;
+        // Amazon in Germany is in the EU by location, not by law.
+        assert_eq!((f.eu.requests, f.non_eu.requests), (2, 1));
+        assert_eq!(f.cloud_act.requests, 1);
+        assert_eq!(f.non_eu_jurisdiction.requests, 1);
+        // The denial is no forwarded traffic.
+        assert_eq!(obs.decisions, 4);
+        let us_row = row(&obs, "US");
+        assert_eq!((us_row.forwarded, us_row.denied), (1, 1));
+        assert_eq!(us_row.forwarded_examples, vec!["us-1"]);
+        assert_eq!(us_row.examples, vec!["us-2"]);
+        assert_eq!(row(&obs, "DE").forwarded_examples, vec!["aws-1"]);
+        // Data that stayed in the EU with an EU operator is no evidence of
+        // a loss.
+        let fr_row = row(&obs, "FR");
+        assert!(fr_row.forwarded_examples.is_empty() && fr_row.examples.is_empty());
+    }
+
+    #[test]
+    fn monitored_and_unknown_flows_count_as_forwarded_local_ones_are_not_judged() {
+        let unknown = geo(None, None, None, "unknown");
+        let local = json!({"country": null, "sovereign": "local"});
+        let obs = observe(
+            &[
+                record("m-1", T, "monitored", "us.test", us()),
+                record("u-1", T, "allowed", "where.test", unknown),
+                record("l-1", T, "allowed", "db.internal", local),
+                record("e-1", T, "error", "us.test", us()),
+            ],
+            Filter::default(),
+        );
+        let f = &obs.forwarded;
+        assert_eq!(f.monitored, 1);
+        assert_eq!(
+            (f.non_eu.requests, f.unknown.requests, f.local.requests),
+            (1, 1, 1)
+        );
+        let us_row = row(&obs, "US");
+        // Monitored: forwarded (it left) and not simply allowed (an example
+        // of both kinds); an error is neither forwarded nor denied.
+        assert_eq!(us_row.forwarded_examples, vec!["m-1"]);
+        assert_eq!(us_row.examples, vec!["m-1", "e-1"]);
+        assert_eq!(
+            (us_row.forwarded, us_row.denied, us_row.requests),
+            (1, 0, 2)
+        );
+        let unknown_row = obs
+            .destinations
+            .iter()
+            .find(|d| d.sovereign == "unknown")
+            .unwrap();
+        assert_eq!(unknown_row.forwarded_examples, vec!["u-1"]);
+        let local_row = obs
+            .destinations
+            .iter()
+            .find(|d| d.sovereign == "local")
+            .unwrap();
+        assert!(local_row.forwarded_examples.is_empty());
+    }
+
+    #[test]
+    fn tunnel_bytes_are_counted_where_they_went_without_a_new_decision() {
+        let mut closing = record("us-1", T, "allowed", "us.test", us());
+        closing["transfer"] = json!({"bytes_to_destination": 100, "bytes_from_destination": 23});
+        let mut eu_closing = record("eu-1", T, "allowed", "eu.test", fr());
+        eu_closing["transfer"] = json!({"bytes_to_destination": 300, "bytes_from_destination": 77});
+        let mut denied_closing = record("us-2", T, "denied", "us.test", us());
+        denied_closing["transfer"] =
+            json!({"bytes_to_destination": 5, "bytes_from_destination": 0});
+        let obs = observe(
+            &[
+                record("us-1", T, "allowed", "us.test", us()),
+                closing,
+                record("eu-1", T, "allowed", "eu.test", fr()),
+                eu_closing,
+                denied_closing,
+            ],
+            Filter::default(),
+        );
+        let f = &obs.forwarded;
+        assert_eq!(obs.decisions, 2);
+        assert_eq!((f.non_eu.requests, f.non_eu.bytes), (1, 123));
+        assert_eq!((f.eu.requests, f.eu.bytes), (1, 377));
+        // The closing record adds bytes to its row, not an example.
+        assert_eq!(row(&obs, "US").forwarded_examples, vec!["us-1"]);
+    }
+
+    #[test]
+    fn a_host_with_an_address_outside_the_eu_keeps_the_request_as_evidence() {
+        let mut mixed = record("mix-1", T, "allowed", "mixed.test", fr());
+        mixed["destination"]["addresses"] = json!([
+            {"ip": "192.0.2.10", "geo": {"country": "FR"}},
+            {"ip": "192.0.2.20", "geo": {"country": "US"}},
+        ]);
+        let mut replicated = record("rep-1", T, "allowed", "replicated.test", fr());
+        replicated["destination"]["addresses"] = json!([
+            {"ip": "192.0.2.30", "geo": {"country": "FR"}},
+            {"ip": "192.0.2.31", "geo": {"country": "DE"}},
+        ]);
+        let obs = observe(&[mixed, replicated], Filter::default());
+        let host = |h: &str| obs.hosts.iter().find(|x| x.host == h).unwrap();
+        let m = host("mixed.test");
+        assert_eq!(m.addresses.len(), 2);
+        assert_eq!(
+            m.countries.iter().map(String::as_str).collect::<Vec<_>>(),
+            vec!["FR", "US"]
+        );
+        assert_eq!(m.examples, vec!["mix-1"]);
+        // Redundant inside the EU: no evidence of a loss.
+        let r = host("replicated.test");
+        assert_eq!(r.addresses.len(), 2);
+        assert!(r.examples.is_empty());
+        // The data itself went to France: the request is not a flow that
+        // left the EU.
+        assert!(row(&obs, "FR").forwarded_examples.is_empty());
+    }
+
+    #[test]
+    fn examples_are_capped_and_since_excludes_earlier_records() {
+        let records: Vec<Value> = (0..6)
+            .map(|i| {
+                record(
+                    &format!("us-{i}"),
+                    &format!("2026-11-28T09:0{i}:00Z"),
+                    "allowed",
+                    "us.test",
+                    us(),
+                )
+            })
+            .collect();
+        let all = observe(&records, Filter::default());
+        assert_eq!(all.forwarded.non_eu.requests, 6);
+        assert_eq!(
+            row(&all, "US").forwarded_examples,
+            vec!["us-0", "us-1", "us-2"]
+        );
+        let since = Filter {
+            since: Some(humantime::parse_rfc3339("2026-11-28T09:04:00Z").unwrap()),
+            ..Filter::default()
+        };
+        let late = observe(&records, since);
+        assert_eq!(late.forwarded.non_eu.requests, 2);
+        assert_eq!(late.first.as_deref(), Some("2026-11-28T09:04:00Z"));
+        assert_eq!(row(&late, "US").forwarded_examples, vec!["us-4", "us-5"]);
     }
 }

@@ -2,6 +2,7 @@
 //! a real HTTP client, all on loopback ephemeral ports.
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod loopback_geo;
 pub mod pki;
 

@@ -10,7 +10,9 @@
 //!   awaiting each write before reading more.
 //!
 //! Either way the bytes carried are known however the tunnel ends, and the
-//! time of the last byte drives the idle timeout.
+//! time of the last byte drives the idle timeout. At shutdown the egress
+//! proxy cancels `cut` when its drain ends, so that a tunnel still open
+//! then ends here too, with its bytes counted and a closing record.
 
 use std::io;
 use std::pin::Pin;
@@ -22,6 +24,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
 
 const BUFFER: usize = 64 * 1024;
 
@@ -33,6 +36,9 @@ pub enum Closed {
     Completed,
     IdleTimeout,
     MaxDuration,
+    /// rempart shut down and `[server] drain_timeout` ended with the
+    /// tunnel still open.
+    Shutdown,
     Error,
 }
 
@@ -42,6 +48,7 @@ impl Closed {
             Closed::Completed => "completed",
             Closed::IdleTimeout => "idle_timeout",
             Closed::MaxDuration => "max_duration",
+            Closed::Shutdown => "shutdown",
             Closed::Error => "error",
         }
     }
@@ -97,9 +104,15 @@ impl Progress {
         self.started + Duration::from_nanos(self.last.load(Ordering::Relaxed))
     }
 
-    /// Runs `transfer` until it ends, no byte moved for `idle`, or `max`
-    /// elapsed.
-    async fn supervise<F>(&self, transfer: F, idle: Duration, max: Duration) -> Carried
+    /// Runs `transfer` until it ends, no byte moved for `idle`, `max`
+    /// elapsed, or `cut` is cancelled.
+    async fn supervise<F>(
+        &self,
+        transfer: F,
+        idle: Duration,
+        max: Duration,
+        cut: CancellationToken,
+    ) -> Carried
     where
         F: std::future::Future<Output = io::Result<()>>,
     {
@@ -113,6 +126,7 @@ impl Progress {
                     Err(_) => Closed::Error,
                 },
                 _ = tokio::time::sleep_until(deadline) => break Closed::MaxDuration,
+                () = cut.cancelled() => break Closed::Shutdown,
                 _ = tokio::time::sleep_until(idle_at) => {
                     if self.last_activity() + idle <= Instant::now() {
                         break Closed::IdleTimeout;
@@ -130,8 +144,14 @@ impl Progress {
 }
 
 /// Copies between `client` and `destination` until both are done, no byte
-/// moved for `idle`, or `max` elapsed.
-pub async fn carry<C, D>(client: C, destination: D, idle: Duration, max: Duration) -> Carried
+/// moved for `idle`, `max` elapsed, or `cut` is cancelled.
+pub async fn carry<C, D>(
+    client: C,
+    destination: D,
+    idle: Duration,
+    max: Duration,
+    cut: CancellationToken,
+) -> Carried
 where
     C: AsyncRead + AsyncWrite + Unpin,
     D: AsyncRead + AsyncWrite + Unpin,
@@ -145,7 +165,7 @@ where
             .await
             .map(|_| ())
     };
-    progress.supervise(copy, idle, max).await
+    progress.supervise(copy, idle, max, cut).await
 }
 
 /// As [`carry`], for a client and a destination both on plain TCP: the
@@ -156,6 +176,7 @@ pub async fn carry_tcp(
     destination: tokio::net::TcpStream,
     idle: Duration,
     max: Duration,
+    cut: CancellationToken,
 ) -> Carried {
     let progress = Progress::new();
     let both = async {
@@ -165,7 +186,7 @@ pub async fn carry_tcp(
         )
         .map(|_| ())
     };
-    progress.supervise(both, idle, max).await
+    progress.supervise(both, idle, max, cut).await
 }
 
 /// A stream that counts the bytes read from it.
@@ -246,6 +267,7 @@ mod tests {
             dest,
             Duration::from_secs(5),
             Duration::from_secs(5),
+            CancellationToken::new(),
         ));
         client_peer.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
@@ -281,6 +303,7 @@ mod tests {
             dest,
             Duration::from_secs(10),
             Duration::from_secs(60),
+            CancellationToken::new(),
         ));
         // 8 MiB up and 5 MiB down at once, each a pattern that shows any
         // lost, doubled or reordered chunk.
@@ -338,6 +361,7 @@ mod tests {
             dest,
             Duration::from_millis(200),
             Duration::from_secs(30),
+            CancellationToken::new(),
         )
         .await;
         assert_eq!(c.closed, Closed::IdleTimeout);
@@ -353,6 +377,7 @@ mod tests {
             dest,
             Duration::from_secs(1),
             Duration::from_secs(60),
+            CancellationToken::new(),
         )
         .await;
         assert_eq!(c.closed, Closed::IdleTimeout);
@@ -367,9 +392,40 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
-        let c = carry(client, dest, Duration::from_secs(1), Duration::from_secs(5)).await;
+        let c = carry(
+            client,
+            dest,
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+            CancellationToken::new(),
+        )
+        .await;
         assert_eq!(c.closed, Closed::MaxDuration);
         assert!(c.to_destination >= 5, "{c:?}");
         chatter.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_closes_a_busy_tunnel_with_its_bytes_counted() {
+        let (client, mut cp) = tokio::io::duplex(64);
+        let (dest, mut dp) = tokio::io::duplex(64);
+        let cut = CancellationToken::new();
+        let tunnel = tokio::spawn(carry(
+            client,
+            dest,
+            Duration::from_secs(60),
+            Duration::from_secs(3600),
+            cut.clone(),
+        ));
+        cp.write_all(b"abc").await.unwrap();
+        let mut b = [0u8; 3];
+        dp.read_exact(&mut b).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!tunnel.is_finished(), "ended before the cut");
+        cut.cancel();
+        let c = tunnel.await.unwrap();
+        assert_eq!(c.closed, Closed::Shutdown);
+        assert_eq!(c.closed.as_str(), "shutdown");
+        assert_eq!((c.to_destination, c.from_destination), (3, 0));
     }
 }
