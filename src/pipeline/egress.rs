@@ -554,25 +554,15 @@ impl EgressGateway {
         ruling: &Ruling,
         accepted_at: Instant,
     ) -> Option<bool> {
-        if !self.audit.is_sync() {
-            return None;
-        }
-        let ack = record::record(
-            &Evidence {
-                input,
-                ruling,
-                outcome: ruling.outcome,
-                status: 0,
-                accepted_at,
-                upstream_error: None,
-                transfer: None,
-                pending: true,
-            },
+        record::record_pending(
+            input,
+            ruling,
+            accepted_at,
             self.audit_scope,
             &self.audit,
             &self.metrics,
-        )?;
-        Some(ack.durable().await)
+        )
+        .await
     }
 
     /// The answer to a request whose pending record could not be made

@@ -221,27 +221,16 @@ impl Gateway {
         // cannot be made durable, the request is not forwarded (fail
         // closed) and is answered `failure_status`.
         let pending_durable = match ruling.action {
-            Action::Forward if self.audit.is_sync() => {
-                let ack = record::record(
-                    &Evidence {
-                        input: &input,
-                        ruling: &ruling,
-                        outcome,
-                        status: 0,
-                        accepted_at,
-                        upstream_error: None,
-                        transfer: None,
-                        pending: true,
-                    },
+            Action::Forward => {
+                record::record_pending(
+                    &input,
+                    &ruling,
+                    accepted_at,
                     self.audit_scope,
                     &self.audit,
                     &self.metrics,
-                );
-                match ack {
-                    Some(ack) => Some(ack.durable().await),
-                    // Not worth recording (`record = "deny_and_warn"`).
-                    None => None,
-                }
+                )
+                .await
             }
             _ => None,
         };

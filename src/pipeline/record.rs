@@ -125,3 +125,37 @@ pub fn record(
         &stamp.minimise,
     )
 }
+
+/// Sync durability: writes the *pending* record of a request about to be
+/// forwarded and waits until it is on disk, so that nothing reaches the
+/// CRM or the destination before its decision is durable. `None` when
+/// there is nothing to wait for (buffered mode, or a request not
+/// recorded); `Some(false)` when the record could not be made durable.
+pub async fn record_pending(
+    input: &PolicyInput,
+    ruling: &Ruling,
+    accepted_at: Instant,
+    scope: AuditRecordScope,
+    audit: &AuditSink,
+    metrics: &Metrics,
+) -> Option<bool> {
+    if !audit.is_sync() {
+        return None;
+    }
+    let ack = record(
+        &Evidence {
+            input,
+            ruling,
+            outcome: ruling.outcome,
+            status: 0,
+            accepted_at,
+            upstream_error: None,
+            transfer: None,
+            pending: true,
+        },
+        scope,
+        audit,
+        metrics,
+    )?;
+    Some(ack.durable().await)
+}
