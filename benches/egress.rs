@@ -3,8 +3,9 @@
 //!
 //! `cargo bench --bench egress` (knobs: `REMPART_BENCH_BYTES`, default
 //! 2 GiB per throughput run; `REMPART_BENCH_CONNECTS`, default 5000;
-//! `REMPART_BENCH_ROUNDS`, default 3). Prints one line per measurement;
-//! the numbers in docs/performance.md come from it.
+//! `REMPART_BENCH_ROUNDS`, default 3; `REMPART_BENCH_PIPE_BUDGET`, e.g.
+//! `0`, sets `[egress] tunnel_pipe_budget`). Prints one line per
+//! measurement; the numbers in docs/performance.md come from it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -56,9 +57,17 @@ fn start_rempart(dir: &Path) -> (Child, SocketAddr) {
         serde_json::from_str(&std::fs::read_to_string(&data).unwrap()).unwrap();
     v["settings"]["egress"]["internal_networks"] = serde_json::json!(["127.0.0.0/8"]);
     std::fs::write(&data, v.to_string()).unwrap();
+    let mut config = String::from("[egress]\n");
+    if let Ok(budget) = std::env::var("REMPART_BENCH_PIPE_BUDGET") {
+        config.push_str(&format!("tunnel_pipe_budget = {budget:?}\n"));
+    }
+    let config_path = dir.join("rempart.toml");
+    std::fs::write(&config_path, config).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_rempart"))
         .args([
             "serve",
+            "--config",
+            config_path.to_str().unwrap(),
             "--egress",
             "127.0.0.1:0",
             "--admin",

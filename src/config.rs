@@ -105,6 +105,10 @@ pub struct EgressConfig {
     /// Largest request head accepted, in bytes (hyper's minimum is 8192);
     /// larger ones are refused with `431`.
     pub max_header_bytes: usize,
+    /// Bytes of enlarged (`pipe-max-size`) pipes that tunnels moving bulk
+    /// data may hold at once, over all workers; 0 keeps every tunnel's
+    /// pipes at the kernel's default 64 KiB.
+    pub tunnel_pipe_budget: ByteSize,
     /// How long a client may take to send its request head.
     pub header_read_timeout: Seconds,
     /// Names of the workloads that use this proxy, by source address.
@@ -162,6 +166,7 @@ impl Default for EgressConfig {
             tunnel_max_duration: Seconds(Duration::from_secs(3600)),
             max_connections: 4096,
             max_header_bytes: 16 * 1024,
+            tunnel_pipe_budget: ByteSize(16 << 20),
             header_read_timeout: Seconds(Duration::from_secs(10)),
             workloads: Vec::new(),
             require_proxy_auth: false,

@@ -111,6 +111,9 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let egress_slots = Arc::new(crate::pipeline::egress::Slots::default());
+    let tunnel_pipes = Arc::new(crate::pipeline::enforce::tunnel::PipeBudget::new(
+        cfg.egress.tunnel_pipe_budget.0,
+    ));
     let mut ingress_listeners = ingress_listeners.into_iter();
     let mut egress_listeners = egress_listeners.into_iter();
     let mut threads = Vec::with_capacity(workers);
@@ -132,18 +135,19 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
         };
         let egress = egress_listeners.next().map(|listener| {
             let cfg = cfg.clone();
-            let (policies, geo, audit, metrics, slots) = (
+            let (policies, geo, audit, metrics, slots, pipes) = (
                 Arc::clone(&policies),
                 Arc::clone(&geo),
                 audit.clone(),
                 Arc::clone(&metrics),
                 Arc::clone(&egress_slots),
+                Arc::clone(&tunnel_pipes),
             );
             // Built on the worker's own event loop (the resolver's sockets
             // belong to it).
             let make = move || {
                 Arc::new(EgressGateway::new(
-                    &cfg, policies, geo, audit, metrics, slots,
+                    &cfg, policies, geo, audit, metrics, slots, pipes,
                 ))
             };
             (listener, make)

@@ -29,6 +29,7 @@ use tokio::sync::Notify;
 use super::accept::target::{self, Host, Target};
 use super::accept::{self, Connection};
 use super::decide::{self, Action, DecidePolicy, Ruling};
+use super::enforce::tunnel::PipeBudget;
 use super::enforce::{self, tunnel, ProxyBody, DECISION_ID};
 use super::identify::egress::{Caller, EgressIdentifier};
 use super::locate::resolve::{ResolveError, Resolver};
@@ -83,6 +84,8 @@ pub struct EgressGateway {
     audit_failure_status: u16,
     pub(crate) limits: EgressLimits,
     slots: Arc<Slots>,
+    /// Room for large tunnel pipes, shared by every worker.
+    pipes: Arc<PipeBudget>,
     tunnels: AtomicUsize,
     tunnels_closed: Notify,
     /// Cancelled when the shutdown drain ends: the tunnels still open close
@@ -107,6 +110,7 @@ impl EgressGateway {
         audit: AuditSink,
         metrics: Arc<Metrics>,
         slots: Arc<Slots>,
+        pipes: Arc<PipeBudget>,
     ) -> Self {
         let e = &cfg.egress;
         EgressGateway {
@@ -129,6 +133,7 @@ impl EgressGateway {
                 header_read_timeout: e.header_read_timeout.0,
             },
             slots,
+            pipes,
             tunnels: AtomicUsize::new(0),
             tunnels_closed: Notify::new(),
             tunnels_cut: tokio_util::sync::CancellationToken::new(),
@@ -783,7 +788,7 @@ impl EgressGateway {
         let mut carried = match parts.io.into_inner() {
             #[cfg(target_os = "linux")]
             tokio_util::either::Either::Left(tcp) => {
-                tunnel::carry_tcp(tcp, destination, idle, max, cut).await
+                tunnel::carry_tcp(tcp, destination, idle, max, cut, &self.pipes).await
             }
             #[cfg(not(target_os = "linux"))]
             tokio_util::either::Either::Left(tcp) => {

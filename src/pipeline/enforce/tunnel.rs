@@ -26,6 +26,22 @@ use tokio::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
+#[cfg(target_os = "linux")]
+pub use super::splice::PipeBudget;
+
+/// Without `splice(2)` a tunnel copies through buffers of its own: there
+/// are no pipes to budget.
+#[cfg(not(target_os = "linux"))]
+#[derive(Debug)]
+pub struct PipeBudget;
+
+#[cfg(not(target_os = "linux"))]
+impl PipeBudget {
+    pub fn new(_limit: u64) -> PipeBudget {
+        PipeBudget
+    }
+}
+
 const BUFFER: usize = 64 * 1024;
 
 /// How a tunnel ended, as the audit record says it.
@@ -177,12 +193,19 @@ pub async fn carry_tcp(
     idle: Duration,
     max: Duration,
     cut: CancellationToken,
+    pipes: &super::splice::PipeBudget,
 ) -> Carried {
     let progress = Progress::new();
     let both = async {
         tokio::try_join!(
-            super::splice::one_way(&client, &destination, &progress, Way::ToDestination),
-            super::splice::one_way(&destination, &client, &progress, Way::FromDestination),
+            super::splice::one_way(&client, &destination, &progress, Way::ToDestination, pipes),
+            super::splice::one_way(
+                &destination,
+                &client,
+                &progress,
+                Way::FromDestination,
+                pipes
+            ),
         )
         .map(|_| ())
     };
@@ -256,6 +279,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
@@ -293,20 +317,26 @@ mod tests {
         (a.unwrap(), b.unwrap().0)
     }
 
+    /// Carries 8 MiB up and 5 MiB down at once through a spliced tunnel
+    /// and checks every byte; returns the most bytes of large pipes that
+    /// `pipes` held while the destination was still reading.
     #[cfg(target_os = "linux")]
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn splice_carries_large_transfers_both_ways_and_half_closes() {
+    async fn splice_large_transfer(pipes: Arc<PipeBudget>) -> usize {
         let (mut client_peer, client) = tcp_pair().await;
         let (dest, mut dest_peer) = tcp_pair().await;
-        let tunnel = tokio::spawn(carry_tcp(
-            client,
-            dest,
-            Duration::from_secs(10),
-            Duration::from_secs(60),
-            CancellationToken::new(),
-        ));
-        // 8 MiB up and 5 MiB down at once, each a pattern that shows any
-        // lost, doubled or reordered chunk.
+        let held = Arc::clone(&pipes);
+        let tunnel = tokio::spawn(async move {
+            carry_tcp(
+                client,
+                dest,
+                Duration::from_secs(10),
+                Duration::from_secs(60),
+                CancellationToken::new(),
+                &pipes,
+            )
+            .await
+        });
+        // Each a pattern that shows any lost, doubled or reordered chunk.
         let up: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
         let down: Vec<u8> = (0..5 << 20).map(|i: u32| (i % 241) as u8).collect();
         let (up2, down2) = (up.clone(), down.clone());
@@ -314,9 +344,19 @@ mod tests {
             let (mut r, mut w) = dest_peer.split();
             let (got, sent) = tokio::join!(
                 async {
-                    let mut got = Vec::new();
-                    r.read_to_end(&mut got).await.unwrap();
-                    got
+                    // Until the last byte is read here the tunnel is open,
+                    // so what the budget holds now is this tunnel's.
+                    let (mut got, mut most_held) = (Vec::new(), 0);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = r.read(&mut buf).await.unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        most_held = most_held.max(held.used());
+                    }
+                    (got, most_held)
                 },
                 async {
                     w.write_all(&down2).await.unwrap();
@@ -341,7 +381,7 @@ mod tests {
             }
         );
         assert!(got == down, "download differs ({} bytes)", got.len());
-        let at_dest = dest_side.await.unwrap();
+        let (at_dest, most_held) = dest_side.await.unwrap();
         assert!(at_dest == up, "upload differs ({} bytes)", at_dest.len());
         let c = tunnel.await.unwrap();
         assert_eq!(c.closed, Closed::Completed);
@@ -349,6 +389,21 @@ mod tests {
             (c.to_destination, c.from_destination),
             (up.len() as u64, down.len() as u64)
         );
+        most_held
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn splice_carries_large_transfers_both_ways_and_half_closes() {
+        // Pipes kept at the kernel's default size.
+        let none = Arc::new(PipeBudget::new(0));
+        assert_eq!(splice_large_transfer(Arc::clone(&none)).await, 0);
+        // Pipes grown for the bulk transfer, and the room given back.
+        let room = Arc::new(PipeBudget::new(16 << 20));
+        let most_held = splice_large_transfer(Arc::clone(&room)).await;
+        assert!(most_held > 0, "a bulk transfer should grow its pipes");
+        assert!(most_held <= 16 << 20);
+        assert_eq!(room.used(), 0, "a closed tunnel gives its pipes' room back");
     }
 
     #[cfg(target_os = "linux")]
@@ -362,6 +417,7 @@ mod tests {
             Duration::from_millis(200),
             Duration::from_secs(30),
             CancellationToken::new(),
+            &PipeBudget::new(16 << 20),
         )
         .await;
         assert_eq!(c.closed, Closed::IdleTimeout);
