@@ -6,6 +6,12 @@
 //! `REMPART_BENCH_ROUNDS`, default 3; `REMPART_BENCH_PIPE_BUDGET`, e.g.
 //! `0`, sets `[egress] tunnel_pipe_budget`). Prints one line per
 //! measurement; the numbers in docs/performance.md come from it.
+//!
+//! Two more knobs put the destination on the other side of a network link
+//! (`benches/egress_link.sh` drives them, in network namespaces of its
+//! own): `REMPART_BENCH_SINK_ONLY=ADDR` only serves the sink on `ADDR`
+//! until killed; `REMPART_BENCH_TARGET=ADDR` pushes to that sink instead
+//! of starting one, and lets rempart's policy through to its address.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -22,8 +28,8 @@ fn env_or(name: &str, default: u64) -> u64 {
 
 /// A sink that reads and discards everything, then answers with the byte
 /// count so that the sender knows the receiver saw it all.
-fn sink() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+fn sink(on: &str) -> SocketAddr {
+    let l = TcpListener::bind(on).unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
         for s in l.incoming() {
@@ -44,7 +50,7 @@ fn sink() -> SocketAddr {
     addr
 }
 
-fn start_rempart(dir: &Path) -> (Child, SocketAddr) {
+fn start_rempart(dir: &Path, target: SocketAddr) -> (Child, SocketAddr) {
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies).unwrap();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
@@ -55,7 +61,8 @@ fn start_rempart(dir: &Path) -> (Child, SocketAddr) {
     let data = policies.join("data.json");
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&data).unwrap()).unwrap();
-    v["settings"]["egress"]["internal_networks"] = serde_json::json!(["127.0.0.0/8"]);
+    v["settings"]["egress"]["internal_networks"] =
+        serde_json::json!(["127.0.0.0/8", format!("{}/32", target.ip())]);
     std::fs::write(&data, v.to_string()).unwrap();
     let mut config = String::from("[egress]\n");
     if let Ok(budget) = std::env::var("REMPART_BENCH_PIPE_BUDGET") {
@@ -192,12 +199,21 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    if let Ok(on) = std::env::var("REMPART_BENCH_SINK_ONLY") {
+        println!("sink on {}", sink(&on));
+        loop {
+            std::thread::park();
+        }
+    }
     let bytes = env_or("REMPART_BENCH_BYTES", 2 << 30);
     let connects = env_or("REMPART_BENCH_CONNECTS", 5000);
     let rounds = env_or("REMPART_BENCH_ROUNDS", 3);
     let dir = tempfile::tempdir().unwrap();
-    let target = sink();
-    let (mut child, proxy) = start_rempart(dir.path());
+    let target = match std::env::var("REMPART_BENCH_TARGET") {
+        Ok(addr) => addr.parse().expect("REMPART_BENCH_TARGET: an IP:port"),
+        Err(_) => sink("127.0.0.1:0"),
+    };
+    let (mut child, proxy) = start_rempart(dir.path(), target);
 
     let relay = plain_relay(target);
     for round in 1..=rounds {
