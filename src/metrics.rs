@@ -67,6 +67,9 @@ pub struct Metrics {
     pub audit_sync_failures: IntCounter,
     pub audit_rotations: IntCounter,
     pub audit_signed_seq: IntGauge,
+    pub audit_queue_records: IntGauge,
+    pub audit_queue_records_peak: IntGauge,
+    pub audit_queue_capacity: IntGauge,
     audit_sink_dropped: IntCounterVec,
     audit_sink_errors: IntCounterVec,
     pub connections_open: IntGauge,
@@ -501,6 +504,21 @@ impl Metrics {
             "Sequence number signed by the last audit checkpoint written (0: none yet).",
         ));
         reg(Box::new(audit_signed_seq.clone()));
+        let audit_queue_records = must(IntGauge::new(
+            "rempart_audit_queue_records",
+            "Audit records waiting for the trail: queued, in the batch being written, or kept after a failed write.",
+        ));
+        reg(Box::new(audit_queue_records.clone()));
+        let audit_queue_records_peak = must(IntGauge::new(
+            "rempart_audit_queue_records_peak",
+            "The most audit records found waiting for the trail since start.",
+        ));
+        reg(Box::new(audit_queue_records_peak.clone()));
+        let audit_queue_capacity = must(IntGauge::new(
+            "rempart_audit_queue_capacity",
+            "Records the audit queue holds before [audit] on_full applies ([audit] queue_capacity).",
+        ));
+        reg(Box::new(audit_queue_capacity.clone()));
         let audit_sink_dropped = must(IntCounterVec::new(
             Opts::new(
                 "rempart_audit_sink_dropped_total",
@@ -650,6 +668,9 @@ impl Metrics {
             audit_sync_failures,
             audit_rotations,
             audit_signed_seq,
+            audit_queue_records,
+            audit_queue_records_peak,
+            audit_queue_capacity,
             audit_sink_dropped,
             audit_sink_errors,
             decision_log,

@@ -464,12 +464,20 @@ async fn buffered_mode_keeps_serving_when_the_trail_cannot_be_written_and_loses_
     assert!(written < answered.len() as f64, "nothing failed: {written}");
     assert_eq!(rp.metric("rempart_audit_dropped_total").await, 0.0);
     assert_eq!(rp.metric("rempart_audit_sync_failures_total").await, 0.0);
+    // The records kept through the outage are the ones waiting, as the
+    // queue gauges show (every other record is in the trail).
+    let kept = answered.len() as f64 - written;
+    wait_for_metric(&rp, "rempart_audit_queue_records", |v| v == kept).await;
+    assert!(rp.metric("rempart_audit_queue_records_peak").await >= kept);
+    assert_eq!(rp.metric("rempart_audit_queue_capacity").await, 16384.0);
 
     // The disk frees: every record kept through the outage reaches the
     // trail, in one valid chain, with no `loss` record (nothing was lost).
     lift_file_size_limit(&rp);
     let total = answered.len() as f64;
     wait_for_metric(&rp, "rempart_audit_records_total", |v| v >= total).await;
+    wait_for_metric(&rp, "rempart_audit_queue_records", |v| v == 0.0).await;
+    assert!(rp.metric("rempart_audit_queue_records_peak").await >= kept);
     assert!(rp.stop().success());
     let (code, out, err) = verify(&[&trail]);
     assert_eq!(code, 0, "{err}");

@@ -213,6 +213,9 @@ impl AuditSink {
         }
         let compressor = Compressor::start(path, options.rotation.keep, Arc::clone(&metrics))?;
         let (tx, rx) = mpsc::sync_channel(options.capacity);
+        metrics
+            .audit_queue_capacity
+            .set(i64::try_from(options.capacity).unwrap_or(i64::MAX));
         let buffers = Arc::new(buffers::BufferPool::default());
         let writer = Writer {
             trail,
@@ -292,22 +295,28 @@ impl AuditSink {
         } else {
             (None, None)
         };
+        // Counted before it is sent, so that the writer never takes away
+        // more than was counted.
+        self.shared.queued.fetch_add(1, Ordering::Relaxed);
         match self.tx.try_send(Msg::Line(line, ack_tx)) {
             Ok(()) => ack,
             Err(TrySendError::Full(msg)) => {
                 self.metrics.audit_queue_full.inc();
                 if self.on_full == OnFull::Drop {
+                    self.shared.queued.fetch_sub(1, Ordering::Relaxed);
                     self.metrics.audit_dropped.inc();
                     self.shared.dropped.fetch_add(1, Ordering::Relaxed);
                     return None;
                 }
                 if self.tx.send(msg).is_err() {
+                    self.shared.queued.fetch_sub(1, Ordering::Relaxed);
                     self.metrics.audit_write_errors.inc();
                     return ack.map(|_| AuditAck(None));
                 }
                 ack
             }
             Err(TrySendError::Disconnected(_)) => {
+                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
                 self.metrics.audit_write_errors.inc();
                 tracing::error!("audit writer is gone; record lost");
                 ack.map(|_| AuditAck(None))

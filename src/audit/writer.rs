@@ -6,7 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -58,6 +58,9 @@ pub(super) struct Shared {
     pub stopping: AtomicBool,
     /// Set by the writer when it stopped with records it could not write.
     pub unwritten: AtomicU64,
+    /// Records in the queue: counted up by the request side before it
+    /// sends one, down by the writer for each it takes.
+    pub queued: AtomicUsize,
 }
 
 #[derive(Debug, Clone)]
@@ -407,6 +410,7 @@ impl Writer {
                     self.settings.retain_max.max(1)
                 };
             }
+            let mut taken = 0;
             while let Some(msg) = next.take().or_else(|| {
                 if records.len() >= limit {
                     return None;
@@ -422,6 +426,7 @@ impl Writer {
             }) {
                 match msg {
                     Msg::Line(l, ack) => {
+                        taken += 1;
                         records.push(l);
                         acks.extend(ack);
                     }
@@ -432,8 +437,10 @@ impl Writer {
                     }
                 }
             }
+            self.note_waiting(taken, records.len());
             backlog = records.len() >= MAX_BATCH;
             let ok = self.commit(&mut records, fsync, false).is_ok();
+            self.note_waiting(0, records.len());
             answer(&mut acks, ok);
             if ok {
                 retry = RETRY_MIN;
@@ -462,6 +469,24 @@ impl Writer {
         self.compressor.finish();
         for sink in self.sinks {
             sink.finish();
+        }
+    }
+
+    /// Publishes how many records wait for the trail: those still in the
+    /// queue, after the writer `taken` some from it, and the `holding` it
+    /// has in hand (a batch about to be written, or records kept after a
+    /// failed write). Each waiting record holds its buffer, so this is
+    /// also the audit trail's share of rempart's memory.
+    fn note_waiting(&self, taken: usize, holding: usize) {
+        let queued = self
+            .shared
+            .queued
+            .fetch_sub(taken, Ordering::AcqRel)
+            .saturating_sub(taken);
+        let waiting = i64::try_from(queued + holding).unwrap_or(i64::MAX);
+        self.metrics.audit_queue_records.set(waiting);
+        if waiting > self.metrics.audit_queue_records_peak.get() {
+            self.metrics.audit_queue_records_peak.set(waiting);
         }
     }
 
