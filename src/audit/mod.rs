@@ -261,11 +261,6 @@ impl AuditSink {
         self.durability == Durability::Sync
     }
 
-    /// The last write to the trail failed (and none has succeeded since).
-    pub fn is_failing(&self) -> bool {
-        self.shared.failing.load(Ordering::Relaxed)
-    }
-
     /// Queues one record, minimised by the configured rules and `rules`
     /// (those of the policy set that decided). Buffered mode returns
     /// `None`; sync mode returns the acknowledgement to wait for. When the
