@@ -2,9 +2,10 @@
 //! connections it accepts and the ones that close: kept-alive connections
 //! are reused after a complete exchange (fixed-length and chunked
 //! answers), a connection whose answer was abandoned is closed, idle ones
-//! close after `pool_idle_timeout`, `pool_max_idle = 0` keeps none, and an
+//! close after `pool_idle_timeout`, `pool_max_idle = 0` keeps none, an
 //! upstream that closes its connections after every answer costs no
-//! request.
+//! request, and concurrent clients need no more upstream connections than
+//! there are of them.
 
 mod common;
 
@@ -254,4 +255,65 @@ async fn pool_max_idle_zero_keeps_no_connection() {
     sequential(&rp, 5).await;
     assert_eq!(up.accepted(), 5);
     assert!(up.wait_closed(5, Duration::from_secs(10)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_clients_need_no_more_upstream_connections_than_there_are_clients() {
+    // A connection handed back a moment ago may not be ready for the next
+    // request yet; the pool must take another idle one rather than dial.
+    const CLIENTS: usize = 16;
+    const EACH: usize = 100;
+    let up = CountingUpstream::start(Answer::Fixed).await;
+    let (_dir, rp) = start_rempart(&up, "");
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        // Exactly one connection to rempart per client.
+        clients.push(tokio::spawn(one_connection(rp.addr, EACH)));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(up.requests.load(Ordering::SeqCst), CLIENTS * EACH);
+    assert!(
+        up.accepted() <= CLIENTS,
+        "{} upstream connections for {CLIENTS} clients",
+        up.accepted()
+    );
+}
+
+/// `n` requests one after the other over one TCP connection to `addr`,
+/// each answer read to its end (`content-length`) and checked.
+async fn one_connection(addr: SocketAddr, n: usize) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    for i in 0..n {
+        s.write_all(format!("GET /api/contacts/{i} HTTP/1.1\r\nhost: crm\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            let k = s.read(&mut chunk).await.unwrap();
+            assert!(k > 0, "rempart closed the connection at request {i}");
+            buf.extend_from_slice(&chunk[..k]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "request {i}: {head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .expect("a content-length")
+            .trim()
+            .parse()
+            .unwrap();
+        while buf.len() < head_end + length {
+            let k = s.read(&mut chunk).await.unwrap();
+            assert!(k > 0, "rempart closed the connection in answer {i}");
+            buf.extend_from_slice(&chunk[..k]);
+        }
+        assert_eq!(&buf[head_end..head_end + length], b"ok");
+        buf.drain(..head_end + length);
+    }
 }
