@@ -2,7 +2,7 @@
 # Egress tunnel throughput in a sidecar's topology: the CRM and rempart on
 # one host's loopback, the destination across a network link.
 #
-#   sudo bash benches/egress_link.sh            # RATES="1gbit 10gbit none"
+#   bash benches/egress_link.sh            # as root; RATES="1gbit 10gbit none"
 #   RATES=10gbit BYTES=$((4<<30)) bash benches/egress_link.sh
 #
 # benches/egress.rs measures on loopback alone, where the destination is
@@ -25,8 +25,9 @@
 # CONNECT tunnel, ROUNDS times, and prints the same lines as
 # `cargo bench --bench egress`.
 #
-# Needs root (namespaces), iproute2 (ip, tc). Everything it made is removed
-# on exit.
+# Needs root (namespaces) and iproute2 (ip, tc). It builds the bench with
+# cargo as the user running it: run it as the owner of target/. Everything
+# it made is removed on exit.
 set -euo pipefail
 
 RATES=${RATES:-"1gbit 10gbit none"}
@@ -43,12 +44,15 @@ SINK_PID=
 cleanup() {
     if [[ -n $SINK_PID ]]; then kill "$SINK_PID" 2>/dev/null || true; fi
     wait 2>/dev/null || true
+    # Deleting a namespace deletes the veth end inside it; the pair is
+    # also created inside them, so nothing is left in the host's.
+    ip link del "$VC" 2>/dev/null || true
     ip netns del "$CRM" 2>/dev/null || true
     ip netns del "$DST" 2>/dev/null || true
 }
 trap cleanup EXIT
 
-command -v tc >/dev/null || { apt-get install -y -q iproute2 >/dev/null; }
+command -v tc >/dev/null || { echo "needs tc (Debian package iproute2)" >&2; exit 1; }
 
 # The bench binary (and the rempart binary it starts), built once.
 BENCH=$(cd "$REPO" && cargo bench --bench egress --no-run 2>&1 |
@@ -58,9 +62,7 @@ BENCH=$REPO/$BENCH
 
 ip netns add "$CRM"
 ip netns add "$DST"
-ip link add "$VC" type veth peer name "$VD"
-ip link set "$VC" netns "$CRM"
-ip link set "$VD" netns "$DST"
+ip -n "$CRM" link add "$VC" type veth peer name "$VD" netns "$DST"
 ip -n "$CRM" addr add 198.18.0.1/30 dev "$VC"
 ip -n "$DST" addr add 198.18.0.2/30 dev "$VD"
 for ns in "$CRM" "$DST"; do ip -n "$ns" link set lo up; done
@@ -69,10 +71,15 @@ ip -n "$DST" link set "$VD" up
 
 REMPART_BENCH_SINK_ONLY=198.18.0.2:$PORT ip netns exec "$DST" "$BENCH" --bench &
 SINK_PID=$!
+up=0
 for _ in $(seq 1 50); do
-    ip netns exec "$CRM" bash -c "exec 3<>/dev/tcp/198.18.0.2/$PORT" 2>/dev/null && break
+    if ip netns exec "$CRM" bash -c "exec 3<>/dev/tcp/198.18.0.2/$PORT" 2>/dev/null; then
+        up=1
+        break
+    fi
     sleep 0.1
 done
+((up)) || { echo "the sink did not come up on 198.18.0.2:$PORT" >&2; exit 1; }
 
 for rate in $RATES; do
     for pair in "$CRM $VC" "$DST $VD"; do

@@ -48,8 +48,14 @@ pub enum UpstreamError {
     Protocol,
 }
 
+/// Sets gauges from a source outside the registry, just before rendering.
+type Refresher = Box<dyn Fn(&Metrics) + Send + Sync>;
+
 pub struct Metrics {
     registry: Registry,
+    /// Run before each rendering, to set gauges whose source is elsewhere
+    /// (the audit queue's depth).
+    refreshers: std::sync::Mutex<Vec<Refresher>>,
     requests: [[IntCounter; 4]; 2],
     pub policy_evaluation_seconds: Histogram,
     pub policy_evaluation_errors: IntCounter,
@@ -652,6 +658,7 @@ impl Metrics {
             egress_countries: BoundedLabel::new(MAX_EGRESS_COUNTRIES),
             egress_jurisdictions: BoundedLabel::new(MAX_EGRESS_JURISDICTIONS),
             registry,
+            refreshers: std::sync::Mutex::new(Vec::new()),
             requests,
             policy_evaluation_seconds,
             policy_evaluation_errors,
@@ -765,8 +772,20 @@ impl Metrics {
         }
     }
 
+    /// Adds `refresh` to what runs before each rendering.
+    pub fn refresh_before_render(&self, refresh: impl Fn(&Metrics) + Send + Sync + 'static) {
+        if let Ok(mut r) = self.refreshers.lock() {
+            r.push(Box::new(refresh));
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
+        if let Ok(r) = self.refreshers.lock() {
+            for refresh in r.iter() {
+                refresh(self);
+            }
+        }
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail on I/O; a failure would only come
         // from an invalid metric family, which leaves a partial body.

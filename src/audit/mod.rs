@@ -216,6 +216,8 @@ impl AuditSink {
         metrics
             .audit_queue_capacity
             .set(i64::try_from(options.capacity).unwrap_or(i64::MAX));
+        let scraped = Arc::clone(&shared);
+        metrics.refresh_before_render(move |m| scraped.publish_waiting(m));
         let buffers = Arc::new(buffers::BufferPool::default());
         let writer = Writer {
             trail,

@@ -61,6 +61,32 @@ pub(super) struct Shared {
     /// Records in the queue: counted up by the request side before it
     /// sends one, down by the writer for each it takes.
     pub queued: AtomicUsize,
+    /// Records the writer has in hand: the batch being written, or those
+    /// kept after a failed write.
+    pub holding: AtomicUsize,
+    /// The most records found waiting since start.
+    pub peak: AtomicUsize,
+}
+
+impl Shared {
+    /// Records waiting for the trail now (queued or in the writer's hand),
+    /// noted in the peak. Read at each batch and at each scrape, so that a
+    /// write stuck on a slow disk still shows the queue growing.
+    pub fn waiting(&self) -> usize {
+        let waiting = self.queued.load(Ordering::Acquire) + self.holding.load(Ordering::Acquire);
+        self.peak.fetch_max(waiting, Ordering::AcqRel);
+        waiting
+    }
+
+    /// Sets the queue gauges from [`Shared::waiting`].
+    pub fn publish_waiting(&self, metrics: &Metrics) {
+        let waiting = self.waiting();
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        metrics.audit_queue_records.set(gauge(waiting));
+        metrics
+            .audit_queue_records_peak
+            .set(gauge(self.peak.load(Ordering::Acquire)));
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -478,16 +504,11 @@ impl Writer {
     /// failed write). Each waiting record holds its buffer, so this is
     /// also the audit trail's share of rempart's memory.
     fn note_waiting(&self, taken: usize, holding: usize) {
-        let queued = self
-            .shared
-            .queued
-            .fetch_sub(taken, Ordering::AcqRel)
-            .saturating_sub(taken);
-        let waiting = i64::try_from(queued + holding).unwrap_or(i64::MAX);
-        self.metrics.audit_queue_records.set(waiting);
-        if waiting > self.metrics.audit_queue_records_peak.get() {
-            self.metrics.audit_queue_records_peak.set(waiting);
-        }
+        // In hand before out of the queue, so that a scrape in between
+        // counts them twice rather than not at all.
+        self.shared.holding.store(holding, Ordering::Release);
+        self.shared.queued.fetch_sub(taken, Ordering::AcqRel);
+        self.shared.publish_waiting(&self.metrics);
     }
 
     /// Chains and appends `records` (emptying it) with one write, preceded
@@ -644,6 +665,32 @@ fn answer(acks: &mut Vec<oneshot::Sender<bool>>, ok: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_queue_gauges_are_read_at_each_scrape_and_keep_their_peak() {
+        // A write stuck on a slow disk sets no gauge: the scrape must see
+        // the queue grow all the same.
+        let shared = Arc::new(Shared::default());
+        let metrics = Arc::new(Metrics::new());
+        let scraped = Arc::clone(&shared);
+        metrics.refresh_before_render(move |m| scraped.publish_waiting(m));
+        let sample = |name: &str| -> String {
+            let text = String::from_utf8(metrics.render()).unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or_default()
+                .to_string()
+        };
+        shared.queued.store(3, Ordering::Release);
+        shared.holding.store(2, Ordering::Release);
+        assert_eq!(sample("rempart_audit_queue_records"), "5");
+        shared.queued.store(40, Ordering::Release);
+        assert_eq!(sample("rempart_audit_queue_records"), "42");
+        shared.queued.store(0, Ordering::Release);
+        shared.holding.store(0, Ordering::Release);
+        assert_eq!(sample("rempart_audit_queue_records"), "0");
+        assert_eq!(sample("rempart_audit_queue_records_peak"), "42");
+    }
 
     fn writer(path: &Path, rotation: Rotation) -> Writer {
         let metrics = Arc::new(Metrics::new());

@@ -11,15 +11,16 @@
 //! pipe has been written out to the destination.
 //!
 //! A pipe starts at the kernel's default 64 KiB. A direction that finds
-//! 32 KiB or more waiting at once (a bulk transfer, not an API call) asks the [`PipeBudget`] for a pipe of
-//! `/proc/sys/fs/pipe-max-size` (1 MiB by default): fewer, larger splices
-//! cut rempart's CPU per byte by about a third and raise a loopback
-//! tunnel's throughput by about 40 % (docs/performance.md). The budget
-//! exists because pipe pages count against a per-user quota
-//! (`/proc/sys/fs/pipe-user-pages-soft`, 64 MiB by default) shared with
-//! every process of the same user; past it, every new pipe of that user
-//! gets two pages. So only `[egress] tunnel_pipe_budget` bytes of large
-//! pipes exist at once, and a direction that gets none keeps its 64 KiB.
+//! 32 KiB or more waiting at once (a bulk transfer, not an API call) asks
+//! the [`PipeBudget`] for a 1 MiB pipe (`/proc/sys/fs/pipe-max-size` if
+//! smaller), and gives it back after a run of small fills or when the
+//! tunnel closes. Fewer, larger splices cut rempart's CPU per byte by about
+//! a third and raise a loopback tunnel's throughput by about 40 %
+//! (docs/performance.md). The budget exists because pipe pages count
+//! against a per-user quota (`/proc/sys/fs/pipe-user-pages-soft`, 64 MiB by
+//! default) shared with every process of the same user; past it, every new
+//! pipe of that user gets two pages. So only `[egress] tunnel_pipe_budget`
+//! bytes of large pipes exist at once.
 //!
 //! All of it is safe code: `rustix` wraps the syscalls, and tokio's
 //! readiness (`readable`/`try_io`) drives them, so the sockets stay
@@ -43,8 +44,19 @@ use super::tunnel::{Progress, Way};
 /// the pipe's room is cut to what fits.
 const CHUNK: usize = 1 << 20;
 
-/// Size of a grown pipe when `/proc/sys/fs/pipe-max-size` cannot be read.
+/// Size of a grown pipe: 1 MiB, or `/proc/sys/fs/pipe-max-size` when
+/// that is smaller (the most an unprivileged process may set).
 const LARGE_PIPE: usize = 1 << 20;
+
+/// A fill of this much at once means the source had that much waiting: a
+/// bulk transfer, not an API call or a trickle. Half the default pipe, not
+/// all of it: a pipe holds 16 buffers, and socket pages are not always
+/// full ones.
+const GROW_AT: usize = 32 << 10;
+
+/// Smaller fills in a row after which a grown pipe goes back to its first
+/// size and gives its room back (a tunnel kept open after its burst).
+const SHRINK_AFTER: u32 = 8;
 
 /// The bytes of large pipes that the tunnels of this process may hold at
 /// once, shared by every worker.
@@ -52,9 +64,17 @@ const LARGE_PIPE: usize = 1 << 20;
 pub struct PipeBudget {
     limit: usize,
     used: AtomicUsize,
-    /// Size asked for a grown pipe: the largest an unprivileged process
-    /// may set.
+    /// Size asked for a grown pipe.
     large: usize,
+}
+
+/// Why a pipe was not grown.
+#[derive(Debug, PartialEq, Eq)]
+enum NotGrown {
+    /// The budget has no room now; it may later.
+    NoRoom,
+    /// The kernel refused (the user's pipe quota): no use asking again.
+    Refused,
 }
 
 impl PipeBudget {
@@ -64,7 +84,12 @@ impl PipeBudget {
         let large = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
             .ok()
             .and_then(|s| s.trim().parse::<usize>().ok())
-            .unwrap_or(LARGE_PIPE);
+            .map_or(LARGE_PIPE, |max| max.min(LARGE_PIPE));
+        if limit > 0 && limit < large as u64 {
+            tracing::warn!(
+                "[egress] tunnel_pipe_budget ({limit} bytes) is smaller than one large pipe ({large} bytes): no tunnel pipe will grow"
+            );
+        }
         PipeBudget {
             limit: usize::try_from(limit).unwrap_or(usize::MAX),
             used: AtomicUsize::new(0),
@@ -78,22 +103,72 @@ impl PipeBudget {
     }
 
     /// Grows `pipe` to a large pipe if the budget has room for it, and
-    /// returns the grant that gives the room back when dropped. `None`
-    /// when the budget is spent or the kernel refuses (the user's pipe
-    /// quota is reached): the pipe keeps its size, which is still correct,
-    /// only slower.
-    fn grow<Fd: AsFd>(&self, pipe: Fd) -> Option<Grant<'_>> {
+    /// returns the grant that gives the room back when dropped. Not grown,
+    /// the pipe keeps its size, which is still correct, only slower.
+    fn grow<Fd: AsFd>(&self, pipe: Fd) -> Result<Grant<'_>, NotGrown> {
         let size = self.large;
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 used.checked_add(size).filter(|&after| after <= self.limit)
             })
-            .ok()?;
+            .map_err(|_| NotGrown::NoRoom)?;
         let grant = Grant { budget: self, size };
-        // The kernel may round up to a power of two of pages; what it
-        // counts against the quota is what it set, close to `size`.
-        fcntl_setpipe_size(pipe, size).ok()?;
-        Some(grant)
+        // `pipe-max-size` is a power of two of pages, so the kernel sets
+        // exactly `size`: what the grant holds is what the quota counts.
+        fcntl_setpipe_size(pipe, size).map_err(|_| NotGrown::Refused)?;
+        Ok(grant)
+    }
+}
+
+/// How one direction's pipe is sized: grown for a burst while the budget
+/// has room, given back after [`SHRINK_AFTER`] small fills in a row, or
+/// when the tunnel closes.
+struct Sizing<'b> {
+    budget: &'b PipeBudget,
+    /// The pipe's size as created.
+    first: usize,
+    grant: Option<Grant<'b>>,
+    small_fills: u32,
+    /// The kernel refused to grow this pipe once.
+    refused: bool,
+}
+
+impl<'b> Sizing<'b> {
+    fn new(budget: &'b PipeBudget) -> Self {
+        Sizing {
+            budget,
+            first: 0,
+            grant: None,
+            small_fills: 0,
+            refused: false,
+        }
+    }
+
+    /// After each fill of `filled` bytes into `pipe` (which then holds
+    /// just those, less than the first size when shrinking).
+    fn after_fill<Fd: AsFd>(&mut self, pipe: Fd, filled: usize) {
+        if self.grant.is_none() {
+            if filled >= GROW_AT && !self.refused && self.budget.large > self.first {
+                match self.budget.grow(pipe) {
+                    Ok(grant) => {
+                        self.grant = Some(grant);
+                        self.small_fills = 0;
+                    }
+                    Err(NotGrown::Refused) => self.refused = true,
+                    Err(NotGrown::NoRoom) => {}
+                }
+            }
+        } else if filled < GROW_AT {
+            self.small_fills += 1;
+            if self.small_fills >= SHRINK_AFTER {
+                self.small_fills = 0;
+                if fcntl_setpipe_size(pipe, self.first).is_ok() {
+                    self.grant = None;
+                }
+            }
+        } else {
+            self.small_fills = 0;
+        }
     }
 }
 
@@ -121,13 +196,9 @@ pub(super) async fn one_way(
 ) -> io::Result<()> {
     // Declared before the pipe, so dropped after it: the room goes back
     // once the pipe is closed.
-    let mut _grant = None;
+    let mut sizing = Sizing::new(budget);
     let (pipe_out, pipe_in) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
-    // A fill of half the default pipe at once (32 KiB) means the source
-    // had that much waiting: a bulk transfer, not an API call or a trickle.
-    // Half, not all: a pipe holds 16 buffers, and socket pages are not
-    // always full ones. 0 once growing was tried.
-    let mut grow_at = fcntl_getpipe_size(&pipe_in).unwrap_or(0) / 2;
+    sizing.first = fcntl_getpipe_size(&pipe_in).unwrap_or(usize::MAX);
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     loop {
         // The pipe is empty here: fill it from the source.
@@ -147,12 +218,7 @@ pub(super) async fn one_way(
             let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
             return Ok(());
         }
-        if grow_at != 0 && filled >= grow_at {
-            // Worth a larger pipe if there is room; asked once per
-            // direction.
-            grow_at = 0;
-            _grant = budget.grow(&pipe_in);
-        }
+        sizing.after_fill(&pipe_in, filled);
         // Empty it into the destination before reading more.
         let mut left = filled;
         while left > 0 {
@@ -181,7 +247,7 @@ mod tests {
         let budget = PipeBudget::new(0);
         let (_out, pipe) = pipe_with(PipeFlags::CLOEXEC).unwrap();
         let default = fcntl_getpipe_size(&pipe).unwrap();
-        assert!(budget.grow(&pipe).is_none(), "a zero budget grows nothing");
+        assert_eq!(budget.grow(&pipe).err(), Some(NotGrown::NoRoom));
         assert_eq!(fcntl_getpipe_size(&pipe).unwrap(), default);
 
         // Room for exactly one large pipe.
@@ -192,11 +258,52 @@ mod tests {
         assert_eq!(fcntl_getpipe_size(&p1).unwrap(), one.large);
         assert!(one.large > default);
         assert_eq!(one.used(), one.large);
-        assert!(one.grow(&p2).is_none(), "no room for the second");
+        assert_eq!(one.grow(&p2).err(), Some(NotGrown::NoRoom));
         assert_eq!(fcntl_getpipe_size(&p2).unwrap(), default);
         drop(g1);
         assert_eq!(one.used(), 0);
         let _g2 = one.grow(&p2).expect("room once the first is given back");
         assert_eq!(fcntl_getpipe_size(&p2).unwrap(), one.large);
+    }
+
+    #[test]
+    fn a_pipe_grows_for_a_burst_and_shrinks_after_small_fills_in_a_row() {
+        let budget = PipeBudget::new(PipeBudget::new(0).large as u64);
+        let (_out, pipe) = pipe_with(PipeFlags::CLOEXEC).unwrap();
+        let first = fcntl_getpipe_size(&pipe).unwrap();
+        let mut sizing = Sizing::new(&budget);
+        sizing.first = first;
+        sizing.after_fill(&pipe, GROW_AT - 1);
+        assert_eq!(budget.used(), 0, "a small fill grows nothing");
+        sizing.after_fill(&pipe, GROW_AT);
+        assert_eq!(fcntl_getpipe_size(&pipe).unwrap(), budget.large);
+        assert_eq!(budget.used(), budget.large);
+        // A burst in between starts the count of small fills again.
+        for _ in 1..SHRINK_AFTER {
+            sizing.after_fill(&pipe, 100);
+        }
+        sizing.after_fill(&pipe, GROW_AT);
+        for _ in 1..SHRINK_AFTER {
+            sizing.after_fill(&pipe, 100);
+        }
+        assert_eq!(budget.used(), budget.large, "still grown");
+        sizing.after_fill(&pipe, 100);
+        assert_eq!(fcntl_getpipe_size(&pipe).unwrap(), first);
+        assert_eq!(budget.used(), 0, "the room is given back");
+        // And it grows again for the next burst.
+        sizing.after_fill(&pipe, 1 << 20);
+        assert_eq!(budget.used(), budget.large);
+        drop(sizing);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_pipe_already_as_large_is_not_grown() {
+        let budget = PipeBudget::new(16 << 20);
+        let (_out, pipe) = pipe_with(PipeFlags::CLOEXEC).unwrap();
+        let mut sizing = Sizing::new(&budget);
+        sizing.first = budget.large;
+        sizing.after_fill(&pipe, 1 << 20);
+        assert_eq!(budget.used(), 0);
     }
 }
