@@ -295,6 +295,7 @@ impl Refusal {
 pub struct EgressMetrics {
     refusals: Vec<IntCounter>,
     pub tunnels_open: IntGauge,
+    pub tunnel_pipe_bytes: IntGauge,
     pub in_flight: IntGauge,
     pub bytes_to_destination: IntCounter,
     pub bytes_from_destination: IntCounter,
@@ -322,6 +323,11 @@ impl EgressMetrics {
             "CONNECT tunnels currently open.",
         ));
         reg(Box::new(tunnels_open.clone()));
+        let tunnel_pipe_bytes = must(IntGauge::new(
+            "rempart_egress_tunnel_pipe_bytes",
+            "Bytes of enlarged tunnel pipes held now, out of [egress] tunnel_pipe_budget.",
+        ));
+        reg(Box::new(tunnel_pipe_bytes.clone()));
         let in_flight = must(IntGauge::new(
             "rempart_egress_connections_in_use",
             "Egress slots in use (open tunnels and plain requests in flight), bounded by [egress] max_connections.",
@@ -356,6 +362,7 @@ impl EgressMetrics {
         EgressMetrics {
             refusals,
             tunnels_open,
+            tunnel_pipe_bytes,
             in_flight,
             bytes_to_destination: bytes.with_label_values(&["to_destination"]),
             bytes_from_destination: bytes.with_label_values(&["from_destination"]),

@@ -114,6 +114,14 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
     let tunnel_pipes = Arc::new(crate::pipeline::enforce::tunnel::PipeBudget::new(
         cfg.egress.tunnel_pipe_budget.0,
     ));
+    {
+        let pipes = Arc::clone(&tunnel_pipes);
+        metrics.refresh_before_render(move |m| {
+            m.egress
+                .tunnel_pipe_bytes
+                .set(i64::try_from(pipes.used()).unwrap_or(i64::MAX));
+        });
+    }
     let mut ingress_listeners = ingress_listeners.into_iter();
     let mut egress_listeners = egress_listeners.into_iter();
     let mut threads = Vec::with_capacity(workers);

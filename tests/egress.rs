@@ -783,6 +783,9 @@ async fn a_tunnel_carries_a_large_transfer_both_ways_intact() {
     let mut hash = Sha256::new();
     let mut got = 0usize;
     let mut buf = vec![0u8; 64 * 1024];
+    // Halfway through, the bulk transfer holds enlarged pipes
+    // ([egress] tunnel_pipe_budget).
+    let mut pipes_mid_transfer = None;
     loop {
         let n = tokio::time::timeout(Duration::from_secs(30), rd.read(&mut buf))
             .await
@@ -793,15 +796,27 @@ async fn a_tunnel_carries_a_large_transfer_both_ways_intact() {
         }
         hash.update(&buf[..n]);
         got += n;
+        if got >= SIZE / 2 && pipes_mid_transfer.is_none() {
+            pipes_mid_transfer = Some(s.rempart.metric("rempart_egress_tunnel_pipe_bytes").await);
+        }
     }
     let sent_hash = writer.await.unwrap();
     assert_eq!(got, SIZE);
     assert_eq!(hash.finalize(), sent_hash, "bytes changed in the tunnel");
     drop(rd);
+    assert!(
+        pipes_mid_transfer.is_some_and(|b| b >= 1_048_576.0),
+        "{pipes_mid_transfer:?} bytes of enlarged pipes mid-transfer"
+    );
     // The closing record counts every byte, both ways.
     let closing = closing_record(&s.rempart, &id).await;
     assert_eq!(closing["transfer"]["bytes_to_destination"], SIZE as u64);
     assert_eq!(closing["transfer"]["bytes_from_destination"], SIZE as u64);
+    // Closed, the tunnel gave its pipes' room back.
+    assert_eq!(
+        s.rempart.metric("rempart_egress_tunnel_pipe_bytes").await,
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
