@@ -498,17 +498,18 @@ impl Writer {
         }
     }
 
-    /// Publishes how many records wait for the trail: those still in the
+    /// Notes how many records wait for the trail: those still in the
     /// queue, after the writer `taken` some from it, and the `holding` it
     /// has in hand (a batch about to be written, or records kept after a
     /// failed write). Each waiting record holds its buffer, so this is
-    /// also the audit trail's share of rempart's memory.
+    /// also the audit trail's share of rempart's memory. The gauges are
+    /// set at each scrape; sampling here keeps the peak between scrapes.
     fn note_waiting(&self, taken: usize, holding: usize) {
         // In hand before out of the queue, so that a scrape in between
         // counts them twice rather than not at all.
         self.shared.holding.store(holding, Ordering::Release);
         self.shared.queued.fetch_sub(taken, Ordering::AcqRel);
-        self.shared.publish_waiting(&self.metrics);
+        self.shared.waiting();
     }
 
     /// Chains and appends `records` (emptying it) with one write, preceded

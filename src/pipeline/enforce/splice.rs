@@ -112,7 +112,7 @@ impl PipeBudget {
                 used.checked_add(size).filter(|&after| after <= self.limit)
             })
             .map_err(|_| NotGrown::NoRoom)?;
-        let grant = Grant { budget: self, size };
+        let grant = Grant { budget: self };
         // `pipe-max-size` is a power of two of pages, so the kernel sets
         // exactly `size`: what the grant holds is what the quota counts.
         fcntl_setpipe_size(pipe, size).map_err(|_| NotGrown::Refused)?;
@@ -172,15 +172,17 @@ impl<'b> Sizing<'b> {
     }
 }
 
-/// Room taken from a [`PipeBudget`], given back when dropped.
+/// Room for one large pipe taken from a [`PipeBudget`], given back when
+/// dropped.
 struct Grant<'b> {
     budget: &'b PipeBudget,
-    size: usize,
 }
 
 impl Drop for Grant<'_> {
     fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.size, Ordering::AcqRel);
+        self.budget
+            .used
+            .fetch_sub(self.budget.large, Ordering::AcqRel);
     }
 }
 
