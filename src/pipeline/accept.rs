@@ -88,6 +88,7 @@ pub async fn serve(
         .http1()
         .timer(head_timer::HeadTimer::default())
         .header_read_timeout(header_read_timeout)
+        .writev(false)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let metrics = Arc::clone(&gateway.metrics);

@@ -117,7 +117,9 @@ async fn handshake<S>(stream: S) -> Result<SendRequest<RequestBody>, PoolError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = http1::handshake(TokioIo::new(stream))
+    let (sender, connection) = http1::Builder::new()
+        .writev(false)
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| PoolError::Connect(format!("HTTP/1.1 set-up failed: {e}")))?;
     tokio::spawn(async move {
