@@ -44,7 +44,7 @@ fn input() -> PolicyInput {
                 ("cookie", "[redacted]"),
             ]
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| ((*k).into(), v.to_string()))
             .collect(),
             protocol: "HTTP/1.1".into(),
         },

@@ -18,6 +18,11 @@ use regorus::Value;
 use serde::{Deserialize, Serialize};
 
 use crate::geo::Geo;
+
+/// A short text that is nearly always one of a few constants (a method, a
+/// scheme, an address scope): borrowed then, so that describing a request
+/// does not allocate it, and owned for the rare other value.
+pub type Name = std::borrow::Cow<'static, str>;
 use crate::policy::InputReads;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,8 +58,8 @@ pub struct PolicyInput {
 pub struct RequestInfo {
     /// The decision id, also sent back as `x-rempart-decision-id`.
     pub id: String,
-    pub method: String,
-    pub scheme: String,
+    pub method: Name,
+    pub scheme: Name,
     pub host: String,
     pub port: u16,
     /// Percent-decoded path.
@@ -65,9 +70,9 @@ pub struct RequestInfo {
     pub query: BTreeMap<String, Vec<String>>,
     /// Lower-case header names; repeated headers joined with ", ";
     /// credential headers redacted (see `[policy] redact_headers`).
-    pub headers: BTreeMap<String, String>,
+    pub headers: BTreeMap<Name, String>,
     /// "HTTP/1.1", "HTTP/2".
-    pub protocol: String,
+    pub protocol: Name,
 }
 
 /// Where a request comes from (the peer of the accepted connection).
@@ -76,7 +81,7 @@ pub struct Endpoint {
     pub ip: String,
     pub port: u16,
     /// See [`crate::pipeline::locate::Scope`].
-    pub scope: String,
+    pub scope: Name,
     /// Location and jurisdiction of `ip`.
     pub geo: Geo,
     /// Egress: the workload the caller is (`[[egress.workloads]]`, or the
@@ -95,7 +100,7 @@ pub struct Destination {
     /// if it is allowed; null when nothing could be resolved.
     pub ip: Option<String>,
     pub port: u16,
-    pub scope: Option<String>,
+    pub scope: Option<Name>,
     /// Location and jurisdiction of `ip`, or null when `ip` is null.
     pub geo: Option<Geo>,
     /// Every address the host resolved to (once, before deciding), each
@@ -107,7 +112,7 @@ pub struct Destination {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Address {
     pub ip: String,
-    pub scope: String,
+    pub scope: Name,
     pub geo: Geo,
 }
 
@@ -185,9 +190,9 @@ pub mod value {
         Value::from(v)
     }
 
-    pub fn opt(v: &Option<String>) -> Value {
+    pub fn opt<T: AsRef<str>>(v: &Option<T>) -> Value {
         match v {
-            Some(v) => Value::from(v.as_str()),
+            Some(v) => Value::from(v.as_ref()),
             None => Value::Null,
         }
     }

@@ -130,7 +130,7 @@ fn verdicts_for_eu_operator_outside_eu_unknown_and_local() {
     // Not in any database.
     let none = db.lookup(ip("1.1.1.1"));
     assert_eq!(
-        (none.country.clone(), none.asn, none.sovereign.as_str()),
+        (none.country.clone(), none.asn, none.sovereign.as_ref()),
         (None, None, "unknown")
     );
     // Special-purpose addresses are never looked up.
@@ -142,7 +142,7 @@ fn verdicts_for_eu_operator_outside_eu_unknown_and_local() {
     ] {
         let g = db.lookup(ip(a));
         assert_eq!(
-            (g.scope.as_str(), g.sovereign.as_str(), g.country.clone()),
+            (g.scope.as_ref(), g.sovereign.as_ref(), g.country.clone()),
             (scope, "local", None),
             "{a}"
         );

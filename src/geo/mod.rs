@@ -34,7 +34,7 @@ pub const LOCAL: &str = "local";
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Geo {
     /// Address class: public, private, loopback, link_local, cgnat, ...
-    pub scope: String,
+    pub scope: crate::input::Name,
     /// ISO 3166-1 alpha-2 of the located country, or null.
     pub country: Option<String>,
     pub in_eu: bool,
@@ -48,7 +48,7 @@ pub struct Geo {
     pub as_country: Option<String>,
     pub operator: Option<Operator>,
     /// eu_operated_in_eu | non_eu_operator_in_eu | outside_eu | unknown | local
-    pub sovereign: String,
+    pub sovereign: crate::input::Name,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -202,7 +202,7 @@ impl GeoDb {
         }
         let sovereign = verdict(country.as_deref(), in_eea, operator.as_ref());
         Geo {
-            scope: sc.as_str().to_string(),
+            scope: sc.as_str().into(),
             country,
             in_eu,
             in_eea,
@@ -211,7 +211,7 @@ impl GeoDb {
             as_org,
             as_country,
             operator,
-            sovereign: sovereign.to_string(),
+            sovereign: sovereign.into(),
         }
     }
 }
@@ -245,7 +245,7 @@ impl Geo {
     /// A non-public address: no location or operator to look up.
     pub fn local(sc: Scope) -> Geo {
         Geo {
-            scope: sc.as_str().to_string(),
+            scope: sc.as_str().into(),
             country: None,
             in_eu: false,
             in_eea: false,
@@ -254,7 +254,7 @@ impl Geo {
             as_org: None,
             as_country: None,
             operator: None,
-            sovereign: LOCAL.to_string(),
+            sovereign: LOCAL.into(),
         }
     }
 

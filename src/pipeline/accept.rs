@@ -433,7 +433,7 @@ pub fn describe(
                 .push(v.into_owned());
         }
     }
-    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    let mut headers: BTreeMap<crate::input::Name, String> = BTreeMap::new();
     for (name, value) in &parts.headers {
         let shown = if redact.contains(name) {
             "[redacted]".to_string()
@@ -441,7 +441,7 @@ pub fn describe(
             String::from_utf8_lossy(value.as_bytes()).into_owned()
         };
         headers
-            .entry(name.as_str().to_string())
+            .entry(header_key(name))
             .and_modify(|v| {
                 v.push_str(", ");
                 v.push_str(&shown);
@@ -450,16 +450,69 @@ pub fn describe(
     }
     RequestInfo {
         id: id.to_string(),
-        method: parts.method.as_str().to_string(),
-        scheme: if conn.tls { "https" } else { "http" }.to_string(),
+        method: method_name(&parts.method),
+        scheme: if conn.tls { "https" } else { "http" }.into(),
         host,
         port,
         path,
         segments,
         query,
         headers,
-        protocol: protocol_name(parts.version).to_string(),
+        protocol: protocol_name(parts.version).into(),
     }
+}
+
+/// A header's name as the policy sees it: a constant for the headers most
+/// requests carry, so that describing them allocates only their values.
+fn header_key(name: &http::HeaderName) -> crate::input::Name {
+    match COMMON_HEADERS.iter().find(|(known, _)| known == name) {
+        Some((_, key)) => (*key).into(),
+        None => name.as_str().to_string().into(),
+    }
+}
+
+/// See [`header_key`]; each name is spelled as `HeaderName::as_str` does
+/// (a unit test holds them to it).
+const COMMON_HEADERS: [(http::HeaderName, &str); 18] = {
+    use http::header::*;
+    [
+        (HOST, "host"),
+        (USER_AGENT, "user-agent"),
+        (ACCEPT, "accept"),
+        (ACCEPT_ENCODING, "accept-encoding"),
+        (ACCEPT_LANGUAGE, "accept-language"),
+        (AUTHORIZATION, "authorization"),
+        (CACHE_CONTROL, "cache-control"),
+        (CONNECTION, "connection"),
+        (CONTENT_LENGTH, "content-length"),
+        (CONTENT_TYPE, "content-type"),
+        (COOKIE, "cookie"),
+        (ORIGIN, "origin"),
+        (PRAGMA, "pragma"),
+        (REFERER, "referer"),
+        (TE, "te"),
+        (UPGRADE_INSECURE_REQUESTS, "upgrade-insecure-requests"),
+        (IF_NONE_MATCH, "if-none-match"),
+        (IF_MODIFIED_SINCE, "if-modified-since"),
+    ]
+};
+
+/// The method as the policy sees it: a constant for the standard ones.
+fn method_name(m: &http::Method) -> crate::input::Name {
+    use http::Method;
+    let known = match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => return m.as_str().to_string().into(),
+    };
+    known.into()
 }
 
 /// Describes an egress request for the policy: as [`describe`], with the
@@ -551,5 +604,19 @@ mod tests {
         assert_eq!(d.headers["authorization"], "[redacted]");
         assert_eq!(d.headers["accept"], "a, b");
         assert_eq!(d.protocol, "HTTP/1.1");
+    }
+
+    #[test]
+    fn common_header_keys_are_the_names_themselves() {
+        for (name, key) in &COMMON_HEADERS {
+            assert_eq!(name.as_str(), *key);
+            assert!(matches!(header_key(name), std::borrow::Cow::Borrowed(k) if k == *key));
+        }
+        let custom = http::HeaderName::from_static("x-tenant");
+        assert_eq!(header_key(&custom), "x-tenant");
+        for m in ["GET", "POST", "DELETE", "PROPFIND"] {
+            let method = http::Method::from_bytes(m.as_bytes()).unwrap();
+            assert_eq!(method_name(&method), m);
+        }
     }
 }

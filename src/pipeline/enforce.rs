@@ -441,14 +441,15 @@ fn set_forwarded(
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_ip}"),
         _ => peer_ip.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    // Values from owned bytes: checked, not copied again.
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
         headers.insert(X_FORWARDED_FOR, v);
     }
     let proto = if client_tls { "https" } else { "http" };
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     // Other client-supplied address headers would be believed by the CRM:
     // replace X-Real-IP with the peer, drop Forwarded.
-    if let Ok(v) = HeaderValue::from_str(&peer_ip) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(peer_ip)) {
         headers.insert(X_REAL_IP, v);
     }
     headers.remove(header::FORWARDED);

@@ -60,7 +60,7 @@ fn count(ev: &Evidence<'_>, metrics: &Metrics) {
             geo.and_then(|g| g.country.as_deref()),
             geo.and_then(|g| g.operator.as_ref())
                 .map(|o| o.jurisdiction.as_str()),
-            geo.map_or(crate::geo::UNKNOWN, |g| g.sovereign.as_str()),
+            geo.map_or(crate::geo::UNKNOWN, |g| g.sovereign.as_ref()),
             ev.outcome,
         );
     }

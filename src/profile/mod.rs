@@ -330,10 +330,15 @@ impl Profile {
 
     /// The type policies see for the CRM's own name `raw`.
     fn canonical_type(&self, raw: &str) -> String {
-        let lower = raw.to_lowercase();
-        match self.types.get(lower.as_str()) {
+        // Paths are nearly always lower-case already: no copy to look up.
+        let lower: std::borrow::Cow<str> = if raw.chars().any(char::is_uppercase) {
+            raw.to_lowercase().into()
+        } else {
+            raw.into()
+        };
+        match self.types.get(lower.as_ref()) {
             Some(t) => t.to_string(),
-            None => lower,
+            None => lower.into_owned(),
         }
     }
 }

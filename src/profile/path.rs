@@ -12,8 +12,9 @@
 //! - case is left as sent; a profile compares literals case-insensitively
 //!   unless it says otherwise (matching more, never less, than the CRM).
 //!
-//! The result borrows nothing from the request and allocates once (the
-//! decoded path) plus one small vector of segment bounds.
+//! The result borrows the request's path when it has nothing to decode
+//! (nearly always), else allocates the decoded path; plus one small vector
+//! of segment bounds.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -22,17 +23,14 @@ use percent_encoding::percent_decode_str;
 
 /// A decoded, dot-free path and the bounds of its segments.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CanonicalPath {
-    decoded: String,
+pub struct CanonicalPath<'a> {
+    decoded: Cow<'a, str>,
     segments: Vec<Range<usize>>,
 }
 
-impl CanonicalPath {
-    pub fn new(raw_path: &str) -> Self {
-        let decoded = match percent_decode_str(raw_path).decode_utf8_lossy() {
-            Cow::Borrowed(s) => s.to_string(),
-            Cow::Owned(s) => s,
-        };
+impl<'a> CanonicalPath<'a> {
+    pub fn new(raw_path: &'a str) -> Self {
+        let decoded = percent_decode_str(raw_path).decode_utf8_lossy();
         let mut segments: Vec<Range<usize>> = Vec::with_capacity(8);
         let mut start = 0;
         for piece in decoded.split('/') {
