@@ -43,6 +43,10 @@
 #                        distinct requests (it keeps 1024 decisions per
 #                        worker thread by default: PATHS=100000 makes
 #                        nearly every decision a miss)
+#   BARE [0]             1 = also load benches/bare_proxy.rs (hyper server and
+#                        client, one runtime per core, nothing else: the floor
+#                        under rempart) in the full-load rounds, as target
+#                        `bare`, and print rempart/bare
 #   SKIP_BUILD [0]       1 = use target/release/rempart as it is
 #   POLICIES [policies/] the policy directory rempart serves (e.g. one with
 #                        decision.rego alone, to measure the proxy without
@@ -80,6 +84,7 @@ MODERATE_ROUNDS=${MODERATE_ROUNDS:-3}
 PACE_MS=${PACE_MS:-1}
 PATHS=${PATHS:-1}
 SKIP_BUILD=${SKIP_BUILD:-0}
+BARE=${BARE:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 BUILD_WAIT_MAX=${BUILD_WAIT_MAX:-1800}
 URL_PATH=/api/contacts/42
@@ -141,6 +146,14 @@ if [[ $SKIP_BUILD != 1 ]]; then
     fi
 fi
 [[ -x $BIN ]] || die "$BIN missing"
+BARE_BIN=
+if [[ $BARE == 1 ]]; then
+    command -v cargo >/dev/null || die "BARE=1 needs cargo (to build benches/bare_proxy.rs)"
+    log "cargo bench --bench bare_proxy --no-run"
+    BARE_BIN=$(cd "$ROOT" && cargo bench --bench bare_proxy --no-run 2>&1 | sed -n 's/.*Executable.*(\(.*\)).*/\1/p' | tail -1)
+    [[ -n $BARE_BIN ]] || die "cannot build or find the bare_proxy bench"
+    [[ $BARE_BIN == /* ]] || BARE_BIN=$ROOT/$BARE_BIN
+fi
 
 # -------------------------------------------------- quiet-machine guard
 # This machine is shared with people who compile: a rustc running during a
@@ -193,7 +206,7 @@ wait_idle() {
 # running (upstream nginx, nginx proxy, rempart, with their children).
 ours_cpu() {
     local p total=0
-    for p in "$UP_PID" "$PX_PID" "$REMPART_PID"; do
+    for p in "$UP_PID" "$PX_PID" "$REMPART_PID" "$BARE_PID"; do
         [[ -n $p ]] && total=$(awk -v t="$total" -v c="$(cpu_seconds "$p")" 'BEGIN { printf "%.3f", t + c }')
     done
     echo "$total"
@@ -210,6 +223,7 @@ children_cpu() { # variable name to set
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/rempart-load.XXXXXX")
 PIDS_NGINX=()
 REMPART_PID=
+BARE_PID=
 WRK_PID=
 
 cleanup() {
@@ -222,6 +236,7 @@ cleanup() {
         kill -0 "$REMPART_PID" 2>/dev/null && { log "rempart did not stop on SIGTERM in 10s: SIGKILL"; kill -KILL "$REMPART_PID"; }
         wait "$REMPART_PID" 2>/dev/null
     fi
+    [[ -n $BARE_PID ]] && kill "$BARE_PID" 2>/dev/null
     for p in "${PIDS_NGINX[@]}"; do
         kill -TERM "$p" 2>/dev/null # nginx master: fast shutdown, stops its workers
     done
@@ -374,11 +389,22 @@ done
 [[ -n $RP_PORT && -n $ADMIN ]] || { cat "$TMP/rempart.log" >&2; die "no 'rempart ready' line in 20s"; }
 log "rempart (workers=${WORKERS:-?}, enforce, audit on) on 127.0.0.1:$RP_PORT, admin $ADMIN"
 
+BARE_PORT=
+CHECKED=("direct:$UP_PORT" "nginx:$PX_PORT" "rempart:$RP_PORT")
+if [[ -n $BARE_BIN ]]; then
+    BARE_PORT=$(free_port) || die "no free port"
+    BARE_PROXY_LISTEN=127.0.0.1:$BARE_PORT BARE_PROXY_UPSTREAM=127.0.0.1:$UP_PORT "$BARE_BIN" >"$TMP/bare.log" 2>&1 &
+    BARE_PID=$!
+    wait_port "$BARE_PORT" "$BARE_PID" "bare_proxy"
+    CHECKED+=("bare:$BARE_PORT")
+    log "bare_proxy on 127.0.0.1:$BARE_PORT"
+fi
+
 # ------------------------------------------------------- sanity checks
 # Each target must answer 200 with the upstream's body. The one rempart
 # request is counted in the audit comparison below.
 EXTRA_REMPART_REQUESTS=0
-for t in "direct:$UP_PORT" "nginx:$PX_PORT" "rempart:$RP_PORT"; do
+for t in "${CHECKED[@]}"; do
     name=${t%%:*} port=${t##*:}
     resp=$(http_get "$port" "$URL_PATH" | tr -d '\r')
     [[ $name == rempart ]] && EXTRA_REMPART_REQUESTS=$((EXTRA_REMPART_REQUESTS + 1))
@@ -386,16 +412,16 @@ for t in "direct:$UP_PORT" "nginx:$PX_PORT" "rempart:$RP_PORT"; do
     [[ $status == "HTTP/1.1 200"* ]] || { printf '%s\n' "$resp" >&2; die "$name answered '$status' on $URL_PATH"; }
     [[ $(tail -1 <<<"$resp") == "$BODY" ]] || { printf '%s\n' "$resp" >&2; die "$name: body differs from the upstream's"; }
 done
-log "all three targets answer 200 with the ${#BODY}-byte body"
+log "all ${#CHECKED[@]} targets answer 200 with the ${#BODY}-byte body"
 
 # ------------------------------------------------------------------ runs
 RESULTS=$TMP/results.tsv # phase target round rps requests p50 p75 p90 p99 non2xx sockerr cpu_s foreign% steal%
 : >"$RESULTS"
 mkdir -p "$TMP/wrk"
 
-port_of() { case $1 in direct) echo "$UP_PORT" ;; nginx) echo "$PX_PORT" ;; rempart) echo "$RP_PORT" ;; esac; }
+port_of() { case $1 in direct) echo "$UP_PORT" ;; nginx) echo "$PX_PORT" ;; rempart) echo "$RP_PORT" ;; bare) echo "$BARE_PORT" ;; esac; }
 # The process whose CPU time is charged to the target (with its children).
-pid_of() { case $1 in direct) echo "$UP_PID" ;; nginx) echo "$PX_PID" ;; rempart) echo "$REMPART_PID" ;; esac; }
+pid_of() { case $1 in direct) echo "$UP_PID" ;; nginx) echo "$PX_PID" ;; rempart) echo "$REMPART_PID" ;; bare) echo "$BARE_PID" ;; esac; }
 
 parse_wrk() { # file -> rps requests p50 p75 p90 p99 non2xx sockerr (latencies in ms)
     awk '
@@ -472,6 +498,7 @@ run_wrk() { # phase target round threads connections duration [extra wrk args...
 }
 
 TARGETS=(direct nginx rempart)
+if [[ -n $BARE_PID ]]; then TARGETS+=(bare); fi
 wait_quiet
 LOADAVG_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 LOAD_EXTRA=()
@@ -486,11 +513,11 @@ if [[ $WARMUP != 0 ]]; then
     for t in "${TARGETS[@]}"; do run_wrk warmup "$t" 0 2 "$CONNECTIONS" "$WARMUP" "${LOAD_EXTRA[@]}"; done
 fi
 
-log "full load: $ROUNDS rounds x 3 targets, wrk -t2 -c$CONNECTIONS -d$DURATION --latency$LOAD_DESC"
+log "full load: $ROUNDS rounds x ${#TARGETS[@]} targets, wrk -t2 -c$CONNECTIONS -d$DURATION --latency$LOAD_DESC"
 for ((r = 1; r <= ROUNDS; r++)); do
     # Rotate the order each round so that no target always runs first.
-    for ((i = 0; i < 3; i++)); do
-        t=${TARGETS[$(((i + r - 1) % 3))]}
+    for ((i = 0; i < ${#TARGETS[@]}; i++)); do
+        t=${TARGETS[$(((i + r - 1) % ${#TARGETS[@]}))]}
         run_wrk load "$t" "$r" 2 "$CONNECTIONS" "$DURATION" "${LOAD_EXTRA[@]}"
     done
 done
@@ -622,6 +649,7 @@ EXPECTED=$((REMPART_WRK_REQUESTS + EXTRA_REMPART_REQUESTS))
     summary_row load direct "-t2 -c$CONNECTIONS"
     summary_row load nginx "-t2 -c$CONNECTIONS"
     summary_row load rempart "-t2 -c$CONNECTIONS"
+    if [[ -n $BARE_PID ]]; then summary_row load bare "-t2 -c$CONNECTIONS"; fi
     echo
     echo "### Moderate load: $MODERATE_DESC, $MODERATE_ROUNDS rounds (median over rounds)"
     echo
@@ -637,6 +665,10 @@ EXPECTED=$((REMPART_WRK_REQUESTS + EXTRA_REMPART_REQUESTS))
     awk -v r="$RPS_REMPART" -v n="$RPS_NGINX" -v d="$RPS_DIRECT" 'BEGIN {
         printf "- rempart/nginx req/s (full load, medians): %.0f / %.0f = %.2fx  (target >= 0.80x)\n", r, n, r / n
         printf "- nginx/direct: %.2fx, rempart/direct: %.2fx\n", n / d, r / d }'
+    if [[ -n $BARE_PID ]]; then
+        awk -v r="$RPS_REMPART" -v n="$RPS_NGINX" -v b="$(col load bare 4 | median)" 'BEGIN {
+            printf "- bare hyper proxy (benches/bare_proxy.rs): %.0f req/s = %.2fx nginx; rempart/bare: %.2fx (the rest is the input, policy, audit and metrics work)\n", b, b / n, r / b }'
+    fi
     awk -v a="$MOD_P99_REMPART" -v b="$MOD_P99_NGINX" -v c="$MOD_P50_REMPART" -v e="$MOD_P50_NGINX" 'BEGIN {
         printf "- added latency vs nginx at moderate load (medians): p99 %+.3f ms (%.3f vs %.3f; target <= 1 ms), p50 %+.3f ms\n", a - b, a, b, c - e }'
     awk -v h="$VMHWM_KB" -v s="$VMRSS_KB" -v t="$THREADS" 'BEGIN {

@@ -491,7 +491,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        // `keep-alive` (nearly every HTTP/1.1 answer's) is removed below
+        // anyway: naming it again would allocate a header name per request.
+        .filter(|n| {
+            !HOP_BY_HOP
+                .iter()
+                .any(|h| h.as_str().eq_ignore_ascii_case(n))
+        })
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for name in named.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
@@ -527,6 +535,17 @@ pub fn upstream_failure(decision_id: &str, kind: UpstreamError) -> Response<Prox
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_named_by_connection_are_removed_whatever_their_case() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Keep-Alive , X-Secret-Hop".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {
