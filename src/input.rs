@@ -161,12 +161,12 @@ pub struct Resource {
     pub id: Option<String>,
     /// read | list | create | update | delete | export | import | search |
     /// login | admin | other (see `crate::profile::Operation`).
-    pub operation: String,
+    pub operation: Name,
     pub bulk: bool,
     /// Null unless the matched route reads the request body (JSON-RPC):
     /// then "inspected", or why not: "too_large", "malformed", "timeout",
     /// "unreadable" (see `crate::profile::inspection`).
-    pub inspection: Option<String>,
+    pub inspection: Option<Name>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -491,7 +491,13 @@ pub fn time_info(now: std::time::SystemTime) -> TimeInfo {
     let secs = since.as_secs();
     let days = secs / 86_400;
     TimeInfo {
-        rfc3339: humantime::format_rfc3339_micros(now).to_string(),
+        rfc3339: {
+            // "2026-11-28T14:49:18.497935Z": sized once, not grown.
+            use std::fmt::Write;
+            let mut text = String::with_capacity(27);
+            let _ = write!(text, "{}", humantime::format_rfc3339_micros(now));
+            text
+        },
         unix_ns: i64::try_from(since.as_nanos()).unwrap_or(i64::MAX),
         // 1970-01-01 was a Thursday (4).
         weekday: ((days + 4) % 7) as u8,

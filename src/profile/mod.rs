@@ -740,7 +740,7 @@ fn scalar(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-fn with_inspection(mut r: Resource, what: &str) -> Resource {
+fn with_inspection(mut r: Resource, what: &'static str) -> Resource {
     r.inspection = Some(what.into());
     r
 }

@@ -13,7 +13,7 @@ fn c(p: &Profiles, method: &str, target: &str) -> (String, Option<String>, Strin
     match p.classify(&method.parse().unwrap(), path, query) {
         Classified::Done(r) => {
             assert!(r.inspection.is_none());
-            (r.kind, r.id, r.operation, r.bulk)
+            (r.kind, r.id, r.operation.into_owned(), r.bulk)
         }
         Classified::NeedsBody(_) => panic!("{method} {target} unexpectedly needs the body"),
     }
@@ -262,7 +262,7 @@ fn odoo_json_rpc_body() {
         br#"{"jsonrpc":"2.0","method":"call","params":{"model":"res.partner","method":"search_read","args":[],"kwargs":{}}}"#,
     ));
     assert_eq!(
-        (r.kind.as_str(), r.operation.as_str(), r.bulk),
+        (r.kind.as_str(), r.operation.as_ref(), r.bulk),
         ("contact", "list", false)
     );
     assert_eq!(r.inspection.as_deref(), Some("inspected"));
@@ -270,32 +270,32 @@ fn odoo_json_rpc_body() {
         br#"{"params":{"model":"res.partner","method":"unlink","args":[[7]]}}"#,
     ));
     assert_eq!(
-        (r.operation.as_str(), r.id.as_deref(), r.bulk),
+        (r.operation.as_ref(), r.id.as_deref(), r.bulk),
         ("delete", Some("7"), false)
     );
     let r = odoo(BodyOutcome::Complete(
         br#"{"params":{"model":"res.partner","method":"unlink","args":[[7, 8, 9]]}}"#,
     ));
-    assert_eq!((r.operation.as_str(), r.id, r.bulk), ("delete", None, true));
+    assert_eq!((r.operation.as_ref(), r.id, r.bulk), ("delete", None, true));
     let r = odoo(BodyOutcome::Complete(
         br#"{"params":{"model":"crm.lead","method":"export_data","args":[[1],["name"]]}}"#,
     ));
     assert_eq!(
-        (r.kind.as_str(), r.operation.as_str(), r.bulk),
+        (r.kind.as_str(), r.operation.as_ref(), r.bulk),
         ("lead", "export", true)
     );
     let r = odoo(BodyOutcome::Complete(
         br#"{"params":{"model":"x.custom","method":"do_something","args":[]}}"#,
     ));
     assert_eq!(
-        (r.kind.as_str(), r.operation.as_str()),
+        (r.kind.as_str(), r.operation.as_ref()),
         ("x.custom", "other")
     );
     // Odoo reads the model from the body, never from the path: so does rempart.
     let r = odoo(BodyOutcome::Complete(
         br#"{"params":{"model":"res.users","method":"write","args":[[2],{}]}}"#,
     ));
-    assert_eq!((r.kind.as_str(), r.operation.as_str()), ("user", "update"));
+    assert_eq!((r.kind.as_str(), r.operation.as_ref()), ("user", "update"));
 }
 
 #[test]
@@ -320,7 +320,7 @@ fn odoo_bad_bodies_are_unknown_and_say_why() {
         assert_eq!(
             (
                 r.kind.as_str(),
-                r.operation.as_str(),
+                r.operation.as_ref(),
                 r.inspection.as_deref()
             ),
             ("unknown", "other", Some(why))
