@@ -113,17 +113,7 @@ async fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
                     let mut req = req;
                     if flag("B_HEADERS") {
                         let h = req.headers_mut();
-                        for n in [
-                            http::header::CONNECTION,
-                            http::header::PROXY_AUTHENTICATE,
-                            http::header::PROXY_AUTHORIZATION,
-                            http::header::TE,
-                            http::header::TRAILER,
-                            http::header::TRANSFER_ENCODING,
-                            http::header::UPGRADE,
-                        ] {
-                            h.remove(n);
-                        }
+                        strip_hop_by_hop(h);
                         h.insert(
                             "x-forwarded-for",
                             http::HeaderValue::from_str(&peer.ip().to_string()).unwrap(),
@@ -152,15 +142,7 @@ async fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
                     let mut resp = resp.map_err(|_| "upstream exchange failed")?;
                     if flag("B_HEADERS") {
                         let h = resp.headers_mut();
-                        for n in [
-                            http::header::CONNECTION,
-                            http::header::TE,
-                            http::header::TRAILER,
-                            http::header::TRANSFER_ENCODING,
-                            http::header::UPGRADE,
-                        ] {
-                            h.remove(n);
-                        }
+                        strip_hop_by_hop(h);
                         h.insert(
                             "x-rempart-decision-id",
                             http::HeaderValue::from_str(&format!("{:032x}", 12345u128)).unwrap(),
@@ -205,4 +187,20 @@ async fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
 fn flag(name: &str) -> bool {
     thread_local! { static FLAGS: std::collections::HashMap<String, bool> = std::env::vars().filter(|(k, _)| k.starts_with("B_")).map(|(k, v)| (k, v == "1")).collect(); }
     FLAGS.with(|f| f.get(name).copied().unwrap_or(false))
+}
+
+/// As a proxy must (a hashed removal per name, as a naive proxy does).
+fn strip_hop_by_hop(h: &mut http::HeaderMap) {
+    use http::header::*;
+    for name in [
+        CONNECTION,
+        PROXY_AUTHENTICATE,
+        PROXY_AUTHORIZATION,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+    ] {
+        h.remove(name);
+    }
 }
