@@ -46,6 +46,7 @@ fn main() {
     let mut addr: SocketAddr = listen.parse().expect("BARE_PROXY_LISTEN: host:port");
     let upstream: SocketAddr = upstream.parse().expect("BARE_PROXY_UPSTREAM: host:port");
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let extras = Extras::from_env();
     let mut threads = Vec::new();
     for _ in 0..workers {
         let listener = bind(addr).expect("bind");
@@ -56,7 +57,7 @@ fn main() {
                 .build()
                 .expect("runtime");
             let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, serve(listener, upstream));
+            local.block_on(&rt, serve(listener, upstream, extras));
         }));
     }
     println!("bare_proxy: {workers} workers on {addr}, upstream {upstream}");
@@ -76,7 +77,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-async fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
+async fn serve(listener: std::net::TcpListener, upstream: SocketAddr, extras: Extras) {
     let listener = TcpListener::from_std(listener).expect("listener");
     loop {
         let Ok((client, peer)) = listener.accept().await else {
@@ -111,7 +112,7 @@ async fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
                         return Err("upstream connection closed");
                     }
                     let mut req = req;
-                    if flag("B_HEADERS") {
+                    if extras.headers {
                         let h = req.headers_mut();
                         strip_hop_by_hop(h);
                         h.insert(
@@ -125,7 +126,7 @@ async fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
                         );
                         h.remove(http::header::FORWARDED);
                     }
-                    let resp = if flag("B_TIMEOUT") {
+                    let resp = if extras.timeout {
                         match tokio::time::timeout(
                             std::time::Duration::from_secs(30),
                             s.send_request(req),
@@ -140,7 +141,7 @@ async fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
                     };
                     *sender.lock().unwrap() = Some(s);
                     let mut resp = resp.map_err(|_| "upstream exchange failed")?;
-                    if flag("B_HEADERS") {
+                    if extras.headers {
                         let h = resp.headers_mut();
                         strip_hop_by_hop(h);
                         h.insert(
@@ -151,7 +152,7 @@ async fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
                     Ok(resp)
                 };
                 async move {
-                    if flag("B_SPAWN") {
+                    if extras.spawn {
                         tokio::task::spawn_local(Box::pin(fut))
                             .await
                             .unwrap_or(Err("join"))
@@ -160,12 +161,12 @@ async fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
                     }
                 }
             });
-            if flag("B_AUTO") {
+            if extras.auto {
                 let mut b = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
                 );
                 b.http1().writev(false).keep_alive(true);
-                if flag("B_TIMER") {
+                if extras.timer {
                     b.http1()
                         .timer(hyper_util::rt::TokioTimer::new())
                         .header_read_timeout(std::time::Duration::from_secs(10));
@@ -175,7 +176,7 @@ async fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
             }
             let mut b = hyper::server::conn::http1::Builder::new();
             b.writev(false).keep_alive(true);
-            if flag("B_TIMER") {
+            if extras.timer {
                 b.timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(std::time::Duration::from_secs(10));
             }
@@ -184,9 +185,28 @@ async fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
     }
 }
 
-fn flag(name: &str) -> bool {
-    thread_local! { static FLAGS: std::collections::HashMap<String, bool> = std::env::vars().filter(|(k, _)| k.starts_with("B_")).map(|(k, v)| (k, v == "1")).collect(); }
-    FLAGS.with(|f| f.get(name).copied().unwrap_or(false))
+/// The `B_*` switches, read once at start (not per request: the floor
+/// must not pay for its own knobs).
+#[derive(Clone, Copy)]
+struct Extras {
+    auto: bool,
+    timer: bool,
+    timeout: bool,
+    spawn: bool,
+    headers: bool,
+}
+
+impl Extras {
+    fn from_env() -> Extras {
+        let on = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
+        Extras {
+            auto: on("B_AUTO"),
+            timer: on("B_TIMER"),
+            timeout: on("B_TIMEOUT"),
+            spawn: on("B_SPAWN"),
+            headers: on("B_HEADERS"),
+        }
+    }
 }
 
 /// As a proxy must (a hashed removal per name, as a naive proxy does).

@@ -18,12 +18,12 @@ use regorus::Value;
 use serde::{Deserialize, Serialize};
 
 use crate::geo::Geo;
+use crate::policy::InputReads;
 
 /// A short text that is nearly always one of a few constants (a method, a
 /// scheme, an address scope): borrowed then, so that describing a request
 /// does not allocate it, and owned for the rare other value.
 pub type Name = std::borrow::Cow<'static, str>;
-use crate::policy::InputReads;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -88,6 +88,8 @@ pub async fn serve(
         .http1()
         .timer(head_timer::HeadTimer::default())
         .header_read_timeout(header_read_timeout)
+        // Head and (small) body in one buffer and one write: measured ahead
+        // of vectored writes (docs/performance.md, session 10).
         .writev(false)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());

@@ -117,6 +117,7 @@ async fn handshake<S>(stream: S) -> Result<SendRequest<RequestBody>, PoolError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // One buffer, one write per request, as on the client side (accept.rs).
     let (sender, connection) = http1::Builder::new()
         .writev(false)
         .handshake(TokioIo::new(stream))
