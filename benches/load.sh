@@ -48,6 +48,9 @@
 #                        under rempart) in the full-load rounds, as target
 #                        `bare`, and print rempart/bare
 #   SKIP_BUILD [0]       1 = use target/release/rempart as it is
+#   REMPART_BIN []       measure this rempart binary instead of
+#                        target/release/rempart (no build; e.g. the
+#                        profile-guided one benches/pgo.sh prints)
 #   POLICIES [policies/] the policy directory rempart serves (e.g. one with
 #                        decision.rego alone, to measure the proxy without
 #                        the shipped rules)
@@ -92,7 +95,8 @@ URL_PATH=/api/contacts/42
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
-BIN=$ROOT/target/release/rempart
+BIN=${REMPART_BIN:-$ROOT/target/release/rempart}
+[[ -n ${REMPART_BIN:-} ]] && SKIP_BUILD=1
 POLICIES=${POLICIES:-$ROOT/policies}
 
 log() { printf '[load.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -280,6 +284,16 @@ cpu_seconds() { # pid
     done
     awk -v t="$total" -v h="$tck" 'BEGIN { printf "%.3f", t / h }'
 }
+
+# A build just before (cargo writes gigabytes) leaves dirty page cache
+# whose writeback then throttles the audit trail's writes: the writer
+# falls behind, the queue holds thousands of records and the peak RSS
+# doubles (65 MiB twice in session 11, each time in the first run after a
+# build; audit_queue_records_peak was 7,818 in the one that printed it,
+# against 865 in a run after an idle spell).
+# Writing it out first keeps that out of the measurement.
+log "sync (writing out dirty pages left by builds)"
+sync
 
 # ------------------------------------------------------------- upstream
 BODY=$UPSTREAM_BODY
@@ -554,6 +568,7 @@ M_ALLOWED=$(awk '/^rempart_requests_total\{.*outcome="allowed"/ { s += $NF } END
 M_AUDIT=$(metric_sum rempart_audit_records_total)
 M_AUDIT_ERR=$(metric_sum rempart_audit_write_errors_total)
 M_QFULL=$(metric_sum rempart_audit_queue_full_total)
+M_QPEAK=$(metric_sum rempart_audit_queue_records_peak)
 M_UPERR=$(metric_sum rempart_upstream_errors_total)
 EVAL_SUM=$(awk '$1 == "rempart_policy_evaluation_seconds_sum" { print $2 }' "$TMP/metrics.txt")
 EVAL_CNT=$(awk '$1 == "rempart_policy_evaluation_seconds_count" { print $2 }' "$TMP/metrics.txt")
@@ -638,7 +653,7 @@ EXPECTED=$((REMPART_WRK_REQUESTS + EXTRA_REMPART_REQUESTS))
     echo
     echo "machine: $(nproc) cores, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM"
     echo "versions: $("$BIN" --version 2>/dev/null || echo rempart ?), $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | awk '{ print $1, $2 }')"
-    echo "source: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo 'not a git checkout'); policies: $POLICIES, revision ${REVISION:-?} ($(for f in "$POLICIES"/*.rego; do [[ $f == *_test.rego ]] || printf '%s ' "${f##*/}"; done)+ data)"
+    echo "source: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo 'not a git checkout'); binary: ${BIN#"$ROOT"/}; policies: $POLICIES, revision ${REVISION:-?} ($(for f in "$POLICIES"/*.rego; do [[ $f == *_test.rego ]] || printf '%s ' "${f##*/}"; done)+ data)"
     if ((PATHS > 1)); then echo "path: GET /api/contacts/<random 1..$PATHS> (${#BODY}-byte JSON body, 200); rempart: shipped policies, enforce, audit on, workers=${WORKERS:-default}"; else echo "path: GET $URL_PATH (${#BODY}-byte JSON body, 200); rempart: shipped policies, enforce, audit on, workers=${WORKERS:-default}"; fi
     echo "wrk (the load generator) and the upstream share the same $(nproc) cores as the proxy under test"
     echo "load average before the runs: $LOADAVG_BEFORE; runs discarded and repeated because other processes used > ${FOREIGN_MAX}% of the machine (or steal): $DISCARDED; highest foreign CPU in a kept run: ${FOREIGN_KEPT_MAX}%"
@@ -680,7 +695,7 @@ EXPECTED=$((REMPART_WRK_REQUESTS + EXTRA_REMPART_REQUESTS))
     fi
     echo "- audit trail: $AUDIT_LINES lines ($AUDIT_ALLOWED allowed, $AUDIT_200 with status 200) vs $EXPECTED requests completed per wrk (+ sanity GET); difference $((AUDIT_LINES - EXPECTED))"
     echo "  (wrk counts only responses it received before its deadline; requests in flight when a run ends — up to the connection count per run — are audited but not counted)"
-    echo "- rempart metrics: requests_total=$M_REQUESTS (allowed=$M_ALLOWED), audit_records_total=$M_AUDIT, audit_write_errors_total=$M_AUDIT_ERR, audit_queue_full_total=$M_QFULL, upstream_errors_total=$M_UPERR"
+    echo "- rempart metrics: requests_total=$M_REQUESTS (allowed=$M_ALLOWED), audit_records_total=$M_AUDIT, audit_write_errors_total=$M_AUDIT_ERR, audit_queue_full_total=$M_QFULL, audit_queue_records_peak=$M_QPEAK, upstream_errors_total=$M_UPERR"
     echo "- rempart $STOP_NOTE"
     echo
 } | tee "$TMP/summary.md"

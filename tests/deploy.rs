@@ -199,6 +199,24 @@ fn dockerfile_is_multi_stage_non_root_with_healthcheck_and_existing_paths() {
     assert!(builder
         .iter()
         .any(|(o, r)| o == "RUN" && r.contains("cargo build --release --locked")));
+    // By default the build is profile-guided, by a script that is copied
+    // into the build context and is valid bash.
+    assert!(builder
+        .iter()
+        .any(|(o, r)| o == "RUN" && r.contains("bash deploy/pgo.sh")));
+    assert!(builder
+        .iter()
+        .any(|(o, r)| o == "COPY" && r.starts_with("deploy/pgo.sh ")));
+    let syntax = Command::new("bash")
+        .arg("-n")
+        .arg(repo().join("deploy/pgo.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        syntax.status.success(),
+        "deploy/pgo.sh: {}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
     assert!(get_all("ENTRYPOINT")[0].contains("/usr/local/bin/rempart"));
 
     // Every COPY from the build context names a path of the repository.

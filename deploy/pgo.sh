@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Profile-guided build of rempart: a release binary that LLVM laid out and
+# inlined from a profile of rempart's own request path.
+#
+#   bash deploy/pgo.sh     # prints target/pgo/<host triple>/release/rempart
+#
+# The container image (deploy/Dockerfile) ships this build. On this
+# project's 2-core machine it carried 13 % more requests/s than the plain
+# `cargo build --release` at 4 us less CPU per request (docs/performance.md,
+# "Session 11"); its decisions are the same, since only the code layout and
+# inlining differ.
+#
+# Steps:
+#   1. llvm-profdata of the toolchain's own LLVM (`rustup component add
+#      llvm-tools`; a Debian llvm is another LLVM version, whose profile
+#      format rustc would refuse);
+#   2. an instrumented build (`-Cprofile-generate`) in target/pgo-instrument;
+#   3. training, on loopback only: a static upstream (nginx, as load.sh),
+#      the instrumented rempart in front of it with the shipped policies,
+#      audit on, ingress and egress listeners; then
+#        - wrk: GET /api/contacts/<1..5000> (decision-cache hits and misses),
+#        - wrk: a route the shipped policies deny (403 path),
+#        - curl: HTTP/2 requests, egress forward-proxy requests and CONNECT
+#          tunnels, admin /metrics and /readyz;
+#      SIGTERM, which writes the profile;
+#   4. llvm-profdata merge, and the optimised build (`-Cprofile-use`) in
+#      target/pgo.
+# Both builds pass `--target` so that RUSTFLAGS reach rempart and its
+# dependencies but not build scripts and proc macros (which would write
+# profiles of the compiler's helpers). target/release is left alone.
+#
+# Knobs: TRAIN_SECONDS [20] (the main wrk run), KEEP_TMP [0].
+# Needs nginx, wrk, curl (`bash benches/load.sh` installs nginx and wrk).
+# About 15 minutes on 2 cores: two cold release builds and 40 s of training.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+TRAIN_SECONDS=${TRAIN_SECONDS:-20}
+TRIPLE=$(rustc -vV | sed -n 's/^host: //p')
+log() { printf '[pgo.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+for tool in nginx wrk curl python3; do
+    command -v "$tool" >/dev/null 2>&1 || [[ $tool == nginx && -x /usr/sbin/nginx ]] || die "$tool missing"
+done
+NGINX=$(command -v nginx 2>/dev/null || echo /usr/sbin/nginx)
+
+# ------------------------------------------------------------ llvm-profdata
+SYSROOT=$(rustc --print sysroot)
+PROFDATA=$SYSROOT/lib/rustlib/$TRIPLE/bin/llvm-profdata
+if [[ ! -x $PROFDATA ]]; then
+    log "rustup component add llvm-tools (llvm-profdata of rustc's LLVM)"
+    rustup component add llvm-tools >/dev/null
+fi
+[[ -x $PROFDATA ]] || die "no $PROFDATA after installing llvm-tools"
+
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    [[ ${KEEP_TMP:-0} == 1 ]] && log "kept $TMP" || rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------- instrumented
+# A fixed path: it is part of RUSTFLAGS, and a new one would rebuild
+# everything.
+RAW=$ROOT/target/pgo-instrument/profraw
+log "instrumented build (target/pgo-instrument)"
+(cd "$ROOT" && RUSTFLAGS="-Cprofile-generate=$RAW" CARGO_TARGET_DIR="$ROOT/target/pgo-instrument" \
+    cargo build --release --locked --quiet --bin rempart --target "$TRIPLE")
+INSTR=$ROOT/target/pgo-instrument/$TRIPLE/release/rempart
+rm -rf "$RAW"
+
+# -------------------------------------------------------------- training
+UP_PORT=$(free_port) || die "no free port"
+mkdir -p "$TMP/upstream"
+cat >"$TMP/upstream/nginx.conf" <<EOF
+worker_processes 1;
+pid $TMP/upstream/nginx.pid;
+error_log $TMP/upstream/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    $NGINX_KEEPALIVE
+    client_body_temp_path $TMP/upstream/body;
+    server {
+        listen 127.0.0.1:$UP_PORT;
+        location / {
+            default_type application/json;
+            return 200 '$UPSTREAM_BODY';
+        }
+    }
+}
+EOF
+"$NGINX" -p "$TMP/upstream" -e "$TMP/upstream/error.log" -c "$TMP/upstream/nginx.conf" -g 'daemon off;' &
+PIDS+=($!)
+
+# The shipped policies, with loopback listed as an internal network so that
+# egress requests to the local upstream are allowed (and take the whole
+# forwarding path, not only the refusal).
+cp -r "$ROOT/policies" "$TMP/policies"
+python3 - "$TMP/policies/data.json" <<'EOF'
+import json, sys
+p = sys.argv[1]
+d = json.load(open(p))
+d["settings"]["egress"]["internal_networks"] = ["127.0.0.0/8"]
+json.dump(d, open(p, "w"))
+EOF
+
+# Distinct ports: rempart refuses an egress listener on the ingress address,
+# and 127.0.0.1:0 twice reads as the same address.
+ING_PORT=$(free_port) || die "no free port"
+EG_PORT=$(free_port) || die "no free port"
+while [[ $EG_PORT == "$ING_PORT" || $EG_PORT == "$UP_PORT" ]]; do EG_PORT=$(free_port); done
+NO_COLOR=1 "$INSTR" serve --upstream "http://127.0.0.1:$UP_PORT" \
+    --listen "127.0.0.1:$ING_PORT" --admin 127.0.0.1:0 --egress "127.0.0.1:$EG_PORT" \
+    --audit "$TMP/audit.jsonl" --policies "$TMP/policies" --mode enforce \
+    2>"$TMP/rempart.log" &
+RP_PID=$!
+PIDS+=("$RP_PID")
+line=
+for _ in $(seq 1 200); do
+    kill -0 "$RP_PID" 2>/dev/null || { cat "$TMP/rempart.log" >&2; die "rempart exited during start-up"; }
+    line=$(sed 's/\x1b\[[0-9;]*m//g' "$TMP/rempart.log" | grep -m1 'rempart ready' || true)
+    [[ -n $line ]] && break
+    sleep 0.1
+done
+[[ -n $line ]] || { cat "$TMP/rempart.log" >&2; die "no 'rempart ready' line"; }
+ING=$(sed -n 's/.*ingress=\([^ ]*\).*/\1/p' <<<"$line")
+ADMIN=$(sed -n 's/.*admin=\([^ ]*\).*/\1/p' <<<"$line")
+EGRESS=$(sed -n 's/.* egress=\([^ ]*\).*/\1/p' <<<"$line")
+[[ -n $ING && -n $ADMIN && -n $EGRESS ]] || die "cannot read the listeners from: $line"
+
+# Each kind of traffic must do what it stands for, or the profile trains
+# the wrong path.
+expect() { # what status url [curl args...]
+    local what=$1 want=$2 got
+    shift 2
+    got=$(curl -s -o /dev/null -w '%{http_code}' "$@")
+    [[ $got == "$want" ]] || die "$what: expected $want, got $got (curl $*)"
+}
+expect "allowed read" 200 "http://$ING/api/contacts/42"
+# A path segment the shipped library blocks (blocked_path).
+DENIED=/.git/config
+expect "denied route" 403 "http://$ING$DENIED"
+expect "HTTP/2 read" 200 --http2-prior-knowledge "http://$ING/api/contacts/7"
+expect "egress forward" 200 -x "http://$EGRESS" "http://127.0.0.1:$UP_PORT/hook"
+expect "egress tunnel" 200 -p -x "http://$EGRESS" "http://127.0.0.1:$UP_PORT/hook"
+
+cat >"$TMP/paths.lua" <<'EOF'
+request = function()
+    return wrk.format("GET", "/api/contacts/" .. math.random(1, 5000))
+end
+EOF
+log "training: ${TRAIN_SECONDS}s of reads, 5s of denials, HTTP/2, egress, admin"
+wrk -t2 -c64 -d"${TRAIN_SECONDS}s" -s "$TMP/paths.lua" "http://$ING/" >"$TMP/wrk-reads.txt"
+wrk -t1 -c8 -d5s "http://$ING$DENIED" >"$TMP/wrk-denied.txt"
+for i in $(seq 1 200); do
+    curl -s -o /dev/null --http2-prior-knowledge "http://$ING/api/contacts/$i" &
+    h2=$!
+    curl -s -o /dev/null -x "http://$EGRESS" "http://127.0.0.1:$UP_PORT/hook/$i" &
+    fwd=$!
+    curl -s -o /dev/null -p -x "http://$EGRESS" "http://127.0.0.1:$UP_PORT/hook/$i"
+    wait "$h2" "$fwd"
+    ((i % 20)) || curl -s -o /dev/null "http://$ADMIN/metrics"
+done
+expect "readiness" 200 "http://$ADMIN/readyz"
+grep -h 'Requests/sec' "$TMP/wrk-reads.txt" "$TMP/wrk-denied.txt" >&2
+
+kill -TERM "$RP_PID"
+rc=0
+wait "$RP_PID" || rc=$?
+[[ $rc == 0 ]] || die "rempart exited $rc on SIGTERM: the profile may be incomplete"
+ls "$RAW"/*.profraw >/dev/null 2>&1 || die "no .profraw written under $RAW"
+
+mkdir -p "$ROOT/target/pgo"
+PROFILE=$ROOT/target/pgo/rempart.profdata
+"$PROFDATA" merge -o "$PROFILE" "$RAW"
+log "profile: $PROFILE ($(du -h "$PROFILE" | cut -f1))"
+
+# -------------------------------------------------------------- optimised
+log "optimised build (target/pgo)"
+(cd "$ROOT" && RUSTFLAGS="-Cprofile-use=$PROFILE" CARGO_TARGET_DIR="$ROOT/target/pgo" \
+    cargo build --release --locked --quiet --bin rempart --target "$TRIPLE")
+OUT=$ROOT/target/pgo/$TRIPLE/release/rempart
+log "done: $OUT"
+echo "$OUT"
