@@ -40,25 +40,9 @@ wait_port() { # port
 }
 
 UP=$(free_port)
-cat >"$TMP/upstream.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $TMP/upstream.pid;
-error_log $TMP/upstream.err;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    $NGINX_KEEPALIVE
-    server {
-        listen 127.0.0.1:$UP;
-        location ^~ /api/contacts/ {
-            default_type application/json;
-            return 200 '$UPSTREAM_BODY';
-        }
-    }
-}
-EOF
-nginx -c "$TMP/upstream.conf" -p "$TMP" &
+mkdir -p "$TMP/upstream"
+static_upstream_conf "$TMP/upstream" "$UP" >"$TMP/upstream/nginx.conf"
+nginx -p "$TMP/upstream" -e "$TMP/upstream/error.log" -c "$TMP/upstream/nginx.conf" -g 'daemon off;' &
 PIDS+=($!)
 wait_port "$UP"
 

@@ -24,3 +24,31 @@ free_port() {
     done
     return 1
 }
+
+# nginx.conf of a static upstream (1 worker) on 127.0.0.1:PORT that answers
+# every GET with UPSTREAM_BODY; its pid, error log and temp files go under
+# DIR. Start it with: nginx -p DIR -e DIR/error.log -c CONF -g 'daemon off;'
+static_upstream_conf() { # dir port
+    cat <<EOF2
+worker_processes 1;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    $NGINX_KEEPALIVE
+    client_body_temp_path $1/client_body;
+    proxy_temp_path $1/proxy;
+    fastcgi_temp_path $1/fastcgi;
+    uwsgi_temp_path $1/uwsgi;
+    scgi_temp_path $1/scgi;
+    server {
+        listen 127.0.0.1:$2;
+        location / {
+            default_type application/json;
+            return 200 '$UPSTREAM_BODY';
+        }
+    }
+}
+EOF2
+}

@@ -78,26 +78,13 @@ rm -rf "$RAW"
 # -------------------------------------------------------------- training
 UP_PORT=$(free_port) || die "no free port"
 mkdir -p "$TMP/upstream"
-cat >"$TMP/upstream/nginx.conf" <<EOF
-worker_processes 1;
-pid $TMP/upstream/nginx.pid;
-error_log $TMP/upstream/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    $NGINX_KEEPALIVE
-    client_body_temp_path $TMP/upstream/body;
-    server {
-        listen 127.0.0.1:$UP_PORT;
-        location / {
-            default_type application/json;
-            return 200 '$UPSTREAM_BODY';
-        }
-    }
-}
-EOF
+static_upstream_conf "$TMP/upstream" "$UP_PORT" >"$TMP/upstream/nginx.conf"
 "$NGINX" -p "$TMP/upstream" -e "$TMP/upstream/error.log" -c "$TMP/upstream/nginx.conf" -g 'daemon off;' &
 PIDS+=($!)
+for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$UP_PORT") 2>/dev/null && break
+    sleep 0.1
+done
 
 # The shipped policies, with loopback listed as an internal network so that
 # egress requests to the local upstream are allowed (and take the whole
