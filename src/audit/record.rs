@@ -261,10 +261,7 @@ impl AuditRecord<'_> {
         json_str(out, i.method);
         out.extend_from_slice(b",\"subject\":");
         json_opt_str(out, i.subject);
-        if let Some(e) = i.error {
-            out.extend_from_slice(b",\"error\":");
-            json_str(out, e);
-        }
+        json_opt_field(out, b",\"error\":", i.error);
         let r = &self.resource;
         out.extend_from_slice(b"},\"resource\":{\"crm\":");
         json_str(out, r.crm);
@@ -276,10 +273,7 @@ impl AuditRecord<'_> {
         json_str(out, r.operation);
         out.extend_from_slice(b",\"bulk\":");
         json_bool(out, r.bulk);
-        if let Some(v) = r.inspection {
-            out.extend_from_slice(b",\"inspection\":");
-            json_str(out, v);
-        }
+        json_opt_field(out, b",\"inspection\":", r.inspection);
         let d = &self.decision;
         out.extend_from_slice(b"},\"decision\":{\"outcome\":");
         json_str(out, d.outcome);
@@ -291,10 +285,7 @@ impl AuditRecord<'_> {
         json_reasons(out, d.deny);
         out.extend_from_slice(b",\"warn\":");
         json_reasons(out, d.warn);
-        if let Some(e) = d.error {
-            out.extend_from_slice(b",\"error\":");
-            json_str(out, e);
-        }
+        json_opt_field(out, b",\"error\":", d.error);
         out.extend_from_slice(b"},\"status\":");
         match self.status {
             Some(s) => json_uint(out, u64::from(s)),
@@ -308,16 +299,10 @@ impl AuditRecord<'_> {
             out.extend_from_slice(b",\"bundles\":{");
             json_str(out, b.name);
             out.extend_from_slice(b":{");
-            if let Some(rev) = b.revision {
-                out.extend_from_slice(b"\"revision\":");
-                json_str(out, rev);
-            }
+            json_opt_field(out, b"\"revision\":", b.revision);
             out.extend_from_slice(b"}}");
         }
-        if let Some(x) = self.exchange {
-            out.extend_from_slice(b",\"exchange\":");
-            json_str(out, x);
-        }
+        json_opt_field(out, b",\"exchange\":", self.exchange);
         if let Some(t) = &self.transfer {
             out.extend_from_slice(b",\"transfer\":{\"bytes_to_destination\":");
             json_uint(out, t.bytes_to_destination);
@@ -352,10 +337,7 @@ impl AuditEndpoint<'_> {
             Some(g) => g.write_json(out),
             None => out.extend_from_slice(b"null"),
         }
-        if let Some(w) = self.workload {
-            out.extend_from_slice(b",\"workload\":");
-            json_str(out, w);
-        }
+        json_opt_field(out, b",\"workload\":", self.workload);
         if !self.addresses.is_empty() {
             out.extend_from_slice(b",\"addresses\":[");
             for (n, a) in self.addresses.iter().enumerate() {
@@ -426,6 +408,15 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
+    }
+}
+
+/// `key` (`,"name":`) and the string, or nothing when absent: the fields
+/// serde skips when `None`.
+fn json_opt_field(out: &mut Vec<u8>, key: &[u8], s: Option<&str>) {
+    if let Some(s) = s {
+        out.extend_from_slice(key);
+        json_str(out, s);
     }
 }
 
