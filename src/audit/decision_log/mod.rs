@@ -111,6 +111,7 @@ pub(in crate::audit) fn start(
         committed: shared,
         next_seq: spool.cursor() + 1,
         behind: spool.cursor() < head,
+        spool_refused: false,
         spool,
         uploader,
         labels: Labels::new(&uuid::Uuid::now_v7().to_string(), &options.labels),
@@ -170,6 +171,11 @@ struct Shipper {
     /// Lines from `next_seq` on must be read from the trail file (the
     /// queue's copies are ignored meanwhile).
     behind: bool,
+    /// The spool refused the last batch (full or unwritable): reading the
+    /// trail back waits until half of it is free, rather than retrying a
+    /// full spool for every line. Lines lost by the queue alone do not
+    /// wait: the spool has room for them now.
+    spool_refused: bool,
     failures: u32,
     retry_at: Option<Instant>,
     jitter: Jitter,
@@ -194,7 +200,7 @@ impl Shipper {
         self.gauges();
         loop {
             self.upload_one();
-            if self.behind && self.spool.half_free() {
+            if self.wants_trail() {
                 self.catch_up();
             }
             match rx.recv_timeout(self.next_wake()) {
@@ -230,6 +236,12 @@ impl Shipper {
                 "decision-log spool kept for the next start"
             );
         }
+    }
+
+    /// Lines are waiting in the trail and the spool can take some: after
+    /// a refusal, only once half of it is free again.
+    fn wants_trail(&self) -> bool {
+        self.behind && (!self.spool_refused || self.spool.half_free())
     }
 
     fn next_wake(&self) -> Duration {
@@ -408,11 +420,13 @@ impl Shipper {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!("cannot compress a decision-log batch: {e}");
+                self.spool_refused = true;
                 m.spool_write_error.inc();
                 return false;
             }
         };
         if !self.spool.has_room(body.len() as u64) {
+            self.spool_refused = true;
             m.spool_full.inc();
             tracing::warn!(
                 spool_bytes = self.spool.bytes(),
@@ -421,11 +435,13 @@ impl Shipper {
             return false;
         }
         if let Err(e) = self.spool.write(first, last, self.pending.events, &body) {
+            self.spool_refused = true;
             m.spool_write_error.inc();
             tracing::error!("cannot write a decision-log batch to the spool: {e}");
             return false;
         }
         m.events_spooled.inc_by(self.pending.events);
+        self.spool_refused = false;
         self.pending = Pending::default();
         self.gauges();
         true
@@ -607,6 +623,50 @@ mod tests {
         ids
     }
 
+    /// A shipper for the trail at `trail` whose last line is `head`, with
+    /// batches of at most 1 KiB, a collector that is never there and no
+    /// thread: the tests drive it.
+    fn shipper(
+        trail: &Path,
+        spool_dir: &Path,
+        spool_max_bytes: u64,
+        head: u64,
+        metrics: &Arc<Metrics>,
+        shared: &Arc<Shared>,
+    ) -> Shipper {
+        let options = DecisionLogOptions {
+            url: "http://127.0.0.1:1/logs".into(),
+            ca: None,
+            bearer_token_file: None,
+            timeout: Duration::from_secs(1),
+            batch_max_bytes: 1024,
+            batch_interval: Duration::from_secs(1),
+            spool_dir: spool_dir.to_path_buf(),
+            spool_max_bytes,
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(2),
+            labels: Default::default(),
+        };
+        let spool = Spool::open(spool_dir, spool_max_bytes, head).unwrap();
+        Shipper {
+            trail: trail.to_path_buf(),
+            committed: Arc::clone(shared),
+            next_seq: spool.cursor() + 1,
+            behind: spool.cursor() < head,
+            spool_refused: false,
+            spool,
+            uploader: Uploader::new(&options.url, None, None, options.timeout).unwrap(),
+            labels: Labels::new("t", &Default::default()),
+            metrics: Arc::clone(metrics),
+            options,
+            pending: Pending::default(),
+            failures: 0,
+            retry_at: None,
+            jitter: Jitter::new(),
+            resume: None,
+        }
+    }
+
     #[test]
     fn catching_up_reads_each_line_once_across_rotations_and_resumes() {
         let dir = tempfile::tempdir().unwrap();
@@ -614,41 +674,13 @@ mod tests {
         let spool_dir = dir.path().join("spool");
         let mut head = chain::Head::genesis();
         append(&trail, &mut head, 5);
-        let options = DecisionLogOptions {
-            url: "http://127.0.0.1:1/logs".into(),
-            ca: None,
-            bearer_token_file: None,
-            timeout: Duration::from_secs(1),
-            batch_max_bytes: 64 * 1024,
-            batch_interval: Duration::from_secs(1),
-            spool_dir: spool_dir.clone(),
-            spool_max_bytes: 1 << 20,
-            backoff_min: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(2),
-            labels: Default::default(),
-        };
         let metrics = Arc::new(Metrics::new());
         // A spool made when the trail held 2 lines: 3 are behind.
-        drop(Spool::open(&spool_dir, options.spool_max_bytes, 2).unwrap());
-        let spool = Spool::open(&spool_dir, options.spool_max_bytes, 5).unwrap();
+        drop(Spool::open(&spool_dir, 1 << 20, 2).unwrap());
         let shared = Arc::new(Shared::default());
         shared.committed_seq.store(u64::MAX, Ordering::Release);
-        let mut s = Shipper {
-            trail: trail.clone(),
-            committed: Arc::clone(&shared),
-            next_seq: spool.cursor() + 1,
-            behind: true,
-            spool,
-            uploader: Uploader::new(&options.url, None, None, options.timeout).unwrap(),
-            labels: Labels::new("t", &Default::default()),
-            metrics: Arc::clone(&metrics),
-            options,
-            pending: Pending::default(),
-            failures: 0,
-            retry_at: None,
-            jitter: Jitter::new(),
-            resume: None,
-        };
+        let mut s = shipper(&trail, &spool_dir, 1 << 20, 5, &metrics, &shared);
+        assert!(s.behind);
         s.catch_up();
         assert!(!s.behind);
         assert!(s.flush());
@@ -690,5 +722,56 @@ mod tests {
         assert_eq!(metrics.decision_log.recovered.get(), 7);
         assert_eq!(metrics.decision_log.dropped_not_in_trail.get(), 0);
         assert_eq!(s.spool.cursor(), 10);
+    }
+
+    #[test]
+    fn lines_lost_by_the_queue_are_read_back_while_the_spool_has_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let trail = dir.path().join("t.jsonl");
+        let spool_dir = dir.path().join("spool");
+        let metrics = Arc::new(Metrics::new());
+        let shared = Arc::new(Shared::default());
+        shared.committed_seq.store(u64::MAX, Ordering::Release);
+        let mut head = chain::Head::genesis();
+        // Room for a few batches of ~1 KiB of events each.
+        let max = 4096;
+        let mut s = shipper(&trail, &spool_dir, max, 0, &metrics, &shared);
+
+        // The queue brings lines until the spool is more than half full.
+        let mut lines = Vec::new();
+        while s.spool.half_free() {
+            let before = head.seq;
+            append(&trail, &mut head, 10);
+            let text = std::fs::read(&trail).unwrap();
+            lines = text
+                .split(|&b| b == b'\n')
+                .filter(|l| event::seq_of(l).is_some_and(|q| q > before))
+                .map(|l| l.to_vec())
+                .collect();
+            s.take_lines(&lines.join(&b'\n'));
+            assert!(s.flush());
+            assert!(!s.behind);
+        }
+        assert_eq!(lines.len(), 10);
+
+        // The queue loses a line: the trail is read back at once, though
+        // the spool is not half free, until the spool refuses a batch.
+        append(&trail, &mut head, 60);
+        let text = std::fs::read_to_string(&trail).unwrap();
+        s.take_lines(text.lines().last().unwrap().as_bytes());
+        assert!(s.behind);
+        assert!(s.wants_trail(), "the spool has room: read the trail");
+        s.catch_up();
+        assert!(s.behind, "the trail holds more than the spool takes");
+        assert_eq!(metrics.decision_log.spool_full.get(), 1);
+        assert!(s.spool.bytes() <= max);
+        // Refused: wait until half of it is free rather than retry.
+        assert!(!s.wants_trail());
+        while !s.spool.half_free() {
+            s.spool.remove_oldest().unwrap();
+        }
+        assert!(s.wants_trail());
+        s.catch_up();
+        assert!(metrics.decision_log.recovered.get() > 0);
     }
 }
