@@ -35,10 +35,15 @@ impl Head {
     }
 }
 
+/// The most bytes [`link_into`] adds to a record: `{"seq":N,"prev_hash":"…",`
+/// before its fields and `,"hash":"…"}` and the newline after them.
+pub const LINE_OVERHEAD_MAX: usize =
+    "{\"seq\":,\"prev_hash\":\"\",".len() + 20 + 64 + SUFFIX_LEN + 1;
+
 /// Chains one record (a JSON object, `{…}`) after `head`: returns the line
 /// to write (with its newline) and advances `head`.
 pub fn link(head: &mut Head, record: &[u8]) -> Vec<u8> {
-    let mut line = Vec::with_capacity(record.len() + 180);
+    let mut line = Vec::with_capacity(record.len() + LINE_OVERHEAD_MAX);
     link_into(head, record, &mut line);
     line
 }
@@ -117,6 +122,29 @@ pub fn check_line(line: &str) -> Result<Checked, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_never_outgrows_its_reserved_overhead() {
+        for record in [&br#"{}"#[..], br#"{"decision_id":"a"}"#] {
+            for seq in [0, 9, u64::MAX - 1] {
+                let mut head = Head {
+                    seq,
+                    hash: GENESIS.to_string(),
+                };
+                let line = link(&mut head, record);
+                assert!(line.len() <= record.len() + LINE_OVERHEAD_MAX);
+                assert!(line.capacity() == record.len() + LINE_OVERHEAD_MAX);
+            }
+        }
+        let mut head = Head {
+            seq: u64::MAX - 1,
+            hash: GENESIS.to_string(),
+        };
+        // The longest seq and the shortest record: exactly the overhead
+        // less the record's own braces, less the comma it did not need.
+        let line = link(&mut head, b"{}");
+        assert_eq!(line.len(), LINE_OVERHEAD_MAX + 2 - 2 - 1);
+    }
 
     #[test]
     fn linked_lines_check_and_edits_do_not() {

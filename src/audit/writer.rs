@@ -552,6 +552,15 @@ impl Writer {
             });
             chain::link_into(&mut trail.head, note.to_string().as_bytes(), &mut batch);
         }
+        // One allocation of the batch's size: grown by doubling, a
+        // backlog's batch of megabytes left a trail of freed blocks behind
+        // it, resident until the allocator purges them.
+        batch.reserve(
+            records
+                .iter()
+                .map(|r| r.len() + chain::LINE_OVERHEAD_MAX)
+                .sum::<usize>(),
+        );
         for r in records.iter() {
             chain::link_into(&mut trail.head, r, &mut batch);
         }
