@@ -456,12 +456,10 @@ fn the_envoy_input_fields_match_the_schema() {
         .body(())
         .unwrap();
     let (parts, _) = req.into_parts();
-    let conn = rempart::pipeline::accept::Connection {
-        peer: "10.0.0.7:50000".parse().unwrap(),
-        local: "127.0.0.1:8080".parse().unwrap(),
-        tls: false,
-        client_cert: None,
-    };
+    let conn = rempart::pipeline::accept::Connection::new(
+        "10.0.0.7:50000".parse().unwrap(),
+        "127.0.0.1:8080".parse().unwrap(),
+    );
     let redact = [http::header::AUTHORIZATION];
     let info = rempart::pipeline::accept::describe(&parts, "id-1", &conn, &redact);
     let dir = tempfile::tempdir().unwrap();

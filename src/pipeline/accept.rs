@@ -41,11 +41,37 @@ use http::Response;
 #[derive(Debug, Clone)]
 pub struct Connection {
     pub peer: SocketAddr,
+    /// `peer`'s address as policies and the CRM see it (IPv4-mapped IPv6
+    /// as plain IPv4), rendered once per connection rather than through
+    /// the formatter for the input, the audit record and X-Forwarded-For
+    /// of every request on it.
+    pub peer_ip: http::HeaderValue,
     pub local: SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
     /// The client certificate verified during the handshake (mTLS).
     pub client_cert: Option<Arc<crate::tls::ClientCert>>,
+}
+
+impl Connection {
+    /// A plain (not TLS) connection from `peer`, accepted on `local`.
+    pub fn new(peer: SocketAddr, local: SocketAddr) -> Connection {
+        let text = crate::input::ip_string(peer.ip());
+        Connection {
+            peer,
+            // An address's text is always a valid header value.
+            peer_ip: http::HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+                .unwrap_or_else(|_| http::HeaderValue::from_static("")),
+            local,
+            tls: false,
+            client_cert: None,
+        }
+    }
+
+    /// [`Self::peer_ip`] as text.
+    pub fn peer_ip_str(&self) -> &str {
+        self.peer_ip.to_str().unwrap_or_default()
+    }
 }
 
 /// Binds `count` sockets to `addr` with `SO_REUSEPORT`. With port 0 the
@@ -378,12 +404,7 @@ where
             let mut first = [0u8; 1];
             let spoke = tokio::time::timeout(first_byte_timeout, stream.peek(&mut first)).await;
             if spoke.is_ok() {
-                let conn = Connection {
-                    peer,
-                    local,
-                    tls: false,
-                    client_cert: None,
-                };
+                let conn = Connection::new(peer, local);
                 // serve_conn registers the connection with the watcher
                 // (after its TLS handshake, if any).
                 if let Err(e) = serve_conn(stream, conn, watcher).await {
@@ -590,12 +611,10 @@ mod tests {
             .body(())
             .unwrap();
         let (parts, _) = req.into_parts();
-        let conn = Connection {
-            peer: "127.0.0.1:5000".parse().unwrap(),
-            local: "127.0.0.1:8080".parse().unwrap(),
-            tls: false,
-            client_cert: None,
-        };
+        let conn = Connection::new(
+            "127.0.0.1:5000".parse().unwrap(),
+            "127.0.0.1:8080".parse().unwrap(),
+        );
         let d = describe(&parts, "id1", &conn, &[http::header::AUTHORIZATION]);
         assert_eq!(d.host, "crm.example.eu");
         assert_eq!(d.port, 8443);

@@ -183,7 +183,7 @@ impl EgressGateway {
 
         // 4. locate (the source now; the destination once it is resolved)
         let geo = self.geo.current();
-        let mut source = locate::locate_source(conn.peer, &geo);
+        let mut source = locate::locate_source(&conn, &geo);
         let (identity, auth_failure) = match caller {
             Ok(Caller { identity, workload }) => {
                 source.workload = workload;

@@ -354,7 +354,7 @@ impl Upstream {
         &self,
         mut parts: http::request::Parts,
         body: RequestBody,
-        peer: std::net::IpAddr,
+        peer_ip: &HeaderValue,
         client_tls: bool,
         metrics: &Metrics,
     ) -> Forwarded {
@@ -382,7 +382,12 @@ impl Upstream {
             };
         }
         strip_hop_by_hop(&mut parts.headers);
-        set_forwarded(&mut parts.headers, peer, client_tls, original_host.as_ref());
+        set_forwarded(
+            &mut parts.headers,
+            peer_ip,
+            client_tls,
+            original_host.as_ref(),
+        );
         let host = match (&original_host, self.preserve_host) {
             (Some(h), true) => Some(h.clone()),
             _ => HeaderValue::from_str(self.url.authority.as_str()).ok(),
@@ -432,26 +437,26 @@ const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// the last one is the address rempart saw.
 fn set_forwarded(
     headers: &mut HeaderMap,
-    peer: std::net::IpAddr,
+    peer_ip: &HeaderValue,
     client_tls: bool,
     host: Option<&HeaderValue>,
 ) {
-    let peer_ip = crate::pipeline::locate::canonical_ip(peer).to_string();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_ip}"),
-        _ => peer_ip.clone(),
+        Some(prev) if !prev.trim().is_empty() => {
+            let peer = peer_ip.to_str().unwrap_or_default();
+            // From owned bytes: checked, not copied again.
+            HeaderValue::from_maybe_shared(Bytes::from(format!("{prev}, {peer}"))).ok()
+        }
+        _ => Some(peer_ip.clone()),
     };
-    // Values from owned bytes: checked, not copied again.
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
     let proto = if client_tls { "https" } else { "http" };
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     // Other client-supplied address headers would be believed by the CRM:
     // replace X-Real-IP with the peer, drop Forwarded.
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(peer_ip)) {
-        headers.insert(X_REAL_IP, v);
-    }
+    headers.insert(X_REAL_IP, peer_ip.clone());
     headers.remove(header::FORWARDED);
     match host {
         Some(h) => {
@@ -590,7 +595,11 @@ mod tests {
         h.insert("x-forwarded-host", "forged".parse().unwrap());
         h.insert("x-real-ip", "203.0.113.1".parse().unwrap());
         h.insert("forwarded", "for=203.0.113.1".parse().unwrap());
-        set_forwarded(&mut h, "::ffff:10.0.0.2".parse().unwrap(), false, None);
+        let conn = crate::pipeline::accept::Connection::new(
+            "[::ffff:10.0.0.2]:4000".parse().unwrap(),
+            "127.0.0.1:8080".parse().unwrap(),
+        );
+        set_forwarded(&mut h, &conn.peer_ip, false, None);
         assert_eq!(h["x-forwarded-for"], "203.0.113.1, 10.0.0.2");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert!(!h.contains_key("x-forwarded-host"));

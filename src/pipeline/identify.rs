@@ -295,12 +295,10 @@ mod tests {
     }
 
     fn conn(peer: &str) -> Connection {
-        Connection {
-            peer: format!("{peer}:5000").parse().unwrap(),
-            local: "127.0.0.1:8080".parse().unwrap(),
-            tls: false,
-            client_cert: None,
-        }
+        Connection::new(
+            format!("{peer}:5000").parse().unwrap(),
+            "127.0.0.1:8080".parse().unwrap(),
+        )
     }
 
     #[tokio::test]

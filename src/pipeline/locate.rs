@@ -171,12 +171,11 @@ fn scope_v6(ip: Ipv6Addr) -> Scope {
 }
 
 /// The source of a request: the peer of the accepted connection.
-pub fn locate_source(peer: std::net::SocketAddr, geo: &GeoDb) -> Endpoint {
-    let ip = canonical_ip(peer.ip());
-    let geo = geo.lookup(ip);
+pub fn locate_source(conn: &crate::pipeline::accept::Connection, geo: &GeoDb) -> Endpoint {
+    let geo = geo.lookup(canonical_ip(conn.peer.ip()));
     Endpoint {
-        ip: ip.to_string(),
-        port: peer.port(),
+        ip: conn.peer_ip_str().to_owned(),
+        port: conn.peer.port(),
         scope: geo.scope.clone(),
         geo,
         workload: None,

@@ -180,7 +180,7 @@ impl Gateway {
 
         // 4. locate
         let geo = self.geo.current();
-        let source = locate::locate_source(conn.peer, &geo);
+        let source = locate::locate_source(&conn, &geo);
         let upstream = self.located_upstream(&geo);
 
         // Boxed: it lives across the upstream call, and a kilobyte held
@@ -257,7 +257,7 @@ impl Gateway {
                 }
                 match self
                     .upstream
-                    .forward(parts, body, conn.peer.ip(), conn.tls, &self.metrics)
+                    .forward(parts, body, &conn.peer_ip, conn.tls, &self.metrics)
                     .await
                 {
                     Forwarded::Response(mut resp) => {

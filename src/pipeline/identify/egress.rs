@@ -181,12 +181,10 @@ mod tests {
     }
 
     fn from(ip: &str) -> Connection {
-        Connection {
-            peer: std::net::SocketAddr::new(ip.parse().unwrap(), 40000),
-            local: "127.0.0.1:3128".parse().unwrap(),
-            tls: false,
-            client_cert: None,
-        }
+        Connection::new(
+            std::net::SocketAddr::new(ip.parse().unwrap(), 40000),
+            "127.0.0.1:3128".parse().unwrap(),
+        )
     }
 
     fn basic(user: &str, pw: &str) -> HeaderMap {
