@@ -395,8 +395,15 @@ impl Shipper {
     }
 
     /// Spools the pending batch. False (the batch stays pending) when the
-    /// spool is full or cannot be written.
+    /// spool is full or cannot be written, which the shipper remembers in
+    /// `spool_refused`.
     fn flush(&mut self) -> bool {
+        let spooled = self.spool_pending();
+        self.spool_refused = !spooled;
+        spooled
+    }
+
+    fn spool_pending(&mut self) -> bool {
         let Some(first) = self.pending.first_seq else {
             return true;
         };
@@ -420,13 +427,11 @@ impl Shipper {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!("cannot compress a decision-log batch: {e}");
-                self.spool_refused = true;
                 m.spool_write_error.inc();
                 return false;
             }
         };
         if !self.spool.has_room(body.len() as u64) {
-            self.spool_refused = true;
             m.spool_full.inc();
             tracing::warn!(
                 spool_bytes = self.spool.bytes(),
@@ -435,13 +440,11 @@ impl Shipper {
             return false;
         }
         if let Err(e) = self.spool.write(first, last, self.pending.events, &body) {
-            self.spool_refused = true;
             m.spool_write_error.inc();
             tracing::error!("cannot write a decision-log batch to the spool: {e}");
             return false;
         }
         m.events_spooled.inc_by(self.pending.events);
-        self.spool_refused = false;
         self.pending = Pending::default();
         self.gauges();
         true
