@@ -461,7 +461,13 @@ fn the_envoy_input_fields_match_the_schema() {
         "127.0.0.1:8080".parse().unwrap(),
     );
     let redact = [http::header::AUTHORIZATION];
-    let info = rempart::pipeline::accept::describe(&parts, "id-1", &conn, &redact);
+    let info = rempart::pipeline::accept::describe(
+        &parts,
+        "id-1",
+        &conn,
+        &redact,
+        rempart::policy::RequestReads::ALL,
+    );
     let dir = tempfile::tempdir().unwrap();
     let base: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(trace_input(dir.path())).unwrap()).unwrap();

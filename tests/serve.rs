@@ -445,6 +445,41 @@ async fn evaluation_error_fails_closed_by_default_and_open_when_configured() {
     assert_eq!(rec["decision"]["enforced"], false);
 }
 
+const HEADER_AND_QUERY_RULE: &str = r#"package rempart
+import rego.v1
+deny contains {"code": "tenant", "message": "tenant b is closed"} if input.request.headers["x-tenant"] == "b"
+deny contains {"code": "export", "message": "no exports"} if "csv" in input.request.query.format
+"#;
+
+// The gateway describes a request's headers and query only for a set that
+// reads them; a reload to a set that does must see them from then on.
+#[tokio::test(flavor = "multi_thread")]
+async fn headers_and_query_reach_a_set_that_reads_them_after_a_reload() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "package rempart\n");
+    let rp = Rempart::start(&up.url(), &["--policies", dir.path().to_str().unwrap()]);
+    let tenant_b = [("x-tenant", "b")];
+    let url = rp.url("/api/contacts/1");
+    let export = rp.url("/api/contacts?format=json&format=csv");
+    assert_eq!(request("GET", &url, &tenant_b).await.status, 200);
+    assert_eq!(get(&export).await.status, 200);
+
+    std::fs::write(dir.path().join("extra.rego"), HEADER_AND_QUERY_RULE).unwrap();
+    rp.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while request("GET", &url, &tenant_b).await.status != 403 {
+        assert!(std::time::Instant::now() < deadline, "reload not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = get(&export).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["reasons"][0]["code"], "export");
+    let r = request("GET", &url, &[("x-tenant", "a")]).await;
+    assert_eq!(r.status, 200, "another tenant still passes");
+    assert_eq!(get(&rp.url("/api/contacts?format=json")).await.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_hanging_up_does_not_lose_the_record_of_what_the_crm_received() {
     let up = Upstream::start().await;

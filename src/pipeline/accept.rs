@@ -35,6 +35,7 @@ use super::enforce::ProxyBody;
 use super::Gateway;
 use crate::input::RequestInfo;
 use crate::metrics::{Metrics, Refusal};
+use crate::policy::RequestReads;
 use http::Response;
 
 /// What the connection tells about every request on it.
@@ -430,12 +431,14 @@ where
 }
 
 /// Describes a request for the policy: decoded path and query, lower-case
-/// headers with credentials redacted.
+/// headers with credentials redacted; query and headers only as far as
+/// `read` says the policy set reads them (else left empty).
 pub fn describe(
     parts: &http::request::Parts,
     id: &str,
     conn: &Connection,
     redact: &[http::HeaderName],
+    read: RequestReads,
 ) -> RequestInfo {
     let (host, port) = host_and_port(parts, conn);
     let raw_path = parts.uri.path();
@@ -447,8 +450,11 @@ pub fn describe(
     let path = percent_decode_str(raw_path)
         .decode_utf8_lossy()
         .into_owned();
+    // Query and headers only when the policy set reads them: nothing else
+    // looks at them (the audit record keeps neither), and copying every
+    // header's value is most of what describing a browser's request costs.
     let mut query: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    if let Some(q) = parts.uri.query() {
+    if let Some(q) = parts.uri.query().filter(|_| read.query) {
         for (k, v) in form_urlencoded::parse(q.as_bytes()) {
             query
                 .entry(k.into_owned())
@@ -457,7 +463,7 @@ pub fn describe(
         }
     }
     let mut headers: BTreeMap<crate::input::Name, String> = BTreeMap::new();
-    for (name, value) in &parts.headers {
+    for (name, value) in parts.headers.iter().filter(|_| read.headers) {
         let shown = if redact.contains(name) {
             "[redacted]".to_string()
         } else {
@@ -549,8 +555,9 @@ pub fn describe_egress(
     conn: &Connection,
     redact: &[http::HeaderName],
     target: &target::Target,
+    read: RequestReads,
 ) -> RequestInfo {
-    let mut info = describe(parts, id, conn, redact);
+    let mut info = describe(parts, id, conn, redact, read);
     info.host = target.host.to_string();
     info.port = target.port;
     if parts.method == http::Method::CONNECT {
@@ -615,7 +622,13 @@ mod tests {
             "127.0.0.1:5000".parse().unwrap(),
             "127.0.0.1:8080".parse().unwrap(),
         );
-        let d = describe(&parts, "id1", &conn, &[http::header::AUTHORIZATION]);
+        let d = describe(
+            &parts,
+            "id1",
+            &conn,
+            &[http::header::AUTHORIZATION],
+            RequestReads::ALL,
+        );
         assert_eq!(d.host, "crm.example.eu");
         assert_eq!(d.port, 8443);
         assert_eq!(d.path, "/api/Contacts/a b");
@@ -625,6 +638,34 @@ mod tests {
         assert_eq!(d.headers["authorization"], "[redacted]");
         assert_eq!(d.headers["accept"], "a, b");
         assert_eq!(d.protocol, "HTTP/1.1");
+    }
+
+    #[test]
+    fn leaves_out_the_query_and_headers_a_policy_set_does_not_read() {
+        let req = http::Request::builder()
+            .uri("/api/contacts/1?q=1")
+            .header("Host", "crm.example.eu")
+            .header("Cookie", "session=abc")
+            .body(())
+            .unwrap();
+        let (parts, _) = req.into_parts();
+        let conn = Connection::new(
+            "127.0.0.1:5000".parse().unwrap(),
+            "127.0.0.1:8080".parse().unwrap(),
+        );
+        let describe_reading =
+            |headers, query| describe(&parts, "id1", &conn, &[], RequestReads { headers, query });
+        let neither = describe_reading(false, false);
+        assert!(neither.headers.is_empty() && neither.query.is_empty());
+        // What is always described stays, whatever is read.
+        assert_eq!(neither.host, "crm.example.eu");
+        assert_eq!(neither.segments, vec!["api", "contacts", "1"]);
+        let headers = describe_reading(true, false);
+        assert_eq!(headers.headers["cookie"], "session=abc");
+        assert!(headers.query.is_empty());
+        let query = describe_reading(false, true);
+        assert!(query.headers.is_empty());
+        assert_eq!(query.query["q"], vec!["1"]);
     }
 
     #[test]

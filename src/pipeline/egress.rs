@@ -176,7 +176,17 @@ impl EgressGateway {
 
         // 2. identify
         let caller = self.identifier.identify(&parts.headers, &conn);
-        let request = accept::describe_egress(&parts, &id, &conn, &self.redact, &shown_target);
+        // The set that decides this request, loaded now: describing the
+        // request depends on what it reads.
+        let set = self.policies.current();
+        let request = accept::describe_egress(
+            &parts,
+            &id,
+            &conn,
+            &self.redact,
+            &shown_target,
+            set.request_reads(),
+        );
 
         // 3. classify
         let resource = classify::classify_egress(is_tunnel);
@@ -310,7 +320,6 @@ impl EgressGateway {
         //    answers gets the data, and no other. An allowed address that
         //    cannot be reached hands over to the next one, as a browser
         //    would, so one dead replica does not fail the call.
-        let set = self.policies.current();
         let deadline = Instant::now() + self.limits.connect_timeout;
         let mut first_refusal: Option<(Ruling, Arc<crate::input::Destination>)> = None;
         let mut unreachable: Vec<String> = Vec::new();

@@ -37,8 +37,8 @@ use arc_swap::ArcSwap;
 use crate::geo::{GeoDb, GeoStore};
 use crate::input::{Destination, Direction, PolicyInput};
 use crate::metrics::{Metrics, Outcome};
-use crate::policy::InputReads;
 use crate::policy::PolicyStore;
+use crate::policy::{InputReads, RequestReads};
 use accept::Connection;
 use decide::{Action, DecidePolicy};
 use enforce::{Forwarded, ProxyBody, Upstream, AUDIT_UNAVAILABLE, DECISION_ID};
@@ -172,7 +172,15 @@ impl Gateway {
         // 2. identify (strips identity headers the peer may not set, so it
         //    runs before the request is described to the policy)
         let identity = self.identifier.identify(&mut parts.headers, &conn).await;
-        let request = accept::describe(&parts, &id, &conn, &self.redact);
+        // The set that decides this request, loaded now: describing the
+        // request depends on what it reads.
+        let set = self.policies.current();
+        let read = if self.envoy_input {
+            RequestReads::ALL
+        } else {
+            set.request_reads()
+        };
+        let request = accept::describe(&parts, &id, &conn, &self.redact, read);
 
         // 3. classify
         let (resource, body) =
@@ -196,7 +204,6 @@ impl Gateway {
         });
 
         // 5. decide
-        let set = self.policies.current();
         let document = if self.envoy_input {
             let mut value = input.to_value_reading(&InputReads::Whole, Some(&upstream.value));
             crate::policy::envoy::add_envoy_input(

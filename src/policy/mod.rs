@@ -19,7 +19,7 @@ pub mod testing;
 
 pub use cache::{digest, CacheUse, KeyHasher};
 pub use load::{load, load_for, source_files, PolicySource};
-pub use reads::InputReads;
+pub use reads::{InputReads, RequestReads};
 pub use store::PolicyStore;
 
 use std::cell::RefCell;
@@ -60,6 +60,8 @@ pub struct PolicySet {
     data: Value,
     /// What of the input the rules read: the gateway builds only that.
     reads: InputReads,
+    /// What of `input.request` the rules read, from `reads`.
+    request_reads: RequestReads,
     /// Why decisions of this set are never cached (the interpreter, a
     /// read of the whole input, a volatile builtin), or `None`.
     cache_bypass: Option<String>,
@@ -268,6 +270,7 @@ value := {entry}
             evaluated,
             program,
             data,
+            request_reads: RequestReads::of(&reads),
             reads,
             cache_bypass,
             engine,
@@ -333,6 +336,12 @@ value := {entry}
     /// What of the input this set's rules read.
     pub fn reads(&self) -> &InputReads {
         &self.reads
+    }
+
+    /// What of `input.request` this set's rules read: what the gateway
+    /// describes of each request for it.
+    pub fn request_reads(&self) -> RequestReads {
+        self.request_reads
     }
 
     /// Why decisions of this set are never cached, or `None` when they can be.

@@ -23,6 +23,37 @@ use regorus::Value;
 
 use super::analysis::ParsedFile;
 
+/// Which of a request's costlier parts a policy set reads: its headers
+/// and its query parameters. The gateway copies them into the input only
+/// when they are read, so a request's cookies and user agent are not
+/// copied, per request, for a policy that never looks at them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestReads {
+    /// `input.request.headers` (or more of the request) is read.
+    pub headers: bool,
+    /// `input.request.query` (or more of the request) is read.
+    pub query: bool,
+}
+
+impl RequestReads {
+    /// Every part: for a whole-document reader (OPA-Envoy's input, `policy
+    /// eval`, tests).
+    pub const ALL: RequestReads = RequestReads {
+        headers: true,
+        query: true,
+    };
+
+    /// What `reads` reads of `input.request`.
+    pub fn of(reads: &InputReads) -> RequestReads {
+        let request = reads.field("request");
+        let read = |name: &str| request.and_then(|r| r.field(name)).is_some();
+        RequestReads {
+            headers: read("headers"),
+            query: read("query"),
+        }
+    }
+}
+
 /// The part of a value that is read: all of it, or some of its fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InputReads {
@@ -251,6 +282,27 @@ mod tests {
         );
         let whole_alias = parsed("import input as i\na if i.request.path\nb if i\n");
         assert_eq!(InputReads::of_files(&[whole_alias]).paths(), vec!["input"]);
+    }
+
+    #[test]
+    fn request_reads_follow_the_read_paths() {
+        let of = |text: &str| RequestReads::of(&InputReads::of_files(&[parsed(text)]));
+        let r = of("a if input.request.method == \"GET\"\nb if input.identity\n");
+        assert!(!r.headers && !r.query);
+        let r = of("a if input.request.headers[\"x-id\"] == \"1\"\n");
+        assert!(r.headers && !r.query);
+        let r = of("a if {\n some k\n input.request.query[k]\n}\n");
+        assert!(!r.headers && r.query);
+        // The whole request, through an alias, or the whole document.
+        assert_eq!(of("a if input.request\n"), RequestReads::ALL);
+        assert_eq!(
+            of("import input.request as req\na if req.headers.cookie\n"),
+            RequestReads {
+                headers: true,
+                query: false
+            }
+        );
+        assert_eq!(of("x := walk(input)\n"), RequestReads::ALL);
     }
 
     #[test]
