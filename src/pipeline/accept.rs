@@ -435,7 +435,7 @@ where
 /// `read` says the policy set reads them (else left empty).
 pub fn describe(
     parts: &http::request::Parts,
-    id: &str,
+    id: String,
     conn: &Connection,
     redact: &[http::HeaderName],
     read: RequestReads,
@@ -478,7 +478,7 @@ pub fn describe(
             .or_insert(shown);
     }
     RequestInfo {
-        id: id.to_string(),
+        id,
         method: method_name(&parts.method),
         scheme: if conn.tls { "https" } else { "http" }.into(),
         host,
@@ -551,7 +551,7 @@ fn method_name(m: &http::Method) -> crate::input::Name {
 /// rempart does not see).
 pub fn describe_egress(
     parts: &http::request::Parts,
-    id: &str,
+    id: String,
     conn: &Connection,
     redact: &[http::HeaderName],
     target: &target::Target,
@@ -624,7 +624,7 @@ mod tests {
         );
         let d = describe(
             &parts,
-            "id1",
+            "id1".into(),
             &conn,
             &[http::header::AUTHORIZATION],
             RequestReads::ALL,
@@ -653,8 +653,15 @@ mod tests {
             "127.0.0.1:5000".parse().unwrap(),
             "127.0.0.1:8080".parse().unwrap(),
         );
-        let describe_reading =
-            |headers, query| describe(&parts, "id1", &conn, &[], RequestReads { headers, query });
+        let describe_reading = |headers, query| {
+            describe(
+                &parts,
+                "id1".into(),
+                &conn,
+                &[],
+                RequestReads { headers, query },
+            )
+        };
         let neither = describe_reading(false, false);
         assert!(neither.headers.is_empty() && neither.query.is_empty());
         // What is always described stays, whatever is read.

@@ -181,7 +181,7 @@ impl EgressGateway {
         let set = self.policies.current();
         let request = accept::describe_egress(
             &parts,
-            &id,
+            id.clone(),
             &conn,
             &self.redact,
             &shown_target,

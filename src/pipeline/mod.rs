@@ -180,7 +180,7 @@ impl Gateway {
         } else {
             set.request_reads()
         };
-        let request = accept::describe(&parts, &id, &conn, &self.redact, read);
+        let request = accept::describe(&parts, id, &conn, &self.redact, read);
 
         // 3. classify
         let (resource, body) =
@@ -202,6 +202,7 @@ impl Gateway {
             resource,
             time: crate::input::time_info(now),
         });
+        let id = input.request.id.as_str();
 
         // 5. decide
         let document = if self.envoy_input {
@@ -245,16 +246,16 @@ impl Gateway {
         let overrides = ruling.decision.response.as_deref();
         let mut response = match ruling.action {
             Action::Deny => match overrides {
-                Some(o) => enforce::envoy_denial(&id, o, &ruling.decision.deny),
-                None => enforce::forbidden(&id, &ruling.decision.deny),
+                Some(o) => enforce::envoy_denial(id, o, &ruling.decision.deny),
+                None => enforce::forbidden(id, &ruling.decision.deny),
             },
-            Action::Unavailable => enforce::policy_unavailable(&id),
+            Action::Unavailable => enforce::policy_unavailable(id),
             Action::Forward if audit_refused => {
                 self.metrics.audit_sync_failures.inc();
                 tracing::error!(decision_id = %id, "audit record not durable; request not forwarded");
                 outcome = Outcome::Error;
                 upstream_error = Some(AUDIT_UNAVAILABLE.to_string());
-                enforce::audit_unavailable(&id, self.audit_failure_status)
+                enforce::audit_unavailable(id, self.audit_failure_status)
             }
             Action::Forward => {
                 // An OPA-Envoy decision may add or remove request headers
@@ -281,12 +282,12 @@ impl Gateway {
                         tracing::warn!(decision_id = %id, "upstream failed: {message}");
                         outcome = Outcome::Error;
                         upstream_error = Some(message);
-                        enforce::upstream_failure(&id, kind)
+                        enforce::upstream_failure(id, kind)
                     }
                 }
             }
         };
-        if let Ok(v) = http::HeaderValue::from_str(&id) {
+        if let Ok(v) = http::HeaderValue::from_str(id) {
             response.headers_mut().insert(DECISION_ID, v);
         }
         // Answer in the client's protocol, whatever the upstream spoke.
@@ -319,7 +320,7 @@ impl Gateway {
                 None if !durable => {
                     self.metrics.audit_sync_failures.inc();
                     tracing::error!(decision_id = %id, "audit record not durable; response withheld");
-                    response = enforce::audit_unavailable(&id, self.audit_failure_status);
+                    response = enforce::audit_unavailable(id, self.audit_failure_status);
                     *response.version_mut() = client_version;
                 }
                 Some(true) if !durable => {

@@ -26,12 +26,54 @@ use std::hash::{BuildHasher, Hash, RandomState};
 
 use regorus::Value;
 use siphasher::sip128::Hasher128;
+use std::cell::Cell;
 
 use super::InputReads;
 
 /// What a document's read fields are fed to (see
-/// [`super::ReadableInput::hash_key`]).
-pub type KeyHasher = siphasher::sip128::SipHasher13;
+/// [`super::ReadableInput::hash_key`]): their bytes, gathered in one buffer
+/// and hashed in one pass by [`KeyHasher::finish128`]. A key is fed many
+/// small pieces (a tag byte, a field name, a short string) and SipHash
+/// pays per call; the bytes hashed, and so the keys, are the same as
+/// feeding SipHash piece by piece.
+pub struct KeyHasher {
+    keys: (u64, u64),
+    bytes: Vec<u8>,
+}
+
+impl KeyHasher {
+    fn new(keys: (u64, u64), mut bytes: Vec<u8>) -> Self {
+        bytes.clear();
+        KeyHasher { keys, bytes }
+    }
+
+    /// The 128-bit SipHash-1-3 of everything fed, under the keys.
+    pub fn finish128(&self) -> u128 {
+        let mut h = siphasher::sip128::SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        std::hash::Hasher::write(&mut h, &self.bytes);
+        h.finish128().as_u128()
+    }
+}
+
+impl std::hash::Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.bytes.extend_from_slice(bytes);
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.bytes.push(i);
+    }
+
+    /// Keys are read through [`KeyHasher::finish128`]; this is its low half.
+    fn finish(&self) -> u64 {
+        self.finish128() as u64
+    }
+}
+
+/// The largest buffer a cache keeps between keys: a set that reads every
+/// header of a request with a huge cookie should not pin that much per
+/// thread.
+const KEY_BUFFER_KEPT: usize = 16 * 1024;
 
 /// Type tags written before each part of a keyed document, so that
 /// different shapes never feed the hash the same bytes.
@@ -81,6 +123,8 @@ pub(crate) struct DecisionCache {
     keys: (u64, u64),
     current: HashMap<u128, Decision>,
     previous: HashMap<u128, Decision>,
+    /// The [`KeyHasher`] buffer, kept from one key to the next.
+    buffer: Cell<Vec<u8>>,
 }
 
 impl DecisionCache {
@@ -95,6 +139,7 @@ impl DecisionCache {
             ),
             current: HashMap::new(),
             previous: HashMap::new(),
+            buffer: Cell::new(Vec::with_capacity(512)),
         }
     }
 
@@ -104,9 +149,13 @@ impl DecisionCache {
 
     /// The key of what `feed` writes: its 128-bit keyed hash.
     pub fn key(&self, feed: impl FnOnce(&mut KeyHasher)) -> u128 {
-        let mut h = KeyHasher::new_with_keys(self.keys.0, self.keys.1);
+        let mut h = KeyHasher::new(self.keys, self.buffer.take());
         feed(&mut h);
-        h.finish128().as_u128()
+        let key = h.finish128();
+        if h.bytes.capacity() <= KEY_BUFFER_KEPT {
+            self.buffer.set(h.bytes);
+        }
+        key
     }
 
     /// The decision stored under `key`.
@@ -181,9 +230,9 @@ pub(crate) fn tagged<T: Hash + ?Sized>(tag: u8, value: &T, h: &mut KeyHasher) {
 /// step. Fixed keys are fine here: the value comes from the configuration
 /// and the geo databases, not from clients.
 pub fn digest(value: &Value) -> u128 {
-    let mut h = KeyHasher::new_with_keys(0x7265_6d70_6172_7400, 0x6465_7374_0000_0001);
+    let mut h = KeyHasher::new((0x7265_6d70_6172_7400, 0x6465_7374_0000_0001), Vec::new());
     hash_value(value, &mut h);
-    h.finish128().as_u128()
+    h.finish128()
 }
 
 /// Feeds `h` with `reads.prune(value)` without building it.
@@ -228,6 +277,28 @@ mod tests {
 
     fn key_of(c: &DecisionCache, v: &Value) -> u128 {
         c.key(|h| hash_value(v, h))
+    }
+
+    fn pieces<H: std::hash::Hasher>(h: &mut H) {
+        tag::STRING.hash(h);
+        "contacts".hash(h);
+        42u64.hash(h);
+        (-7i64).hash(h);
+        Some("FR").hash(h);
+    }
+
+    #[test]
+    fn a_key_is_siphash_of_the_pieces_fed_in_order_whatever_the_buffer_held() {
+        use std::hash::Hasher;
+        let c = DecisionCache::new(8);
+        let mut direct = siphasher::sip128::SipHasher13::new_with_keys(c.keys.0, c.keys.1);
+        pieces(&mut direct);
+        let expected = direct.finish128().as_u128();
+        // A longer key first, so the kept buffer holds stale bytes.
+        let long = c.key(|h| h.write(&[0xab; 600]));
+        assert_eq!(c.key(pieces), expected);
+        assert_eq!(c.key(|h| h.write(&[0xab; 600])), long);
+        assert_ne!(long, expected);
     }
 
     #[test]
