@@ -13,6 +13,9 @@
 # and whichever binary runs first in a round tends to come out ahead: run
 # it twice with the binaries swapped before believing a gain.
 # PATHS=N requests /api/contacts/<random 1..N> instead of one path.
+# BROWSER=1 sends the ten headers a browser's CRM request carries (user
+# agent, accept*, a session cookie, referer, sec-fetch-*) instead of wrk's
+# bare Host.
 # Needs nginx and wrk (`bash benches/load.sh` installs both).
 set -euo pipefail
 
@@ -70,6 +73,20 @@ request = function()
 end
 EOF
     WRK_ARGS=(-s "$TMP/paths.lua")
+fi
+if [[ -n ${BROWSER:-} ]]; then
+    WRK_ARGS+=(
+        -H "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+        -H "Accept: application/json, text/plain, */*"
+        -H "Accept-Language: fr-FR,fr;q=0.9,en-US;q=0.8,en;q=0.7"
+        -H "Accept-Encoding: gzip, deflate, br, zstd"
+        -H "Cookie: session_id=5f1c0e9b2a7d4c3e8f6a1b0d9c8e7f6a; frontend_lang=fr_FR; tz=Europe/Paris"
+        -H "Referer: http://127.0.0.1/web"
+        -H "Sec-Fetch-Dest: empty"
+        -H "Sec-Fetch-Mode: cors"
+        -H "Sec-Fetch-Site: same-origin"
+        -H "X-Requested-With: XMLHttpRequest"
+    )
 fi
 
 cpu() { awk '{ print $14, $15 }' "/proc/$1/stat"; } # user, system ticks

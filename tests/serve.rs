@@ -374,6 +374,16 @@ async fn identity_header_is_stripped_from_untrusted_sources() {
     assert_eq!(rec["identity"]["subject"], "alice");
 }
 
+/// An upstream and a rempart serving the shipped decision from a
+/// directory of its own, which a test rewrites to reload.
+async fn start_with_reloadable_policies() -> (Upstream, tempfile::TempDir, Rempart) {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "package rempart\n");
+    let rp = Rempart::start(&up.url(), &["--policies", dir.path().to_str().unwrap()]);
+    (up, dir, rp)
+}
+
 fn write_policy(dir: &std::path::Path, extra_rule: &str) {
     for f in ["decision.rego", "library.rego", "data.json"] {
         std::fs::copy(repo_policies().join(f), dir.join(f)).unwrap();
@@ -455,10 +465,7 @@ deny contains {"code": "export", "message": "no exports"} if "csv" in input.requ
 // reads them; a reload to a set that does must see them from then on.
 #[tokio::test(flavor = "multi_thread")]
 async fn headers_and_query_reach_a_set_that_reads_them_after_a_reload() {
-    let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    write_policy(dir.path(), "package rempart\n");
-    let rp = Rempart::start(&up.url(), &["--policies", dir.path().to_str().unwrap()]);
+    let (_up, dir, rp) = start_with_reloadable_policies().await;
     let tenant_b = [("x-tenant", "b")];
     let url = rp.url("/api/contacts/1");
     let export = rp.url("/api/contacts?format=json&format=csv");
@@ -507,10 +514,7 @@ async fn a_client_hanging_up_does_not_lose_the_record_of_what_the_crm_received()
 /// one is rejected, and not one request fails along the way.
 #[tokio::test(flavor = "multi_thread")]
 async fn hot_reload_good_and_broken_sets_under_traffic_without_failures() {
-    let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    write_policy(dir.path(), "package rempart\n");
-    let rp = Rempart::start(&up.url(), &["--policies", dir.path().to_str().unwrap()]);
+    let (_up, dir, rp) = start_with_reloadable_policies().await;
     let rev0 = get(&format!("http://{}/readyz", rp.admin)).await.json()["policy_revision"].clone();
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -610,10 +614,7 @@ async fn hot_reload_good_and_broken_sets_under_traffic_without_failures() {
 /// policy again, and a reload empties the cache at once.
 #[tokio::test(flavor = "multi_thread")]
 async fn repeated_requests_are_decided_from_the_cache_until_the_policy_changes() {
-    let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    write_policy(dir.path(), "package rempart\n");
-    let rp = Rempart::start(&up.url(), &["--policies", dir.path().to_str().unwrap()]);
+    let (_up, dir, rp) = start_with_reloadable_policies().await;
     let hit = r#"rempart_policy_decision_cache_total{result="hit"}"#;
     let miss = r#"rempart_policy_decision_cache_total{result="miss"}"#;
 

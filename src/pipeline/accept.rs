@@ -606,6 +606,13 @@ fn host_and_port(parts: &http::request::Parts, conn: &Connection) -> (String, u1
 mod tests {
     use super::*;
 
+    fn loopback_connection() -> Connection {
+        Connection::new(
+            "127.0.0.1:5000".parse().unwrap(),
+            "127.0.0.1:8080".parse().unwrap(),
+        )
+    }
+
     #[test]
     fn describes_path_query_and_headers() {
         let req = http::Request::builder()
@@ -618,10 +625,7 @@ mod tests {
             .body(())
             .unwrap();
         let (parts, _) = req.into_parts();
-        let conn = Connection::new(
-            "127.0.0.1:5000".parse().unwrap(),
-            "127.0.0.1:8080".parse().unwrap(),
-        );
+        let conn = loopback_connection();
         let d = describe(
             &parts,
             "id1".into(),
@@ -649,10 +653,7 @@ mod tests {
             .body(())
             .unwrap();
         let (parts, _) = req.into_parts();
-        let conn = Connection::new(
-            "127.0.0.1:5000".parse().unwrap(),
-            "127.0.0.1:8080".parse().unwrap(),
-        );
+        let conn = loopback_connection();
         let describe_reading = |headers, query| {
             describe(
                 &parts,
