@@ -81,10 +81,7 @@ pub fn decide(
         Document::AsRead(input) => set.decide(&input, &how.limits, how.cache_entries),
         Document::Whole(v) => (set.evaluate(v, &how.limits), CacheUse::Bypassed),
     };
-    metrics.decision_cache(cache).inc();
-    metrics
-        .policy_evaluation_seconds
-        .observe(started.elapsed().as_secs_f64());
+    metrics.count_decision(cache, started.elapsed().as_secs_f64());
     rule(result, how, Arc::clone(set.stamp()), metrics)
 }
 

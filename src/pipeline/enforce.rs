@@ -400,9 +400,7 @@ impl Upstream {
 
         let started = Instant::now();
         let result = tokio::time::timeout(self.response_timeout, self.pool.send(req)).await;
-        metrics
-            .upstream_duration_seconds
-            .observe(started.elapsed().as_secs_f64());
+        metrics.observe_upstream(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(mut resp)) => {
                 strip_hop_by_hop(resp.headers_mut());

@@ -46,7 +46,7 @@ pub fn worth_recording(scope: AuditRecordScope, ruling: &Ruling, outcome: Outcom
 /// it was going. Called once per decision (not again when a tunnel closes).
 fn count(ev: &Evidence<'_>, metrics: &Metrics) {
     let input = ev.input;
-    metrics.request(input.direction, ev.outcome).inc();
+    metrics.count_request(input.direction, ev.outcome);
     let d = &ev.ruling.decision;
     for r in &d.deny {
         metrics.decision_reason(input.direction, ev.outcome, "deny", &r.code);
