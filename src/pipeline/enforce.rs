@@ -439,16 +439,24 @@ fn set_forwarded(
     client_tls: bool,
     host: Option<&HeaderValue>,
 ) {
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => {
-            let peer = peer_ip.to_str().unwrap_or_default();
-            // From owned bytes: checked, not copied again.
-            HeaderValue::from_maybe_shared(Bytes::from(format!("{prev}, {peer}"))).ok()
+    // One lookup for the read and the write: the name is hashed once.
+    match headers.entry(X_FORWARDED_FOR) {
+        http::header::Entry::Occupied(mut entry) => {
+            let appended = match entry.get().to_str() {
+                Ok(prev) if !prev.trim().is_empty() => {
+                    let peer = peer_ip.to_str().unwrap_or_default();
+                    // From owned bytes: checked, not copied again.
+                    HeaderValue::from_maybe_shared(Bytes::from(format!("{prev}, {peer}"))).ok()
+                }
+                _ => Some(peer_ip.clone()),
+            };
+            if let Some(v) = appended {
+                entry.insert(v);
+            }
         }
-        _ => Some(peer_ip.clone()),
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
+        http::header::Entry::Vacant(entry) => {
+            entry.insert(peer_ip.clone());
+        }
     }
     let proto = if client_tls { "https" } else { "http" };
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
@@ -466,9 +474,11 @@ fn set_forwarded(
     }
 }
 
+const HOP_BY_HOP_LEN: usize = 9;
+
 /// The connection-scoped headers (RFC 9110 §7.6.1), with the two
 /// non-standard ones still seen in the wild.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
     header::CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
@@ -483,28 +493,45 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// Removes connection-scoped headers, including those the `Connection`
 /// header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Runs on every request and response, and most carry none of them:
-    // one pass over the few headers present costs less than a hashed
-    // lookup per hop-by-hop name.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // Runs on every request and response. Most carry none of them, or
+    // only `Connection`: one pass over the few headers present finds
+    // which are there, and only those are then looked up by hash to be
+    // removed (nine removals per message cost more than the pass).
+    let mut present = [false; HOP_BY_HOP_LEN];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
+    // `present[0]` is `Connection` (see `HOP_BY_HOP`).
+    let named: Vec<HeaderName> = if present[0] {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // `keep-alive` (nearly every HTTP/1.1 answer's) is removed
+            // below when present: naming it again would allocate a header
+            // name per request.
+            .filter(|n| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().eq_ignore_ascii_case(n))
+            })
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let listed = HOP_BY_HOP
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        // `keep-alive` (nearly every HTTP/1.1 answer's) is removed below
-        // anyway: naming it again would allocate a header name per request.
-        .filter(|n| {
-            !HOP_BY_HOP
-                .iter()
-                .any(|h| h.as_str().eq_ignore_ascii_case(n))
-        })
-        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(&HOP_BY_HOP) {
+        .zip(present)
+        .filter_map(|(name, here)| here.then_some(name));
+    for name in named.iter().chain(listed) {
         headers.remove(name);
     }
 }
@@ -603,5 +630,47 @@ mod tests {
         assert!(!h.contains_key("x-forwarded-host"));
         assert_eq!(h["x-real-ip"], "10.0.0.2");
         assert!(!h.contains_key("forwarded"));
+
+        // No earlier entry, a blank one, or several: the peer alone, or
+        // appended to the first, and one header either way.
+        let peer = &conn.peer_ip;
+        let mut h = HeaderMap::new();
+        set_forwarded(&mut h, peer, true, Some(&"crm.example.eu".parse().unwrap()));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "crm.example.eu");
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", " ".parse().unwrap());
+        set_forwarded(&mut h, peer, false, None);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.2");
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "203.0.113.1".parse().unwrap());
+        h.append("x-forwarded-for", "198.51.100.2".parse().unwrap());
+        set_forwarded(&mut h, peer, false, None);
+        let all: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(all, ["203.0.113.1, 10.0.0.2"]);
+    }
+
+    #[test]
+    fn only_the_hop_by_hop_headers_present_are_removed() {
+        // `Connection: close` alone, as many answers carry it.
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["content-type"]);
+        // Named by `Connection` but absent: nothing else goes.
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-gone".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
+        // Several values of one hop-by-hop header all go.
+        let mut h = HeaderMap::new();
+        h.append("te", "trailers".parse().unwrap());
+        h.append("te", "gzip".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 }
