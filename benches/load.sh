@@ -50,7 +50,7 @@
 #   SKIP_BUILD [0]       1 = use target/release/rempart as it is
 #   REMPART_BIN []       measure this rempart binary instead of
 #                        target/release/rempart (no build; e.g. the
-#                        profile-guided one benches/pgo.sh prints)
+#                        profile-guided one deploy/pgo.sh prints)
 #   POLICIES [policies/] the policy directory rempart serves (e.g. one with
 #                        decision.rego alone, to measure the proxy without
 #                        the shipped rules)

@@ -207,6 +207,10 @@ fn dockerfile_is_multi_stage_non_root_with_healthcheck_and_existing_paths() {
     assert!(builder
         .iter()
         .any(|(o, r)| o == "COPY" && r.starts_with("deploy/pgo.sh ")));
+    // ... with llvm-bolt installed, or the script stops at the PGO build.
+    assert!(builder
+        .iter()
+        .any(|(o, r)| o == "RUN" && r.contains("apt-get install") && r.contains("bolt-19")));
     let syntax = Command::new("bash")
         .arg("-n")
         .arg(repo().join("deploy/pgo.sh"))
