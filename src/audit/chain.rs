@@ -10,8 +10,6 @@
 //! the hash is not secret; the signed checkpoints of [`super::checkpoint`]
 //! close those gaps.)
 
-use std::io::Write;
-
 use sha2::{Digest, Sha256};
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -53,8 +51,9 @@ pub fn link(head: &mut Head, record: &[u8]) -> Vec<u8> {
 pub fn link_into(head: &mut Head, record: &[u8], out: &mut Vec<u8>) {
     let seq = head.seq + 1;
     let start = out.len();
-    // Writing to a Vec cannot fail.
-    let _ = write!(out, "{{\"seq\":{seq},\"prev_hash\":\"");
+    out.extend_from_slice(b"{\"seq\":");
+    super::record::json_uint(out, seq);
+    out.extend_from_slice(b",\"prev_hash\":\"");
     out.extend_from_slice(head.hash.as_bytes());
     out.push(b'"');
     let fields = record.strip_prefix(b"{").unwrap_or(record);
@@ -73,7 +72,9 @@ pub fn link_into(head: &mut Head, record: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(b"\"}\n");
     head.seq = seq;
     head.hash.clear();
-    head.hash.extend(hex.iter().map(|&b| char::from(b)));
+    // Hex digits are ASCII: the whole of them is valid UTF-8.
+    head.hash
+        .push_str(std::str::from_utf8(&hex).unwrap_or_default());
 }
 
 /// What one line says about itself, once its own hash is checked.
@@ -168,5 +169,28 @@ mod tests {
             .unwrap_err()
             .contains("hash mismatch"));
         assert!(check_line(r#"{"decision_id":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn sequence_numbers_are_written_in_full_decimal() {
+        for (from, written) in [
+            (9, "10"),
+            (99_999, "100000"),
+            (u64::MAX - 1, "18446744073709551615"),
+        ] {
+            let mut head = Head {
+                seq: from,
+                hash: GENESIS.to_string(),
+            };
+            let line = String::from_utf8(link(&mut head, br#"{"status":200}"#)).unwrap();
+            assert!(
+                line.starts_with(&format!(
+                    r#"{{"seq":{written},"prev_hash":"{GENESIS}","status":200,"hash":""#
+                )),
+                "{line}"
+            );
+            let checked = check_line(line.trim_end()).unwrap();
+            assert_eq!((checked.seq, &checked.hash), (from + 1, &head.hash));
+        }
     }
 }

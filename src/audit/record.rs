@@ -431,7 +431,7 @@ fn json_bool(out: &mut Vec<u8>, b: bool) {
     out.extend_from_slice(if b { b"true" } else { b"false" });
 }
 
-fn json_uint(out: &mut Vec<u8>, n: u64) {
+pub(crate) fn json_uint(out: &mut Vec<u8>, n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     let mut n = n;
