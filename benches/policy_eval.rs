@@ -52,7 +52,7 @@ fn input() -> PolicyInput {
             ip: "10.1.2.3".into(),
             port: 50123,
             scope: "private".into(),
-            geo: Geo::local(Scope::Private),
+            geo: std::sync::Arc::new(Geo::local(Scope::Private)),
             workload: None,
         },
         destination: std::sync::Arc::new(Destination {
@@ -183,6 +183,16 @@ fn bench_geo(c: &mut Criterion) {
         let g = db.lookup(ip);
         c.bench_function(&format!("geo/to_value/{name}"), |b| {
             b.iter(|| black_box(&g).to_value())
+        });
+        // What the locate stage pays per request on a keep-alive
+        // connection from that address: the location kept by the first.
+        let db = std::sync::Arc::new(db);
+        let conn = rempart::pipeline::accept::Connection::new(
+            std::net::SocketAddr::new(ip, 40000),
+            "127.0.0.1:8080".parse().expect("address"),
+        );
+        c.bench_function(&format!("geo/locate_source/{name}"), |b| {
+            b.iter(|| rempart::pipeline::locate::locate_source(black_box(&conn), &db))
         });
     }
 }

@@ -82,8 +82,9 @@ pub struct Endpoint {
     pub port: u16,
     /// See [`crate::pipeline::locate::Scope`].
     pub scope: Name,
-    /// Location and jurisdiction of `ip`.
-    pub geo: Geo,
+    /// Location and jurisdiction of `ip` (shared by the requests of one
+    /// connection).
+    pub geo: Arc<Geo>,
     /// Egress: the workload the caller is (`[[egress.workloads]]`, or the
     /// proxy account's), null when unknown. Always null for ingress.
     pub workload: Option<String>,
@@ -540,7 +541,7 @@ pub(crate) mod tests {
                 ip: "127.0.0.1".into(),
                 port: 50000,
                 scope: "loopback".into(),
-                geo: Geo::local(crate::pipeline::locate::Scope::Loopback),
+                geo: Arc::new(Geo::local(crate::pipeline::locate::Scope::Loopback)),
                 workload: None,
             },
             destination: Arc::new(Destination {

@@ -73,7 +73,9 @@ fn corpus() -> Vec<PolicyInput> {
                         ip: "192.0.2.1".into(),
                         port: 1000,
                         scope: scope.to_string().into(),
-                        geo: destination_geo(n + 1).unwrap_or_else(|| Geo::local(Scope::Private)),
+                        geo: std::sync::Arc::new(
+                            destination_geo(n + 1).unwrap_or_else(|| Geo::local(Scope::Private)),
+                        ),
                         workload: (n % 5 == 0).then(|| "creme".to_string()),
                     },
                     destination: std::sync::Arc::new(Destination {

@@ -52,6 +52,9 @@ pub struct Connection {
     pub tls: bool,
     /// The client certificate verified during the handshake (mTLS).
     pub client_cert: Option<Arc<crate::tls::ClientCert>>,
+    /// Where `peer` is, looked up by the first request and kept for the
+    /// others (see [`crate::pipeline::locate::PeerLocation`]).
+    pub peer_location: Arc<crate::pipeline::locate::PeerLocation>,
 }
 
 impl Connection {
@@ -66,6 +69,7 @@ impl Connection {
             local,
             tls: false,
             client_cert: None,
+            peer_location: Arc::default(),
         }
     }
 

@@ -7,8 +7,9 @@
 pub mod resolve;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use crate::geo::GeoDb;
+use crate::geo::{Geo, GeoDb};
 use crate::input::{Address, Destination, Endpoint};
 
 /// The special-purpose class of an address (IANA special-purpose registries).
@@ -171,14 +172,44 @@ fn scope_v6(ip: Ipv6Addr) -> Scope {
 }
 
 /// The source of a request: the peer of the accepted connection.
-pub fn locate_source(conn: &crate::pipeline::accept::Connection, geo: &GeoDb) -> Endpoint {
-    let geo = geo.lookup(canonical_ip(conn.peer.ip()));
+pub fn locate_source(conn: &crate::pipeline::accept::Connection, geo: &Arc<GeoDb>) -> Endpoint {
+    let located = conn.peer_location.locate(conn.peer.ip(), geo);
     Endpoint {
         ip: conn.peer_ip_str().to_owned(),
         port: conn.peer.port(),
-        scope: geo.scope.clone(),
-        geo,
+        scope: located.scope.clone(),
+        geo: located,
         workload: None,
+    }
+}
+
+/// Where a connection's peer is, kept for the connection: every request on
+/// it comes from the same address, so the databases are searched once per
+/// connection (and again after a geo reload), not once per request. For a
+/// public client that is three database lookups and the strings of its
+/// location saved per request.
+#[derive(Debug, Default)]
+pub struct PeerLocation(Mutex<Option<(Weak<GeoDb>, Arc<Geo>)>>);
+
+impl PeerLocation {
+    /// `ip`'s location in `geo`: the one kept when it was found in this
+    /// same generation of the data, else a fresh lookup, kept.
+    pub fn locate(&self, ip: IpAddr, geo: &Arc<GeoDb>) -> Arc<Geo> {
+        // Only the connection's own requests take this lock. A panic while
+        // it was held left at worst a stale generation, which the pointer
+        // comparison below does not accept.
+        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // The generation is told by its address; the `Weak` kept with it
+        // holds that address (not the data) so it cannot be reused by a
+        // later generation.
+        if let Some((generation, located)) = kept.as_ref() {
+            if std::ptr::eq(generation.as_ptr(), Arc::as_ptr(geo)) {
+                return Arc::clone(located);
+            }
+        }
+        let located = Arc::new(geo.lookup(canonical_ip(ip)));
+        *kept = Some((Arc::downgrade(geo), Arc::clone(&located)));
+        located
     }
 }
 
@@ -254,6 +285,54 @@ pub fn egress_destination(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_locates_its_peer_once_per_generation_of_geo_data() {
+        use crate::pipeline::accept::Connection;
+        let maxmind = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/maxmind");
+        let open = || {
+            let files = crate::geo::GeoFiles {
+                country_db: Some(maxmind.join("GeoLite2-Country-Test.mmdb")),
+                asn_db: Some(maxmind.join("GeoLite2-ASN-Test.mmdb")),
+                ..Default::default()
+            };
+            Arc::new(GeoDb::open(&files).unwrap())
+        };
+        let (first, second) = (open(), open());
+        let here = "127.0.0.1:8080".parse().unwrap();
+        let conn = Connection::new("[::ffff:2.125.160.216]:4000".parse().unwrap(), here);
+
+        let a = locate_source(&conn, &first);
+        let b = locate_source(&conn, &first);
+        assert_eq!(a.geo.country.as_deref(), Some("GB"));
+        assert_eq!(
+            (a.ip.as_str(), a.scope.as_ref()),
+            ("2.125.160.216", "public")
+        );
+        assert!(
+            Arc::ptr_eq(&a.geo, &b.geo),
+            "looked up again in the same data"
+        );
+
+        // A reload: looked up in the new data, then kept again.
+        let c = locate_source(&conn, &second);
+        assert!(
+            !Arc::ptr_eq(&a.geo, &c.geo),
+            "the old generation's answer was kept"
+        );
+        assert_eq!(c.geo, a.geo);
+        assert!(Arc::ptr_eq(&c.geo, &locate_source(&conn, &second).geo));
+        // What is kept does not keep the data itself alive.
+        assert_eq!(Arc::strong_count(&second), 1);
+
+        // Another connection is located for itself.
+        let other = Connection::new("127.0.0.1:5000".parse().unwrap(), here);
+        let d = locate_source(&other, &second);
+        assert_eq!(
+            (d.geo.scope.as_ref(), d.geo.country.as_deref()),
+            ("loopback", None)
+        );
+    }
 
     fn sc(s: &str) -> &'static str {
         scope(s.parse().unwrap()).as_str()
