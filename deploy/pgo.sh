@@ -119,6 +119,8 @@ expect() { # what status url [curl args...]
     got=$(curl -s -o /dev/null -w '%{http_code}' "$@")
     [[ $got == "$want" ]] || die "$what: expected $want, got $got (curl $*)"
 }
+# A path segment the shipped library blocks (blocked_path).
+DENIED=/.git/config
 cat >"$TMP/paths.lua" <<'EOF'
 request = function()
     return wrk.format("GET", "/api/contacts/" .. math.random(1, 5000))
@@ -154,8 +156,6 @@ start_rempart() { # BINARY NAME: sets ING, ADMIN, EGRESS, RP_PID
 # Each kind of traffic answers as it should.
 check_paths() {
     expect "allowed read" 200 "http://$ING/api/contacts/42"
-    # A path segment the shipped library blocks (blocked_path).
-    DENIED=/.git/config
     expect "denied route" 403 "http://$ING$DENIED"
     expect "HTTP/2 read" 200 --http2-prior-knowledge "http://$ING/api/contacts/7"
     expect "egress forward" 200 -x "http://$EGRESS" "http://127.0.0.1:$UP_PORT/hook"

@@ -195,9 +195,9 @@ impl PeerLocation {
     /// `ip`'s location in `geo`: the one kept when it was found in this
     /// same generation of the data, else a fresh lookup, kept.
     pub fn locate(&self, ip: IpAddr, geo: &Arc<GeoDb>) -> Arc<Geo> {
-        // Only the connection's own requests take this lock. A panic while
-        // it was held left at worst a stale generation, which the pointer
-        // comparison below does not accept.
+        // Only the connection's own requests take this lock. The slot is
+        // only ever replaced whole, so a panic while it was held cannot
+        // have left half an answer: a poisoned lock is used as it is.
         let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         // The generation is told by its address; the `Weak` kept with it
         // holds that address (not the data) so it cannot be reused by a
