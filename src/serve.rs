@@ -36,7 +36,10 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
     let geo = GeoStore::open(cfg.geo.files(), cfg.geo.optional, Arc::clone(&metrics))?;
     let (audit, audit_writer) = AuditSink::open(
         &cfg.audit.path,
-        AuditOptions::from_config(&cfg.audit),
+        AuditOptions {
+            lanes: cfg.worker_count(),
+            ..AuditOptions::from_config(&cfg.audit)
+        },
         Arc::clone(&metrics),
     )?;
 
@@ -133,7 +136,7 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
                     &cfg,
                     Arc::clone(&policies),
                     Arc::clone(&geo),
-                    audit.clone(),
+                    audit.for_worker(i),
                     Arc::clone(&metrics),
                     ip,
                     &security,
@@ -146,7 +149,7 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
             let (policies, geo, audit, metrics, slots, pipes) = (
                 Arc::clone(&policies),
                 Arc::clone(&geo),
-                audit.clone(),
+                audit.for_worker(i),
                 Arc::clone(&metrics),
                 Arc::clone(&egress_slots),
                 Arc::clone(&tunnel_pipes),
