@@ -772,3 +772,104 @@ async fn header_read_timeout_closes_a_stalled_head_and_an_idle_keep_alive_connec
         "closed after {closed:?}"
     );
 }
+
+/// Sends `head` as is on a new connection and reads the whole answer (the
+/// head asks the server to close).
+async fn raw_exchange(addr: std::net::SocketAddr, head: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("no answer")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A request whose host is ambiguous never reaches the CRM or the policy:
+/// rempart answers 400, says why, records it, in monitor mode too. The
+/// policy, the record and the CRM would otherwise not agree on the host.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_with_an_ambiguous_host_is_refused_with_400_in_any_mode() {
+    let up = Upstream::start().await;
+    for mode in ["enforce", "monitor"] {
+        let rp = Rempart::start(&up.url(), &["--mode", mode]);
+        let refused = [
+            (
+                "GET /api/contacts/1 HTTP/1.1\r\nHost: crm.example.eu\r\nHost: other.example\r\n",
+                "more than one Host header",
+            ),
+            ("GET /api/contacts/2 HTTP/1.1\r\n", "no Host header"),
+            (
+                "GET /api/contacts/3 HTTP/1.1\r\nHost: user@crm.example.eu\r\n",
+                "invalid Host header",
+            ),
+            (
+                "GET /api/contacts/4 HTTP/1.1\r\nHost: \r\n",
+                "invalid Host header",
+            ),
+            (
+                "GET http://crm.example.eu/api/contacts/5 HTTP/1.1\r\nHost: other.example\r\n",
+                "does not match",
+            ),
+        ];
+        for (head, why) in refused {
+            let answer = raw_exchange(rp.addr, &format!("{head}Connection: close\r\n\r\n")).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 400"),
+                "{mode}: {head:?} -> {answer}"
+            );
+            assert!(answer.contains("x-rempart-decision-id: "), "{answer}");
+            let body: serde_json::Value =
+                serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+            assert_eq!(body["error"], "bad_request");
+            assert!(
+                body["message"].as_str().unwrap().contains(why),
+                "{mode}: {head:?} -> {body}"
+            );
+        }
+        // Written differently, the same host and port: served. So is an
+        // HTTP/1.0 request without Host.
+        for head in [
+            "GET http://crm.example.eu:80/api/contacts/6 HTTP/1.1\r\nHost: CRM.example.eu\r\n",
+            "GET /api/contacts/7 HTTP/1.0\r\n",
+        ] {
+            let answer = raw_exchange(rp.addr, &format!("{head}Connection: close\r\n\r\n")).await;
+            assert!(answer.contains(" 200 OK"), "{mode}: {head:?} -> {answer}");
+        }
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let records = loop {
+            let recs = rp.audit_records();
+            if recs.len() >= 7 {
+                break recs;
+            }
+            assert!(std::time::Instant::now() < deadline, "{recs:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let refused: Vec<_> = records.iter().filter(|r| r["status"] == 400).collect();
+        assert_eq!(refused.len(), 5, "{records:?}");
+        for r in refused {
+            assert_eq!(r["decision"]["outcome"], "denied", "{r}");
+            assert_eq!(r["decision"]["enforced"], true, "{r}");
+            assert_eq!(r["decision"]["deny"][0]["code"], "bad_request", "{r}");
+        }
+        assert_eq!(
+            rp.metric(r#"rempart_requests_total{direction="ingress",outcome="denied"}"#)
+                .await,
+            5.0
+        );
+    }
+    let seen = up.seen_paths();
+    for refused in 1..=5 {
+        let path = format!("/api/contacts/{refused}");
+        assert!(!seen.contains(&path), "{path} reached the CRM: {seen:?}");
+    }
+    assert_eq!(
+        seen.iter()
+            .filter(|p| p.as_str() == "/api/contacts/6")
+            .count(),
+        2
+    );
+}

@@ -584,6 +584,56 @@ pub fn protocol_name(v: http::Version) -> &'static str {
     }
 }
 
+/// Why an ingress request is refused before the policy sees it, if it is:
+/// the host it is for must be unambiguous, since the policy, the audit
+/// record and the CRM must all read the same one. RFC 9112 §3.2 asks a
+/// server to answer 400 to more than one `Host`, to an invalid one, and to
+/// an HTTP/1.1 request without one; a `Host` that differs from the request
+/// target's authority (absolute form, or HTTP/2's `:authority`) is refused
+/// too (RFC 9113 §8.3.1). The reason never repeats what the client sent.
+pub fn ambiguous_host(parts: &http::request::Parts) -> Option<&'static str> {
+    let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Some("more than one Host header");
+    }
+    let authority = parts.uri.authority().map(http::uri::Authority::as_str);
+    let Some(host) = host else {
+        return (authority.is_none() && parts.version == http::Version::HTTP_11)
+            .then_some("no Host header (HTTP/1.1 requires one)");
+    };
+    let host = host.as_bytes();
+    // uri-host [":" port]: a name, an IPv4 address or a bracketed IPv6
+    // literal (no user information, path or space). Empty only suits a
+    // target without an authority, which a reverse proxy never serves.
+    let valid = |b: &u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(b);
+    if host.is_empty() || !host.iter().all(valid) {
+        return Some("invalid Host header");
+    }
+    match authority {
+        Some(a) if !a.as_bytes().eq_ignore_ascii_case(host) && !same_place(&parts.uri, host) => {
+            Some("Host header does not match the request target's authority")
+        }
+        _ => None,
+    }
+}
+
+/// Whether `host` names the same host and port as `uri`'s authority,
+/// written differently (`crm.example.eu` for `crm.example.eu:443` in an
+/// `https` target).
+fn same_place(uri: &http::Uri, host: &[u8]) -> bool {
+    let (Some(target), Ok(host)) = (uri.authority(), http::uri::Authority::try_from(host)) else {
+        return false;
+    };
+    let default = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+        443
+    } else {
+        80
+    };
+    target.host().eq_ignore_ascii_case(host.host())
+        && target.port_u16().unwrap_or(default) == host.port_u16().unwrap_or(default)
+}
+
 /// The host the client asked for (Host header, or the HTTP/2 authority),
 /// lower-cased and without port; the port defaults to the listener's.
 fn host_and_port(parts: &http::request::Parts, conn: &Connection) -> (String, u16) {
@@ -609,6 +659,61 @@ fn host_and_port(parts: &http::request::Parts, conn: &Connection) -> (String, u1
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_is_ambiguous_when_repeated_invalid_missing_or_elsewhere() {
+        let parts = |version, uri: &str, hosts: &[&str]| {
+            let mut b = http::Request::builder().version(version).uri(uri);
+            for h in hosts {
+                b = b.header(http::header::HOST, *h);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        use http::Version as V;
+        let ok = [
+            parts(V::HTTP_11, "/a", &["crm.example.eu:8443"]),
+            parts(V::HTTP_11, "/a", &["[2001:db8::1]:8080"]),
+            parts(V::HTTP_10, "/a", &[]),
+            parts(V::HTTP_2, "https://crm.example.eu/a", &[]),
+            parts(
+                V::HTTP_2,
+                "https://crm.example.eu/a",
+                &["CRM.example.eu:443"],
+            ),
+            parts(
+                V::HTTP_11,
+                "http://crm.example.eu:80/a",
+                &["crm.example.eu"],
+            ),
+        ];
+        for p in &ok {
+            assert_eq!(ambiguous_host(p), None, "{p:?}");
+        }
+        let refused = [
+            (parts(V::HTTP_11, "/a", &["a", "b"]), "more than one"),
+            (parts(V::HTTP_2, "/a", &["a", "a"]), "more than one"),
+            (parts(V::HTTP_11, "/a", &[]), "no Host"),
+            (parts(V::HTTP_11, "/a", &[""]), "invalid"),
+            (parts(V::HTTP_11, "/a", &["u@crm"]), "invalid"),
+            (parts(V::HTTP_11, "/a", &["crm/x"]), "invalid"),
+            (
+                parts(
+                    V::HTTP_2,
+                    "https://crm.example.eu/a",
+                    &["crm.example.eu:80"],
+                ),
+                "does not match",
+            ),
+            (
+                parts(V::HTTP_11, "http://a.example/x", &["b.example"]),
+                "does not match",
+            ),
+        ];
+        for (p, why) in &refused {
+            let got = ambiguous_host(p).unwrap_or_else(|| panic!("{p:?} accepted"));
+            assert!(got.contains(why), "{p:?}: {got}");
+        }
+    }
 
     fn loopback_connection() -> Connection {
         Connection::new(

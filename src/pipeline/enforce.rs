@@ -223,6 +223,16 @@ pub fn internal_error() -> Response<ProxyBody> {
     )
 }
 
+/// A malformed request, refused before the policy: its one reason says why.
+pub fn bad_request(decision_id: &str, reasons: &[Reason]) -> Response<ProxyBody> {
+    let message = reasons.first().map_or("", |r| r.message.as_str());
+    json_response(
+        StatusCode::BAD_REQUEST,
+        decision_id,
+        serde_json::json!({"error": "bad_request", "decision_id": decision_id, "message": message}),
+    )
+}
+
 pub fn forbidden(decision_id: &str, reasons: &[Reason]) -> Response<ProxyBody> {
     json_response(
         StatusCode::FORBIDDEN,

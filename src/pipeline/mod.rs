@@ -45,6 +45,9 @@ use enforce::{Forwarded, ProxyBody, Upstream, AUDIT_UNAVAILABLE, DECISION_ID};
 use identify::Identifier;
 use record::Evidence;
 
+/// The reason code of a request refused as malformed before the policy.
+const BAD_REQUEST: &str = "bad_request";
+
 /// The upstream located with one generation of geo data (kept alive
 /// here, so that the pointer comparison cannot be fooled by reuse).
 struct LocatedUpstream {
@@ -218,7 +221,18 @@ impl Gateway {
         } else {
             decide::Document::AsRead(input.reading(Some((&upstream.value, upstream.digest))))
         };
-        let ruling = decide::decide(&set, document, &self.how, &self.metrics);
+        // A request whose host is ambiguous is refused whatever the mode:
+        // rempart's own check, not the policy's.
+        let refused = accept::ambiguous_host(&parts);
+        let ruling = match refused {
+            Some(reason) => decide::refusal(
+                BAD_REQUEST,
+                reason,
+                Outcome::Denied,
+                Arc::clone(set.stamp()),
+            ),
+            None => decide::decide(&set, document, &self.how, &self.metrics),
+        };
 
         // 6. enforce
         let mut upstream_error = None;
@@ -245,6 +259,7 @@ impl Gateway {
         let audit_refused = pending_durable == Some(false);
         let overrides = ruling.decision.response.as_deref();
         let mut response = match ruling.action {
+            Action::Deny if refused.is_some() => enforce::bad_request(id, &ruling.decision.deny),
             Action::Deny => match overrides {
                 Some(o) => enforce::envoy_denial(id, o, &ruling.decision.deny),
                 None => enforce::forbidden(id, &ruling.decision.deny),
