@@ -132,13 +132,6 @@ impl Lanes {
         Pushed::Queued { first, waited }
     }
 
-    /// Empty batches worth keeping for the next takes: two per lane. After
-    /// a write outage the writer may hold many batches; only these many
-    /// are kept once they are written.
-    pub fn spares_kept(&self) -> usize {
-        2 * self.lanes.len()
-    }
-
     /// Records waiting in the lanes now.
     pub fn waiting(&self) -> usize {
         (0..self.lanes.len()).map(|i| self.lock(i).len()).sum()
@@ -235,12 +228,11 @@ impl Held {
     }
 
     /// Empties this once its records are written: the lanes' batches go
-    /// back to `spares` for the next take (up to `keep` spares), the
-    /// queue's buffers are returned.
-    pub fn clear(&mut self, spares: &mut Vec<Batch>, keep: usize) -> Vec<Vec<u8>> {
+    /// back to `spares` for the next take, the queue's buffers are returned.
+    pub fn clear(&mut self, spares: &mut Vec<Batch>) -> Vec<Vec<u8>> {
         self.order.clear();
         for mut batch in self.batches.drain(..) {
-            if batch.bytes.capacity() <= MAX_KEPT && spares.len() < keep {
+            if batch.bytes.capacity() <= MAX_KEPT {
                 batch.clear();
                 spares.push(batch);
             }
@@ -308,9 +300,8 @@ mod tests {
         assert_eq!(texts(&held), ["q", "a", "b", "c", "d", "e", "f", "g"]);
         assert_eq!(held.len(), 8);
 
-        // Written: the batches come back empty for the next take, as many
-        // as are worth keeping.
-        let lines = held.clear(&mut spares, lanes.spares_kept());
+        // Written: the batches come back empty for the next take.
+        let lines = held.clear(&mut spares);
         assert_eq!(lines, [b"q".to_vec()]);
         assert!(held.is_empty());
         assert_eq!(spares.len(), 5);
@@ -319,8 +310,6 @@ mod tests {
         assert_eq!(lanes.take_all(&mut held, &mut spares), 1);
         assert_eq!(spares.len(), 4, "a spare took the lane's place");
         assert_eq!(texts(&held), ["h"]);
-        held.clear(&mut spares, 4);
-        assert_eq!(spares.len(), 4, "no more spares than asked");
     }
 
     #[test]

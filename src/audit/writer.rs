@@ -618,7 +618,7 @@ impl Writer {
         // them as lost.
         let retain = !self.settings.fsync_each_batch;
         if result.is_ok() || !retain {
-            let lines = records.clear(&mut self.spares, self.shared.lanes.spares_kept());
+            let lines = records.clear(&mut self.spares);
             self.buffers.give_back(lines.into_iter());
         }
         let outcome = match result {
