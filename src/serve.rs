@@ -36,10 +36,7 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
     let geo = GeoStore::open(cfg.geo.files(), cfg.geo.optional, Arc::clone(&metrics))?;
     let (audit, audit_writer) = AuditSink::open(
         &cfg.audit.path,
-        AuditOptions {
-            lanes: cfg.worker_count(),
-            ..AuditOptions::from_config(&cfg.audit)
-        },
+        AuditOptions::from_config(&cfg.audit),
         Arc::clone(&metrics),
     )?;
 
@@ -136,7 +133,7 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
                     &cfg,
                     Arc::clone(&policies),
                     Arc::clone(&geo),
-                    audit.for_worker(i),
+                    audit.clone(),
                     Arc::clone(&metrics),
                     ip,
                     &security,
@@ -149,7 +146,7 @@ pub fn run(cfg: Config, source: PolicySource) -> anyhow::Result<()> {
             let (policies, geo, audit, metrics, slots, pipes) = (
                 Arc::clone(&policies),
                 Arc::clone(&geo),
-                audit.for_worker(i),
+                audit.clone(),
                 Arc::clone(&metrics),
                 Arc::clone(&egress_slots),
                 Arc::clone(&tunnel_pipes),

@@ -1,10 +1,8 @@
 //! The audit trail: one JSON line per decision, appended to a file.
 //!
-//! Request tasks serialise their record and queue it: in buffered mode on
-//! their worker's own lane ([`lanes`]), in sync mode on a bounded queue
-//! with an acknowledgement. One writer thread ([`writer`]) takes what is
-//! queued in batches, chains it ([`chain`]) and appends each batch with a
-//! single write.
+//! Request tasks serialise their record and hand it to a bounded queue; one
+//! writer thread ([`writer`]) drains the queue in batches, chains them
+//! ([`chain`]) and appends each batch with a single write.
 //!
 //! Two durability modes (`[audit] durability`, see docs/audit.md):
 //! - **buffered**: the writer lets records gather for `flush_interval`, then
@@ -26,7 +24,6 @@ pub mod checkpoint;
 pub mod decision_log;
 pub mod exchange;
 pub mod files;
-mod lanes;
 pub mod minimise;
 pub mod privacy;
 pub mod query;
@@ -59,9 +56,6 @@ use writer::{Compressor, Msg, Shared, Trail, Writer, WriterSettings};
 pub struct AuditOptions {
     pub flush_interval: Duration,
     pub capacity: usize,
-    /// Request workers, each queueing buffered records on a lane of its
-    /// own (see [`AuditSink::for_worker`]); `capacity` is shared among them.
-    pub lanes: usize,
     pub durability: Durability,
     pub on_full: OnFull,
     pub rotation: Rotation,
@@ -91,7 +85,6 @@ impl AuditOptions {
         AuditOptions {
             flush_interval: cfg.flush_interval.0,
             capacity: cfg.queue_capacity,
-            lanes: 1,
             durability: cfg.durability,
             on_full: cfg.on_full,
             rotation: Rotation {
@@ -142,8 +135,6 @@ pub struct AuditSink {
     on_full: OnFull,
     minimiser: Arc<minimise::Minimiser>,
     buffers: Arc<buffers::BufferPool>,
-    /// The lane this sink's buffered records go to.
-    lane: usize,
 }
 
 /// The writer thread; join it after every sink is dropped.
@@ -207,10 +198,7 @@ impl AuditSink {
                 Arc::clone(&metrics),
             )?);
         }
-        let shared = Arc::new(Shared {
-            lanes: lanes::Lanes::new(options.lanes, options.capacity),
-            ..Shared::default()
-        });
+        let shared = Arc::new(Shared::default());
         shared
             .committed_seq
             .store(trail.head.seq, Ordering::Release);
@@ -246,7 +234,6 @@ impl AuditSink {
             sinks,
             buffers: Arc::clone(&buffers),
             batch: Vec::new(),
-            spares: Vec::new(),
             failed_counted: 0,
         };
         let handle = std::thread::Builder::new()
@@ -263,23 +250,12 @@ impl AuditSink {
                 on_full: options.on_full,
                 minimiser,
                 buffers,
-                lane: 0,
             },
             AuditWriter {
                 handle,
                 shared: writer_shared,
             },
         ))
-    }
-
-    /// This sink for request worker `index`: its buffered records go to
-    /// the worker's own lane (shared with no other worker when `index` is
-    /// below [`AuditOptions::lanes`]).
-    pub fn for_worker(&self, index: usize) -> AuditSink {
-        AuditSink {
-            lane: index,
-            ..self.clone()
-        }
     }
 
     /// True in sync mode: responses wait for their record's [`AuditAck`].
@@ -293,48 +269,6 @@ impl AuditSink {
     /// queue is full the caller waits for the writer (counted), unless
     /// `on_full = "drop"`.
     pub fn record(&self, record: &AuditRecord<'_>, rules: &minimise::Rules) -> Option<AuditAck> {
-        if self.is_sync() {
-            return self.record_sync(record, rules);
-        }
-        let pushed = self.shared.lanes.push(self.lane, self.on_full, |out| {
-            if self.minimiser.idle(rules) {
-                record.write_json(out);
-            } else {
-                // Before the writer chains it: the hash covers the
-                // minimised record.
-                let mut line = self.buffers.take();
-                record.write_json(&mut line);
-                let line = self.minimiser.apply(line, rules);
-                out.extend_from_slice(&line);
-                self.buffers.give_back(std::iter::once(line));
-            }
-        });
-        match pushed {
-            lanes::Pushed::Queued { first, waited } => {
-                if waited {
-                    self.metrics.audit_queue_full.inc();
-                }
-                // Once per batch: the writer takes the lane a flush
-                // interval later. A full queue already holds a wake-up.
-                if first {
-                    if let Err(TrySendError::Disconnected(_)) = self.tx.try_send(Msg::Wake) {
-                        self.metrics.audit_write_errors.inc();
-                        tracing::error!("audit writer is gone; record lost");
-                    }
-                }
-            }
-            lanes::Pushed::Dropped => {
-                self.metrics.audit_queue_full.inc();
-                self.metrics.audit_dropped.inc();
-                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        None
-    }
-
-    /// Sync mode: the record goes through the queue with its
-    /// acknowledgement.
-    fn record_sync(&self, record: &AuditRecord<'_>, rules: &minimise::Rules) -> Option<AuditAck> {
         let mut line = self.buffers.take();
         record.write_json(&mut line);
         // Before the writer chains it: the hash covers the minimised record.
@@ -343,9 +277,11 @@ impl AuditSink {
         } else {
             self.minimiser.apply(line, rules)
         };
-        let (ack_tx, ack) = {
+        let (ack_tx, ack) = if self.is_sync() {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(AuditAck(Some(rx))))
+        } else {
+            (None, None)
         };
         // Counted before it is sent, so that the writer never takes away
         // more than was counted.
@@ -398,127 +334,5 @@ impl AuditWriter {
             tracing::error!("audit writer thread panicked");
         }
         self.shared.unwritten.load(Ordering::Acquire)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use record::AuditResource;
-
-    fn endpoint() -> AuditEndpoint<'static> {
-        AuditEndpoint {
-            host: None,
-            ip: Some("127.0.0.1"),
-            port: 8080,
-            scope: Some("loopback"),
-            geo: None,
-            workload: None,
-            addresses: Vec::new(),
-        }
-    }
-
-    fn record(id: &str) -> AuditRecord<'_> {
-        AuditRecord {
-            decision_id: id,
-            timestamp: "2026-11-29T06:00:00Z",
-            direction: "ingress",
-            request: AuditRequest {
-                method: "GET",
-                host: "crm.example.eu",
-                path: "/api/contacts/1",
-                protocol: "HTTP/1.1",
-            },
-            source: endpoint(),
-            destination: endpoint(),
-            identity: AuditIdentity {
-                method: "none",
-                subject: None,
-                error: None,
-            },
-            resource: AuditResource {
-                crm: "generic",
-                kind: "contacts",
-                id: Some("1"),
-                operation: "read",
-                bulk: false,
-                inspection: None,
-            },
-            decision: AuditDecision {
-                outcome: "allowed",
-                allow: true,
-                enforced: true,
-                deny: &[],
-                warn: &[],
-                error: None,
-            },
-            status: Some(200),
-            latency_ms: 1.0,
-            policy_revision: "sha256:0",
-            bundles: None,
-            exchange: None,
-            transfer: None,
-        }
-    }
-
-    /// Buffered mode, two workers on lanes of their own and a queue small
-    /// enough that they keep waiting for the writer: every record reaches
-    /// the trail, chained, and each worker's in the order it queued them.
-    #[test]
-    fn every_workers_records_reach_the_trail_in_the_order_each_queued_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.jsonl");
-        let metrics = Arc::new(Metrics::new());
-        let options = AuditOptions {
-            lanes: 2,
-            capacity: 64,
-            flush_interval: Duration::from_millis(1),
-            ..AuditOptions::from_config(&crate::config::AuditConfig::default())
-        };
-        let (sink, writer) = AuditSink::open(&path, options, Arc::clone(&metrics)).unwrap();
-        // A sync covers what waits in the lanes.
-        sink.for_worker(1)
-            .record(&record("first"), &minimise::Rules::default());
-        sink.sync().unwrap();
-        let written = std::fs::read_to_string(&path).unwrap();
-        assert!(written.contains("\"first\""), "{written}");
-        const EACH: usize = 3000;
-        let workers: Vec<_> = (0..2)
-            .map(|w| {
-                let sink = sink.for_worker(w);
-                std::thread::spawn(move || {
-                    for i in 0..EACH {
-                        let id = format!("w{w}-{i}");
-                        assert!(sink
-                            .record(&record(&id), &minimise::Rules::default())
-                            .is_none());
-                    }
-                })
-            })
-            .collect();
-        for w in workers {
-            w.join().unwrap();
-        }
-        drop(sink);
-        assert_eq!(writer.finish(), 0, "nothing left unwritten");
-
-        let report = verify::verify(std::slice::from_ref(&path), None).unwrap();
-        assert_eq!(report.records, 2 * EACH as u64 + 1);
-        let mut next = [0usize; 2];
-        for line in std::fs::read_to_string(&path).unwrap().lines().skip(1) {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let id = v["decision_id"].as_str().unwrap();
-            let (w, i) = id[1..].split_once('-').unwrap();
-            let (w, i): (usize, usize) = (w.parse().unwrap(), i.parse().unwrap());
-            assert_eq!(i, next[w], "worker {w}'s records in order");
-            next[w] += 1;
-        }
-        assert_eq!(next, [EACH, EACH]);
-        assert_eq!(metrics.audit_records.get(), 2 * EACH as u64 + 1);
-        assert!(
-            metrics.audit_queue_full.get() > 0,
-            "32 records a lane: the workers waited for the writer"
-        );
-        assert_eq!(metrics.audit_dropped.get(), 0);
     }
 }

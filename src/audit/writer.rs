@@ -1,5 +1,4 @@
-//! The writer thread: takes records from the lanes and the queue in
-//! batches, chains them,
+//! The writer thread: takes records from the queue in batches, chains them,
 //! appends each batch with one write, fsyncs when the durability mode asks,
 //! acknowledges sync-mode records, rotates the file, and notes in the trail
 //! itself any record that could not be written.
@@ -16,7 +15,6 @@ use anyhow::Context;
 use tokio::sync::oneshot;
 
 use super::checkpoint::Checkpointer;
-use super::lanes::{Batch, Held, Lanes};
 use super::{chain, files};
 use crate::metrics::Metrics;
 
@@ -39,9 +37,6 @@ pub(super) enum Msg {
     /// One record, a JSON object; the writer chains it. In sync mode the
     /// sender learns whether it reached the disk.
     Line(Vec<u8>, Option<oneshot::Sender<bool>>),
-    /// A lane that was empty has a record (buffered mode): take the lanes
-    /// once the flush interval is over.
-    Wake,
     /// Write and fsync everything before this, then answer.
     Sync(mpsc::Sender<std::io::Result<()>>),
 }
@@ -49,8 +44,6 @@ pub(super) enum Msg {
 /// State the writer shares with the request side.
 #[derive(Default)]
 pub(super) struct Shared {
-    /// Buffered mode's queue: one lane per request worker.
-    pub lanes: Lanes,
     /// The last commit failed (sync mode refuses new work while it holds).
     pub failing: AtomicBool,
     /// Records dropped on a full queue since the last note in the trail.
@@ -65,9 +58,8 @@ pub(super) struct Shared {
     pub stopping: AtomicBool,
     /// Set by the writer when it stopped with records it could not write.
     pub unwritten: AtomicU64,
-    /// Records in the one-by-one queue (sync mode): counted up by the
-    /// request side before it sends one, down by the writer for each it
-    /// takes. (The lanes count their own.)
+    /// Records in the queue: counted up by the request side before it
+    /// sends one, down by the writer for each it takes.
     pub queued: AtomicUsize,
     /// Records the writer has in hand: the batch being written, or those
     /// kept after a failed write.
@@ -81,9 +73,7 @@ impl Shared {
     /// noted in the peak. Read at each batch and at each scrape, so that a
     /// write stuck on a slow disk still shows the queue growing.
     pub fn waiting(&self) -> usize {
-        let waiting = self.queued.load(Ordering::Acquire)
-            + self.holding.load(Ordering::Acquire)
-            + self.lanes.waiting();
+        let waiting = self.queued.load(Ordering::Acquire) + self.holding.load(Ordering::Acquire);
         self.peak.fetch_max(waiting, Ordering::AcqRel);
         waiting
     }
@@ -383,8 +373,6 @@ pub(super) struct Writer {
     pub buffers: Arc<super::buffers::BufferPool>,
     /// The chained lines of one commit, kept between commits.
     pub batch: Vec<u8>,
-    /// Empty lane batches, put in the place of those taken.
-    pub spares: Vec<Batch>,
     /// Of the records held after failed writes (buffered mode), how many
     /// `rempart_audit_write_errors_total` already counted.
     pub failed_counted: usize,
@@ -392,7 +380,7 @@ pub(super) struct Writer {
 
 impl Writer {
     pub fn run(mut self, rx: Receiver<Msg>) {
-        let mut records = Held::default();
+        let mut records: Vec<Vec<u8>> = Vec::with_capacity(256);
         let mut acks: Vec<oneshot::Sender<bool>> = Vec::new();
         let mut backlog = false;
         let mut retry = RETRY_MIN;
@@ -465,22 +453,15 @@ impl Writer {
                 match msg {
                     Msg::Line(l, ack) => {
                         taken += 1;
-                        records.lines.push(l);
+                        records.push(l);
                         acks.extend(ack);
                     }
-                    // The lanes are taken below, after the queue.
-                    Msg::Wake => {}
                     Msg::Sync(reply) => {
-                        // Everything queued before: the lanes' records too.
-                        self.shared.lanes.take_all(&mut records, &mut self.spares);
                         let r = self.commit(&mut records, true, false);
                         answer(&mut acks, r.is_ok());
                         let _ = reply.send(r);
                     }
                 }
-            }
-            if records.len() < limit {
-                self.shared.lanes.take_all(&mut records, &mut self.spares);
             }
             self.note_waiting(taken, records.len());
             backlog = records.len() >= MAX_BATCH;
@@ -491,10 +472,9 @@ impl Writer {
                 retry = RETRY_MIN;
             }
         }
-        // Every sender is gone: the queue is drained, the lanes are taken a
-        // last time; sign and make it durable. Records still held after
-        // failed writes get a few more attempts, then are given up, loudly.
-        self.shared.lanes.take_all(&mut records, &mut self.spares);
+        // Every sender is gone: the queue is drained; sign and make it
+        // durable. Records still held after failed writes get a few more
+        // attempts, then are given up, loudly.
         let mut attempts = 0;
         while let Err(e) = self.commit(&mut records, true, true) {
             attempts += 1;
@@ -540,7 +520,7 @@ impl Writer {
     /// stays valid and the next success notes the loss.
     fn commit(
         &mut self,
-        records: &mut Held,
+        records: &mut Vec<Vec<u8>>,
         fsync: bool,
         final_checkpoint: bool,
     ) -> std::io::Result<()> {
@@ -618,8 +598,7 @@ impl Writer {
         // them as lost.
         let retain = !self.settings.fsync_each_batch;
         if result.is_ok() || !retain {
-            let lines = records.clear(&mut self.spares);
-            self.buffers.give_back(lines.into_iter());
+            self.buffers.give_back(records.drain(..));
         }
         let outcome = match result {
             Ok(()) => {
@@ -740,7 +719,6 @@ mod tests {
             sinks: Vec::new(),
             buffers: Arc::default(),
             batch: Vec::new(),
-            spares: Vec::new(),
             failed_counted: 0,
         }
     }
@@ -753,12 +731,10 @@ mod tests {
         }
     }
 
-    fn records(n: usize) -> Held {
-        Held::from_lines(
-            (0..n)
-                .map(|i| format!("{{\"decision_id\":\"r{i}\"}}").into_bytes())
-                .collect(),
-        )
+    fn records(n: usize) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| format!("{{\"decision_id\":\"r{i}\"}}").into_bytes())
+            .collect()
     }
 
     #[test]
@@ -802,7 +778,7 @@ mod tests {
         assert_eq!(held.len(), 3, "the failed batch is kept");
         assert_eq!(w.metrics.audit_write_errors.get(), 3);
         // A retry with more records: each record counted once.
-        held.lines.extend(records(2).lines);
+        held.extend(records(2));
         assert!(w.commit(&mut held, false, false).is_err());
         assert_eq!(held.len(), 5);
         assert_eq!(w.metrics.audit_write_errors.get(), 5);
