@@ -223,13 +223,13 @@ pub fn internal_error() -> Response<ProxyBody> {
     )
 }
 
-/// A malformed request, refused before the policy: its one reason says why.
-pub fn bad_request(decision_id: &str, reasons: &[Reason]) -> Response<ProxyBody> {
-    let message = reasons.first().map_or("", |r| r.message.as_str());
+/// A malformed request, refused before the policy: `code` (its reason's
+/// code) and `message` say why.
+pub fn bad_request(decision_id: &str, code: &str, message: &str) -> Response<ProxyBody> {
     json_response(
         StatusCode::BAD_REQUEST,
         decision_id,
-        serde_json::json!({"error": "bad_request", "decision_id": decision_id, "message": message}),
+        serde_json::json!({"error": code, "decision_id": decision_id, "message": message}),
     )
 }
 

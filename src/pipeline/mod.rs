@@ -207,22 +207,9 @@ impl Gateway {
         });
         let id = input.request.id.as_str();
 
-        // 5. decide
-        let document = if self.envoy_input {
-            let mut value = input.to_value_reading(&InputReads::Whole, Some(&upstream.value));
-            crate::policy::envoy::add_envoy_input(
-                &mut value,
-                &parts,
-                &input.request,
-                conn.peer,
-                conn.local,
-            );
-            decide::Document::Whole(value)
-        } else {
-            decide::Document::AsRead(input.reading(Some((&upstream.value, upstream.digest))))
-        };
-        // A request whose host is ambiguous is refused whatever the mode:
-        // rempart's own check, not the policy's.
+        // 5. decide (a request whose host is ambiguous is refused whatever
+        //    the mode, before any document is built: rempart's own check,
+        //    not the policy's)
         let refused = accept::ambiguous_host(&parts);
         let ruling = match refused {
             Some(reason) => decide::refusal(
@@ -231,7 +218,25 @@ impl Gateway {
                 Outcome::Denied,
                 Arc::clone(set.stamp()),
             ),
-            None => decide::decide(&set, document, &self.how, &self.metrics),
+            None => {
+                let document = if self.envoy_input {
+                    let mut value =
+                        input.to_value_reading(&InputReads::Whole, Some(&upstream.value));
+                    crate::policy::envoy::add_envoy_input(
+                        &mut value,
+                        &parts,
+                        &input.request,
+                        conn.peer,
+                        conn.local,
+                    );
+                    decide::Document::Whole(value)
+                } else {
+                    decide::Document::AsRead(
+                        input.reading(Some((&upstream.value, upstream.digest))),
+                    )
+                };
+                decide::decide(&set, document, &self.how, &self.metrics)
+            }
         };
 
         // 6. enforce
@@ -259,7 +264,9 @@ impl Gateway {
         let audit_refused = pending_durable == Some(false);
         let overrides = ruling.decision.response.as_deref();
         let mut response = match ruling.action {
-            Action::Deny if refused.is_some() => enforce::bad_request(id, &ruling.decision.deny),
+            Action::Deny if refused.is_some() => {
+                enforce::bad_request(id, BAD_REQUEST, refused.unwrap_or_default())
+            }
             Action::Deny => match overrides {
                 Some(o) => enforce::envoy_denial(id, o, &ruling.decision.deny),
                 None => enforce::forbidden(id, &ruling.decision.deny),
