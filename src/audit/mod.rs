@@ -1,8 +1,9 @@
 //! The audit trail: one JSON line per decision, appended to a file.
 //!
-//! Request tasks serialise their record and hand it to a bounded queue; one
-//! writer thread ([`writer`]) drains the queue in batches, chains them
-//! ([`chain`]) and appends each batch with a single write.
+//! Request tasks serialise their record and append it to a bounded queue
+//! ([`queue`]); one writer thread ([`writer`]) takes the queue's records in
+//! batches, chains them ([`chain`]) and appends each batch with a single
+//! write.
 //!
 //! Two durability modes (`[audit] durability`, see docs/audit.md):
 //! - **buffered**: the writer lets records gather for `flush_interval`, then
@@ -18,7 +19,6 @@
 //!   acknowledged ([`exchange`]); answers wait for their record, and a
 //!   refusal is replaced by an error if its record did not reach the disk.
 
-mod buffers;
 pub mod chain;
 pub mod checkpoint;
 pub mod decision_log;
@@ -27,6 +27,7 @@ pub mod files;
 pub mod minimise;
 pub mod privacy;
 pub mod query;
+mod queue;
 mod record;
 pub mod sinks;
 pub mod verify;
@@ -38,9 +39,10 @@ pub use record::{
 };
 pub use writer::Rotation;
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,7 +51,8 @@ use tokio::sync::oneshot;
 
 use crate::config::{AuditConfig, Durability, OnFull};
 use crate::metrics::Metrics;
-use writer::{Compressor, Msg, Shared, Trail, Writer, WriterSettings};
+use queue::{Pushed, Queue, QueueSender};
+use writer::{Compressor, Shared, Trail, Writer, WriterSettings};
 
 /// How the trail is written, from `[audit]`.
 #[derive(Debug, Clone)]
@@ -128,13 +131,21 @@ impl AuditOptions {
 /// The sending side, cloned into every worker.
 #[derive(Clone)]
 pub struct AuditSink {
-    tx: SyncSender<Msg>,
+    queue: QueueSender,
     metrics: Arc<Metrics>,
     shared: Arc<Shared>,
     durability: Durability,
     on_full: OnFull,
     minimiser: Arc<minimise::Minimiser>,
-    buffers: Arc<buffers::BufferPool>,
+}
+
+/// The largest record buffer a thread keeps between records.
+const SCRATCH_KEPT: usize = 16 * 1024;
+
+thread_local! {
+    /// Where a worker serialises its record before copying it into the
+    /// queue: one buffer per thread, reused, so a record allocates nothing.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The writer thread; join it after every sink is dropped.
@@ -212,13 +223,14 @@ impl AuditSink {
             )?);
         }
         let compressor = Compressor::start(path, options.rotation.keep, Arc::clone(&metrics))?;
-        let (tx, rx) = mpsc::sync_channel(options.capacity);
+        let queue = Arc::new(Queue::new(options.capacity));
         metrics
             .audit_queue_capacity
-            .set(i64::try_from(options.capacity).unwrap_or(i64::MAX));
+            .set(i64::try_from(queue.capacity()).unwrap_or(i64::MAX));
         let scraped = Arc::clone(&shared);
-        metrics.refresh_before_render(move |m| scraped.publish_waiting(m));
-        let buffers = Arc::new(buffers::BufferPool::default());
+        let scraped_queue = Arc::clone(&queue);
+        metrics.refresh_before_render(move |m| scraped.publish_waiting(&scraped_queue, m));
+        let sender = queue.sender();
         let writer = Writer {
             trail,
             settings: WriterSettings {
@@ -232,24 +244,23 @@ impl AuditSink {
             compressor,
             checkpointer,
             sinks,
-            buffers: Arc::clone(&buffers),
+            queue,
             batch: Vec::new(),
             failed_counted: 0,
         };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run())
             .context("cannot start the audit writer thread")?;
         let writer_shared = Arc::clone(&shared);
         Ok((
             AuditSink {
-                tx,
+                queue: sender,
                 metrics,
                 shared,
                 durability: options.durability,
                 on_full: options.on_full,
                 minimiser,
-                buffers,
             },
             AuditWriter {
                 handle,
@@ -269,42 +280,40 @@ impl AuditSink {
     /// queue is full the caller waits for the writer (counted), unless
     /// `on_full = "drop"`.
     pub fn record(&self, record: &AuditRecord<'_>, rules: &minimise::Rules) -> Option<AuditAck> {
-        let mut line = self.buffers.take();
-        record.write_json(&mut line);
-        // Before the writer chains it: the hash covers the minimised record.
-        let line = if self.minimiser.idle(rules) {
-            line
-        } else {
-            self.minimiser.apply(line, rules)
-        };
         let (ack_tx, ack) = if self.is_sync() {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(AuditAck(Some(rx))))
         } else {
             (None, None)
         };
-        // Counted before it is sent, so that the writer never takes away
-        // more than was counted.
-        self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(Msg::Line(line, ack_tx)) {
-            Ok(()) => ack,
-            Err(TrySendError::Full(msg)) => {
+        let pushed = SCRATCH.with_borrow_mut(|line| {
+            line.clear();
+            record.write_json(line);
+            // Before the writer chains it: the hash covers the minimised
+            // record.
+            if !self.minimiser.idle(rules) {
+                *line = self.minimiser.apply(std::mem::take(line), rules);
+            }
+            let wait = self.on_full == OnFull::Block;
+            let pushed = self.queue.queue().push(line, ack_tx, wait);
+            if line.capacity() > SCRATCH_KEPT {
+                *line = Vec::new();
+            }
+            pushed
+        });
+        match pushed {
+            Pushed::Queued => ack,
+            Pushed::QueuedAfterWait => {
                 self.metrics.audit_queue_full.inc();
-                if self.on_full == OnFull::Drop {
-                    self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-                    self.metrics.audit_dropped.inc();
-                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-                    return None;
-                }
-                if self.tx.send(msg).is_err() {
-                    self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-                    self.metrics.audit_write_errors.inc();
-                    return ack.map(|_| AuditAck(None));
-                }
                 ack
             }
-            Err(TrySendError::Disconnected(_)) => {
-                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+            Pushed::Full => {
+                self.metrics.audit_queue_full.inc();
+                self.metrics.audit_dropped.inc();
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Pushed::Closed => {
                 self.metrics.audit_write_errors.inc();
                 tracing::error!("audit writer is gone; record lost");
                 ack.map(|_| AuditAck(None))
@@ -315,9 +324,9 @@ impl AuditSink {
     /// Waits until every record queued so far is written and fsynced.
     pub fn sync(&self) -> std::io::Result<()> {
         let (tx, rx) = mpsc::channel();
-        self.tx
-            .send(Msg::Sync(tx))
-            .map_err(|_| std::io::Error::other("audit writer is gone"))?;
+        if !self.queue.queue().sync(tx) {
+            return Err(std::io::Error::other("audit writer is gone"));
+        }
         rx.recv()
             .map_err(|_| std::io::Error::other("audit writer is gone"))?
     }

@@ -7,7 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -15,12 +15,13 @@ use anyhow::Context;
 use tokio::sync::oneshot;
 
 use super::checkpoint::Checkpointer;
+use super::queue::{Queue, Records, Woke, MAX_CHUNK};
 use super::{chain, files};
 use crate::metrics::Metrics;
 
-/// Records written with one `write` at most, so that a batch under heavy
-/// load does not grow without bound or wait long.
-const MAX_BATCH: usize = 4096;
+/// Records written with one `write` at most (the queue's chunk), so that a
+/// batch under heavy load does not grow without bound or wait long.
+const MAX_BATCH: usize = MAX_CHUNK;
 /// A commit's buffer larger than this is freed after the commit rather
 /// than kept: a batch under steady load is a few hundred KiB, a full one
 /// of [`MAX_BATCH`] records about 5 MiB.
@@ -32,14 +33,6 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// Attempts at the last write when the writer stops (about three seconds
 /// with the backoff) before the records still held are given up, loudly.
 const SHUTDOWN_ATTEMPTS: u32 = 6;
-
-pub(super) enum Msg {
-    /// One record, a JSON object; the writer chains it. In sync mode the
-    /// sender learns whether it reached the disk.
-    Line(Vec<u8>, Option<oneshot::Sender<bool>>),
-    /// Write and fsync everything before this, then answer.
-    Sync(mpsc::Sender<std::io::Result<()>>),
-}
 
 /// State the writer shares with the request side.
 #[derive(Default)]
@@ -58,9 +51,6 @@ pub(super) struct Shared {
     pub stopping: AtomicBool,
     /// Set by the writer when it stopped with records it could not write.
     pub unwritten: AtomicU64,
-    /// Records in the queue: counted up by the request side before it
-    /// sends one, down by the writer for each it takes.
-    pub queued: AtomicUsize,
     /// Records the writer has in hand: the batch being written, or those
     /// kept after a failed write.
     pub holding: AtomicUsize,
@@ -72,15 +62,15 @@ impl Shared {
     /// Records waiting for the trail now (queued or in the writer's hand),
     /// noted in the peak. Read at each batch and at each scrape, so that a
     /// write stuck on a slow disk still shows the queue growing.
-    pub fn waiting(&self) -> usize {
-        let waiting = self.queued.load(Ordering::Acquire) + self.holding.load(Ordering::Acquire);
+    pub fn waiting(&self, queue: &Queue) -> usize {
+        let waiting = queue.len() + self.holding.load(Ordering::Acquire);
         self.peak.fetch_max(waiting, Ordering::AcqRel);
         waiting
     }
 
     /// Sets the queue gauges from [`Shared::waiting`].
-    pub fn publish_waiting(&self, metrics: &Metrics) {
-        let waiting = self.waiting();
+    pub fn publish_waiting(&self, queue: &Queue, metrics: &Metrics) {
+        let waiting = self.waiting(queue);
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         metrics.audit_queue_records.set(gauge(waiting));
         metrics
@@ -369,8 +359,7 @@ pub(super) struct Writer {
     pub checkpointer: Option<Checkpointer>,
     /// Copies of the trail (stdout, syslog), fed only with written lines.
     pub sinks: Vec<super::sinks::SinkHandle>,
-    /// Where written records' buffers go back to the request workers.
-    pub buffers: Arc<super::buffers::BufferPool>,
+    pub queue: Arc<Queue>,
     /// The chained lines of one commit, kept between commits.
     pub batch: Vec<u8>,
     /// Of the records held after failed writes (buffered mode), how many
@@ -379,49 +368,51 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub fn run(mut self, rx: Receiver<Msg>) {
-        let mut records: Vec<Vec<u8>> = Vec::with_capacity(256);
-        let mut acks: Vec<oneshot::Sender<bool>> = Vec::new();
+    pub fn run(mut self) {
+        // However the loop ends, senders must not wait for a writer that
+        // is gone.
+        struct Gone(Arc<Queue>);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                self.0.close_writer();
+            }
+        }
+        let _gone = Gone(Arc::clone(&self.queue));
+        let mut records = Records::default();
+        let mut acks = Vec::new();
         let mut backlog = false;
         let mut retry = RETRY_MIN;
         let mut closed = false;
         while !closed {
             let fsync = self.settings.fsync_each_batch;
-            let mut next = None;
             let limit;
             if records.is_empty() {
                 // Block only while idle; once work arrives, let a batch
                 // gather (buffered mode). In sync mode the batch is
                 // whatever arrived during the previous write and fsync:
                 // group commit.
-                let first = match self.checkpointer.as_ref().and_then(Checkpointer::wait) {
-                    None => match rx.recv() {
-                        Ok(m) => m,
-                        Err(_) => break,
-                    },
-                    // Records wait for a checkpoint: sign them when the
-                    // interval ends even if no other record comes (retrying
-                    // every second while the trail cannot be written).
-                    Some(wait) => {
-                        let wait = if self.shared.failing.load(Ordering::Relaxed) {
-                            wait.max(Duration::from_secs(1))
-                        } else {
-                            wait
-                        };
-                        match rx.recv_timeout(wait) {
-                            Ok(m) => m,
-                            Err(RecvTimeoutError::Timeout) => {
-                                let _ = self.commit(&mut records, fsync, false);
-                                continue;
-                            }
-                            Err(RecvTimeoutError::Disconnected) => break,
-                        }
+                let wait = self.checkpointer.as_ref().and_then(Checkpointer::wait);
+                // Records wait for a checkpoint: sign them when the
+                // interval ends even if no other record comes (retrying
+                // every second while the trail cannot be written).
+                let wait = wait.map(|w| {
+                    if self.shared.failing.load(Ordering::Relaxed) {
+                        w.max(Duration::from_secs(1))
+                    } else {
+                        w
                     }
-                };
+                });
+                match self.queue.wait(wait) {
+                    Woke::Work => {}
+                    Woke::TimedOut => {
+                        let _ = self.commit(&mut records, fsync, false);
+                        continue;
+                    }
+                    Woke::Closed => break,
+                }
                 if !fsync && !backlog && !self.settings.flush_interval.is_zero() {
                     std::thread::sleep(self.settings.flush_interval);
                 }
-                next = Some(first);
                 limit = MAX_BATCH;
             } else {
                 // Buffered mode after a failed write: the records are
@@ -436,38 +427,23 @@ impl Writer {
                     self.settings.retain_max.max(1)
                 };
             }
-            let mut taken = 0;
-            while let Some(msg) = next.take().or_else(|| {
-                if records.len() >= limit {
-                    return None;
-                }
-                match rx.try_recv() {
-                    Ok(m) => Some(m),
-                    Err(mpsc::TryRecvError::Empty) => None,
-                    Err(mpsc::TryRecvError::Disconnected) => {
-                        closed = true;
-                        None
-                    }
-                }
-            }) {
-                match msg {
-                    Msg::Line(l, ack) => {
-                        taken += 1;
-                        records.push(l);
-                        acks.extend(ack);
-                    }
-                    Msg::Sync(reply) => {
-                        let r = self.commit(&mut records, true, false);
-                        answer(&mut acks, r.is_ok());
-                        let _ = reply.send(r);
-                    }
-                }
-            }
-            self.note_waiting(taken, records.len());
+            let taken = self.queue.take(&mut records, limit, &self.shared.holding);
+            closed = taken.closed;
+            self.shared.waiting(&self.queue);
             backlog = records.len() >= MAX_BATCH;
-            let ok = self.commit(&mut records, fsync, false).is_ok();
-            self.note_waiting(0, records.len());
+            acks.append(&mut records.acks);
+            // A sync request: everything before it written and fsynced.
+            let fsync = fsync || !taken.syncs.is_empty();
+            let result = self.commit(&mut records, fsync, false);
+            let ok = result.is_ok();
+            self.note_holding(records.len());
             answer(&mut acks, ok);
+            for reply in taken.syncs {
+                let _ = reply.send(match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                });
+            }
             if ok {
                 retry = RETRY_MIN;
             }
@@ -491,6 +467,7 @@ impl Writer {
             std::thread::sleep(retry);
             retry = (retry * 2).min(RETRY_MAX);
         }
+        acks.append(&mut records.acks);
         answer(&mut acks, false);
         self.compressor.finish();
         for sink in self.sinks {
@@ -498,18 +475,12 @@ impl Writer {
         }
     }
 
-    /// Notes how many records wait for the trail: those still in the
-    /// queue, after the writer `taken` some from it, and the `holding` it
-    /// has in hand (a batch about to be written, or records kept after a
-    /// failed write). Each waiting record holds its buffer, so this is
-    /// also the audit trail's share of rempart's memory. The gauges are
-    /// set at each scrape; sampling here keeps the peak between scrapes.
-    fn note_waiting(&self, taken: usize, holding: usize) {
-        // In hand before out of the queue, so that a scrape in between
-        // counts them twice rather than not at all.
+    /// Notes the records the writer still has in hand after a commit
+    /// (those kept after a failed write). The gauges are set at each
+    /// scrape; sampling here keeps the peak between scrapes.
+    fn note_holding(&self, holding: usize) {
         self.shared.holding.store(holding, Ordering::Release);
-        self.shared.queued.fetch_sub(taken, Ordering::AcqRel);
-        self.shared.waiting();
+        self.shared.waiting(&self.queue);
     }
 
     /// Chains and appends `records` (emptying it) with one write, preceded
@@ -520,7 +491,7 @@ impl Writer {
     /// stays valid and the next success notes the loss.
     fn commit(
         &mut self,
-        records: &mut Vec<Vec<u8>>,
+        records: &mut Records,
         fsync: bool,
         final_checkpoint: bool,
     ) -> std::io::Result<()> {
@@ -555,12 +526,7 @@ impl Writer {
         // One allocation of the batch's size: grown by doubling, a
         // backlog's batch of megabytes left a trail of freed blocks behind
         // it, resident until the allocator purges them.
-        batch.reserve(
-            records
-                .iter()
-                .map(|r| r.len() + chain::LINE_OVERHEAD_MAX)
-                .sum::<usize>(),
-        );
+        batch.reserve(records.byte_len() + records.len() * chain::LINE_OVERHEAD_MAX);
         for r in records.iter() {
             chain::link_into(&mut trail.head, r, &mut batch);
         }
@@ -598,7 +564,7 @@ impl Writer {
         // them as lost.
         let retain = !self.settings.fsync_each_batch;
         if result.is_ok() || !retain {
-            self.buffers.give_back(records.drain(..));
+            records.clear();
         }
         let outcome = match result {
             Ok(()) => {
@@ -681,9 +647,11 @@ mod tests {
         // A write stuck on a slow disk sets no gauge: the scrape must see
         // the queue grow all the same.
         let shared = Arc::new(Shared::default());
+        let queue = Arc::new(Queue::new(64));
         let metrics = Arc::new(Metrics::new());
         let scraped = Arc::clone(&shared);
-        metrics.refresh_before_render(move |m| scraped.publish_waiting(m));
+        let scraped_queue = Arc::clone(&queue);
+        metrics.refresh_before_render(move |m| scraped.publish_waiting(&scraped_queue, m));
         let sample = |name: &str| -> String {
             let text = String::from_utf8(metrics.render()).unwrap();
             text.lines()
@@ -691,12 +659,23 @@ mod tests {
                 .unwrap_or_default()
                 .to_string()
         };
-        shared.queued.store(3, Ordering::Release);
+        let _sender = queue.sender();
+        for _ in 0..3 {
+            queue.push(b"{}", None, false);
+        }
         shared.holding.store(2, Ordering::Release);
         assert_eq!(sample("rempart_audit_queue_records"), "5");
-        shared.queued.store(40, Ordering::Release);
+        for _ in 0..37 {
+            queue.push(b"{}", None, false);
+        }
         assert_eq!(sample("rempart_audit_queue_records"), "42");
-        shared.queued.store(0, Ordering::Release);
+        let mut hand = Records::default();
+        let _ = queue.take(&mut hand, usize::MAX, &shared.holding);
+        assert_eq!(
+            sample("rempart_audit_queue_records"),
+            "40",
+            "taken: in hand"
+        );
         shared.holding.store(0, Ordering::Release);
         assert_eq!(sample("rempart_audit_queue_records"), "0");
         assert_eq!(sample("rempart_audit_queue_records_peak"), "42");
@@ -717,7 +696,7 @@ mod tests {
             metrics,
             checkpointer: None,
             sinks: Vec::new(),
-            buffers: Arc::default(),
+            queue: Arc::new(Queue::new(16)),
             batch: Vec::new(),
             failed_counted: 0,
         }
@@ -731,10 +710,12 @@ mod tests {
         }
     }
 
-    fn records(n: usize) -> Vec<Vec<u8>> {
-        (0..n)
-            .map(|i| format!("{{\"decision_id\":\"r{i}\"}}").into_bytes())
-            .collect()
+    fn records(n: usize) -> Records {
+        let mut r = Records::default();
+        for i in 0..n {
+            r.push(format!("{{\"decision_id\":\"r{i}\"}}").as_bytes());
+        }
+        r
     }
 
     #[test]
@@ -778,7 +759,7 @@ mod tests {
         assert_eq!(held.len(), 3, "the failed batch is kept");
         assert_eq!(w.metrics.audit_write_errors.get(), 3);
         // A retry with more records: each record counted once.
-        held.extend(records(2));
+        held.append(&mut records(2));
         assert!(w.commit(&mut held, false, false).is_err());
         assert_eq!(held.len(), 5);
         assert_eq!(w.metrics.audit_write_errors.get(), 5);
@@ -790,30 +771,6 @@ mod tests {
         assert!(!text.contains("\"loss\""), "nothing was lost: {text}");
         let report = super::super::verify::verify(&[path], None).unwrap();
         assert_eq!(report.records, 7);
-    }
-
-    #[test]
-    fn written_records_buffers_go_back_to_the_request_side() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.jsonl");
-        let mut w = writer(&path, no_rotation());
-        let mut batch = records(3);
-        let mut sent: Vec<*const u8> = batch.iter().map(|r| r.as_ptr()).collect();
-        w.commit(&mut batch, false, false).unwrap();
-        assert!(batch.is_empty());
-        let taken: Vec<Vec<u8>> = (0..3).map(|_| w.buffers.take()).collect();
-        let mut back: Vec<*const u8> = taken.iter().map(|b| b.as_ptr()).collect();
-        sent.sort();
-        back.sort();
-        assert_eq!(
-            sent, back,
-            "the same allocations come back for the next records"
-        );
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text.lines().count(), 3);
-        for line in text.lines() {
-            chain::check_line(line).unwrap();
-        }
     }
 
     #[test]
