@@ -22,7 +22,7 @@
 //! used often stays and memory never exceeds the capacity.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, RandomState};
 
 use regorus::Value;
 use siphasher::sip128::Hasher128;
@@ -118,11 +118,37 @@ impl CacheUse {
     }
 }
 
+/// The maps' hasher: a key is already a keyed 128-bit hash, so its low half
+/// is used as it is rather than hashed again with SipHash (a client cannot
+/// aim keys at one bucket without the cache's secret keys).
+#[derive(Default)]
+struct KeyIsHash(u64);
+
+impl std::hash::Hasher for KeyIsHash {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u128` keys reach here, through `write_u128`; any other
+        // input still spreads over the buckets.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u128(&mut self, key: u128) {
+        self.0 = key as u64;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Decisions = HashMap<u128, Decision, BuildHasherDefault<KeyIsHash>>;
+
 pub(crate) struct DecisionCache {
     capacity: usize,
     keys: (u64, u64),
-    current: HashMap<u128, Decision>,
-    previous: HashMap<u128, Decision>,
+    current: Decisions,
+    previous: Decisions,
     /// The [`KeyHasher`] buffer, kept from one key to the next.
     buffer: Cell<Vec<u8>>,
 }
@@ -137,8 +163,8 @@ impl DecisionCache {
                 RandomState::new().hash_one(0u8),
                 RandomState::new().hash_one(1u8),
             ),
-            current: HashMap::new(),
-            previous: HashMap::new(),
+            current: Decisions::default(),
+            previous: Decisions::default(),
             buffer: Cell::new(Vec::with_capacity(512)),
         }
     }
