@@ -1,16 +1,16 @@
 //! The queue between the request workers and the writer thread.
 //!
-//! A worker appends its record, already serialised, to a shared chunk under
-//! a short lock (a copy of about a kilobyte); the writer takes whole chunks,
-//! swapping in a buffer it has emptied. Two or three buffers go round, so a
-//! record costs no allocation, no message and no buffer of its own on
-//! either side, and the queue's memory is its records' bytes. A channel of
-//! per-record buffers, which this replaced, paid a send, a receive and a
-//! pooled buffer per record, and held each record in a buffer of 1.5 KiB
-//! (docs/performance.md, session 16).
-//!
-//! Chunks hold at most [`MAX_CHUNK`] records, so the writer never takes
-//! more than that in one go and a backlog is never moved in memory.
+//! A worker appends its record, already serialised, to the queue's current
+//! chunk under a short lock (a copy of about a kilobyte); the writer takes
+//! whole chunks and hands back the ones it has written. Chunks have a fixed
+//! size ([`CHUNK_BYTES`]) and go round: a record costs no allocation, no
+//! message and no buffer of its own, a backlog is never moved or regrown in
+//! memory, and what stays allocated after a burst is bounded
+//! ([`SPARE_CHUNKS`]). A channel of per-record buffers, which this
+//! replaced, paid a send, a receive and a pooled buffer per record and held
+//! each record in a buffer of 1.5 KiB; buffers that grow by doubling, tried
+//! first, held twice what a long batch needed (docs/performance.md,
+//! session 16).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-/// Records per chunk at most: the most the writer takes with one write.
-pub const MAX_CHUNK: usize = 4096;
-/// A buffer larger than this is freed after use rather than kept: a chunk
-/// under steady load is a few hundred KiB, a full one about 4 MiB.
-const MAX_KEPT: usize = 1 << 20;
+/// A chunk's size: about 120 records of the shipped shape. A record larger
+/// than this gets a chunk of its own size, not kept after use.
+pub const CHUNK_BYTES: usize = 128 * 1024;
+/// Emptied chunks kept for reuse at most (2 MiB).
+const SPARE_CHUNKS: usize = 16;
 
 /// Serialised records, one after the other, and the sync-mode
 /// acknowledgements of those that carry one.
@@ -37,6 +37,14 @@ pub struct Records {
 }
 
 impl Records {
+    fn with_capacity(bytes: usize) -> Records {
+        Records {
+            bytes: Vec::with_capacity(bytes),
+            ends: Vec::with_capacity(bytes / 512),
+            acks: Vec::new(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.ends.len()
     }
@@ -55,6 +63,11 @@ impl Records {
         self.ends.push(self.bytes.len());
     }
 
+    /// Whether `record` fits without growing the chunk.
+    fn has_room_for(&self, record: &[u8]) -> bool {
+        self.bytes.capacity() - self.bytes.len() >= record.len()
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
         let mut start = 0;
         self.ends.iter().map(move |&end| {
@@ -64,24 +77,69 @@ impl Records {
         })
     }
 
-    /// Empties it, keeping its buffers unless a burst made them large.
-    pub fn clear(&mut self) {
-        if self.bytes.capacity() > MAX_KEPT {
-            *self = Records::default();
-        } else {
-            self.bytes.clear();
-            self.ends.clear();
-            self.acks.clear();
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+        self.acks.clear();
+    }
+}
+
+/// The records the writer has in hand: whole chunks taken from the queue,
+/// in order, and the chunks it has written, to hand back at the next take.
+#[derive(Default)]
+pub struct Hand {
+    chunks: Vec<Records>,
+    written: Vec<Records>,
+    len: usize,
+}
+
+impl Hand {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn byte_len(&self) -> usize {
+        self.chunks.iter().map(Records::byte_len).sum()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.chunks.iter().flat_map(Records::iter)
+    }
+
+    /// Moves the acknowledgements of every record in hand to `acks`.
+    pub fn take_acks(&mut self, acks: &mut Vec<oneshot::Sender<bool>>) {
+        for c in &mut self.chunks {
+            acks.append(&mut c.acks);
         }
     }
 
-    /// Moves every record of `other` after this one's, emptying `other`.
-    pub fn append(&mut self, other: &mut Records) {
-        let base = self.bytes.len();
-        self.bytes.extend_from_slice(&other.bytes);
-        self.ends.extend(other.ends.iter().map(|e| e + base));
-        self.acks.append(&mut other.acks);
-        other.clear();
+    /// Drops the records (written, or given up): their chunks go back to
+    /// the queue at the next take.
+    pub fn clear(&mut self) {
+        for mut c in self.chunks.drain(..) {
+            c.clear();
+            self.written.push(c);
+        }
+        self.len = 0;
+    }
+
+    #[cfg(test)]
+    pub fn of(records: Records) -> Hand {
+        Hand {
+            len: records.len(),
+            chunks: vec![records],
+            written: Vec::new(),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn append(&mut self, other: Hand) {
+        self.len += other.len;
+        self.chunks.extend(other.chunks);
     }
 }
 
@@ -199,8 +257,15 @@ impl Queue {
         if s.writer_gone {
             return Pushed::Closed;
         }
-        if s.chunks.back().is_none_or(|c| c.len() >= MAX_CHUNK) {
-            let fresh = s.spare.pop().unwrap_or_default();
+        let full = s
+            .chunks
+            .back()
+            .is_none_or(|c| !c.is_empty() && !c.has_room_for(record));
+        if full {
+            let fresh = match s.spare.pop() {
+                Some(c) if c.has_room_for(record) => c,
+                _ => Records::with_capacity(CHUNK_BYTES.max(record.len())),
+            };
             s.chunks.push_back(fresh);
         }
         if let Some(chunk) = s.chunks.back_mut() {
@@ -274,30 +339,29 @@ impl Queue {
         }
     }
 
-    /// Writer side: moves whole chunks into `hand` while it holds fewer than
-    /// `limit` records (at least one chunk when `hand` is empty), with the
-    /// sync requests now answerable. `holding` is set to the records in
-    /// hand before the queue is seen without them, so that a reader of
-    /// both counts them twice rather than not at all.
-    pub fn take(&self, hand: &mut Records, limit: usize, holding: &AtomicUsize) -> Taken {
+    /// Writer side: takes back the chunks `hand` has written, then moves
+    /// whole chunks into it while it holds at most `limit` records (at
+    /// least one chunk when it is empty), with the sync requests now
+    /// answerable. `holding` is set to the records in hand before the queue
+    /// is seen without them, so that a reader of both counts them twice
+    /// rather than not at all.
+    pub fn take(&self, hand: &mut Hand, limit: usize, holding: &AtomicUsize) -> Taken {
         let mut s = self.lock();
+        for c in hand.written.drain(..) {
+            if s.spare.len() < SPARE_CHUNKS && c.bytes.capacity() <= CHUNK_BYTES {
+                s.spare.push(c);
+            }
+        }
         while let Some(front) = s.chunks.front() {
-            if front.is_empty() || (!hand.is_empty() && hand.len() + front.len() > limit) {
+            if !hand.is_empty() && hand.len + front.len() > limit {
                 break;
             }
-            let Some(mut chunk) = s.chunks.pop_front() else {
+            let Some(chunk) = s.chunks.pop_front() else {
                 break;
             };
             let n = chunk.len();
-            if hand.is_empty() {
-                std::mem::swap(hand, &mut chunk);
-            } else {
-                hand.append(&mut chunk);
-            }
-            chunk.clear();
-            if chunk.bytes.capacity() > 0 && s.spare.len() < 2 {
-                s.spare.push(chunk);
-            }
+            hand.chunks.push(chunk);
+            hand.len += n;
             s.queued -= n;
             s.taken += n as u64;
         }
@@ -358,73 +422,106 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn strings(r: &Records) -> Vec<String> {
-        r.iter()
+    fn strings(hand: &Hand) -> Vec<String> {
+        hand.iter()
             .map(|b| String::from_utf8(b.to_vec()).unwrap())
             .collect()
     }
 
+    /// A record of `n` bytes.
+    fn record(i: usize, n: usize) -> Vec<u8> {
+        let mut r = format!("r{i}-").into_bytes();
+        r.resize(n, b'.');
+        r
+    }
+
     #[test]
-    fn records_come_out_in_order_in_whole_chunks_and_the_buffers_go_round() {
-        let queue = Arc::new(Queue::new(3 * MAX_CHUNK));
+    fn records_come_out_in_order_in_whole_chunks_and_the_chunks_go_round() {
+        let queue = Arc::new(Queue::new(10_000));
         let _sender = queue.sender();
         let holding = AtomicUsize::new(0);
-        for i in 0..MAX_CHUNK + 2 {
-            assert_eq!(
-                queue.push(format!("r{i}").as_bytes(), None, false),
-                Pushed::Queued
-            );
+        // 1 KiB records: 128 to a chunk.
+        let per_chunk = CHUNK_BYTES / 1024;
+        for i in 0..per_chunk + 2 {
+            assert_eq!(queue.push(&record(i, 1024), None, false), Pushed::Queued);
         }
-        assert_eq!(queue.len(), MAX_CHUNK + 2);
-        let mut hand = Records::default();
-        // The first chunk is full: the next one is not taken with it
-        // while the limit says no more.
-        queue.take(&mut hand, MAX_CHUNK, &holding);
-        assert_eq!(hand.len(), MAX_CHUNK);
-        assert_eq!(holding.load(Ordering::Acquire), MAX_CHUNK);
-        assert_eq!(strings(&hand)[..2], ["r0", "r1"]);
-        assert_eq!(strings(&hand)[MAX_CHUNK - 1], format!("r{}", MAX_CHUNK - 1));
+        assert_eq!(queue.len(), per_chunk + 2);
+        assert_eq!(queue.lock().chunks.len(), 2);
+        let mut hand = Hand::default();
+        // Not the second chunk while the limit says no more.
+        queue.take(&mut hand, per_chunk + 1, &holding);
+        assert_eq!(hand.len(), per_chunk);
+        assert_eq!(holding.load(Ordering::Acquire), per_chunk);
         assert_eq!(queue.len(), 2);
-        // Held records (a failed write) take more only within the limit.
-        queue.take(&mut hand, MAX_CHUNK + 1, &holding);
-        assert_eq!(hand.len(), MAX_CHUNK, "2 more would pass the limit");
-        queue.take(&mut hand, MAX_CHUNK + 2, &holding);
-        assert_eq!(hand.len(), MAX_CHUNK + 2);
-        assert_eq!(
-            strings(&hand)[MAX_CHUNK..],
-            [format!("r{MAX_CHUNK}"), format!("r{}", MAX_CHUNK + 1)]
-        );
+        queue.take(&mut hand, per_chunk + 2, &holding);
+        assert_eq!(hand.len(), per_chunk + 2);
         assert_eq!(queue.len(), 0);
+        let got = strings(&hand);
+        assert_eq!(got.len(), per_chunk + 2);
+        for (i, r) in got.iter().enumerate() {
+            assert!(r.starts_with(&format!("r{i}-")), "{i}: {}", &r[..8]);
+            assert_eq!(r.len(), 1024);
+        }
 
-        // Steady state: the writer's emptied buffer becomes the next chunk,
-        // so records allocate nothing.
+        // Written chunks come back and carry the next records: nothing
+        // is allocated for them.
+        let chunk = hand.chunks[0].bytes.as_ptr();
         hand.clear();
-        queue.push(b"a", None, false);
-        queue.take(&mut hand, MAX_CHUNK, &holding);
-        let first = hand.bytes.as_ptr();
+        queue.take(&mut hand, usize::MAX, &holding);
+        assert_eq!(queue.lock().spare.len(), 2);
+        queue.push(b"next", None, false);
+        queue.take(&mut hand, usize::MAX, &holding);
+        assert_eq!(strings(&hand), ["next"]);
+        let reused = hand.chunks[0].bytes.as_ptr();
+        assert!(
+            reused == chunk || queue.lock().spare[0].bytes.as_ptr() == chunk,
+            "a written chunk is reused"
+        );
+
+        // A record larger than a chunk gets a chunk of its own, not kept.
         hand.clear();
-        queue.push(b"b", None, false);
-        queue.take(&mut hand, MAX_CHUNK, &holding);
+        queue.push(&record(0, CHUNK_BYTES + 1), None, false);
+        queue.take(&mut hand, usize::MAX, &holding);
+        assert_eq!(hand.chunks[0].byte_len(), CHUNK_BYTES + 1);
         hand.clear();
-        queue.push(b"c", None, false);
-        queue.take(&mut hand, MAX_CHUNK, &holding);
-        assert_eq!(strings(&hand), ["c"]);
-        assert_eq!(hand.bytes.as_ptr(), first, "two buffers go round");
+        queue.take(&mut hand, usize::MAX, &holding);
+        assert!(queue
+            .lock()
+            .spare
+            .iter()
+            .all(|c| c.bytes.capacity() <= CHUNK_BYTES));
+    }
+
+    #[test]
+    fn memory_kept_after_a_burst_is_bounded() {
+        let queue = Arc::new(Queue::new(100_000));
+        let _sender = queue.sender();
+        let holding = AtomicUsize::new(0);
+        for i in 0..50 * CHUNK_BYTES / 1024 {
+            queue.push(&record(i, 1024), None, false);
+        }
+        let mut hand = Hand::default();
+        queue.take(&mut hand, usize::MAX, &holding);
+        assert_eq!(hand.chunks.len(), 50);
+        hand.clear();
+        queue.take(&mut hand, usize::MAX, &holding);
+        assert_eq!(queue.lock().spare.len(), SPARE_CHUNKS);
     }
 
     #[test]
     fn a_sync_is_answerable_once_every_record_before_it_is_taken() {
-        let queue = Arc::new(Queue::new(2 * MAX_CHUNK));
+        let queue = Arc::new(Queue::new(10_000));
         let _sender = queue.sender();
         let holding = AtomicUsize::new(0);
-        for _ in 0..MAX_CHUNK + 1 {
-            queue.push(b"{}", None, false);
+        let per_chunk = CHUNK_BYTES / 1024;
+        for i in 0..per_chunk + 1 {
+            queue.push(&record(i, 1024), None, false);
         }
         let (tx, rx) = mpsc::channel();
         assert!(queue.sync(tx));
-        queue.push(b"{}", None, false);
-        let mut hand = Records::default();
-        let taken = queue.take(&mut hand, MAX_CHUNK, &holding);
+        queue.push(b"after", None, false);
+        let mut hand = Hand::default();
+        let taken = queue.take(&mut hand, per_chunk, &holding);
         assert!(
             taken.syncs.is_empty(),
             "one record before it is still queued"
@@ -453,7 +550,7 @@ mod tests {
         while queue.lock().senders_waiting == 0 {
             std::thread::yield_now();
         }
-        let mut hand = Records::default();
+        let mut hand = Hand::default();
         queue.take(&mut hand, usize::MAX, &holding);
         assert_eq!(waiting.join().unwrap(), Pushed::QueuedAfterWait);
         assert_eq!(strings(&hand), ["1", "2"]);
@@ -472,7 +569,7 @@ mod tests {
         drop(other);
         // What was queued before is still taken.
         assert_eq!(queue.wait(None), Woke::Work);
-        let mut hand = Records::default();
+        let mut hand = Hand::default();
         let taken = queue.take(&mut hand, usize::MAX, &AtomicUsize::new(0));
         assert!(taken.closed);
         assert_eq!(queue.wait(None), Woke::Closed);

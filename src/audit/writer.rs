@@ -15,13 +15,13 @@ use anyhow::Context;
 use tokio::sync::oneshot;
 
 use super::checkpoint::Checkpointer;
-use super::queue::{Queue, Records, Woke, MAX_CHUNK};
+use super::queue::{Hand, Queue, Woke};
 use super::{chain, files};
 use crate::metrics::Metrics;
 
-/// Records written with one `write` at most (the queue's chunk), so that a
-/// batch under heavy load does not grow without bound or wait long.
-const MAX_BATCH: usize = MAX_CHUNK;
+/// Records written with one `write` at most, so that a batch under heavy
+/// load does not grow without bound or wait long.
+const MAX_BATCH: usize = 4096;
 /// A commit's buffer larger than this is freed after the commit rather
 /// than kept: a batch under steady load is a few hundred KiB, a full one
 /// of [`MAX_BATCH`] records about 5 MiB.
@@ -378,7 +378,7 @@ impl Writer {
             }
         }
         let _gone = Gone(Arc::clone(&self.queue));
-        let mut records = Records::default();
+        let mut records = Hand::default();
         let mut acks = Vec::new();
         let mut backlog = false;
         let mut retry = RETRY_MIN;
@@ -431,7 +431,7 @@ impl Writer {
             closed = taken.closed;
             self.shared.waiting(&self.queue);
             backlog = records.len() >= MAX_BATCH;
-            acks.append(&mut records.acks);
+            records.take_acks(&mut acks);
             // A sync request: everything before it written and fsynced.
             let fsync = fsync || !taken.syncs.is_empty();
             let result = self.commit(&mut records, fsync, false);
@@ -467,7 +467,7 @@ impl Writer {
             std::thread::sleep(retry);
             retry = (retry * 2).min(RETRY_MAX);
         }
-        acks.append(&mut records.acks);
+        records.take_acks(&mut acks);
         answer(&mut acks, false);
         self.compressor.finish();
         for sink in self.sinks {
@@ -491,7 +491,7 @@ impl Writer {
     /// stays valid and the next success notes the loss.
     fn commit(
         &mut self,
-        records: &mut Records,
+        records: &mut Hand,
         fsync: bool,
         final_checkpoint: bool,
     ) -> std::io::Result<()> {
@@ -669,7 +669,7 @@ mod tests {
             queue.push(b"{}", None, false);
         }
         assert_eq!(sample("rempart_audit_queue_records"), "42");
-        let mut hand = Records::default();
+        let mut hand = Hand::default();
         let _ = queue.take(&mut hand, usize::MAX, &shared.holding);
         assert_eq!(
             sample("rempart_audit_queue_records"),
@@ -710,12 +710,12 @@ mod tests {
         }
     }
 
-    fn records(n: usize) -> Records {
-        let mut r = Records::default();
+    fn records(n: usize) -> Hand {
+        let mut r = super::super::queue::Records::default();
         for i in 0..n {
             r.push(format!("{{\"decision_id\":\"r{i}\"}}").as_bytes());
         }
-        r
+        Hand::of(r)
     }
 
     #[test]
@@ -759,7 +759,7 @@ mod tests {
         assert_eq!(held.len(), 3, "the failed batch is kept");
         assert_eq!(w.metrics.audit_write_errors.get(), 3);
         // A retry with more records: each record counted once.
-        held.append(&mut records(2));
+        held.append(records(2));
         assert!(w.commit(&mut held, false, false).is_err());
         assert_eq!(held.len(), 5);
         assert_eq!(w.metrics.audit_write_errors.get(), 5);
