@@ -16,9 +16,9 @@ use rempart::pipeline::locate::Scope;
 use rempart::policy::{self, Decision, EvalLimits, PolicySource};
 
 fn input() -> PolicyInput {
-    let segments: Vec<String> = ["api", "contacts", "42"]
-        .iter()
-        .map(|s| s.to_string())
+    let segments = ["api", "contacts", "42"]
+        .into_iter()
+        .map(Into::into)
         .collect();
     let profiles = rempart::profile::Profiles::load(&["generic".to_string()]).unwrap();
     let rempart::profile::Classified::Done(resource) =
@@ -29,7 +29,7 @@ fn input() -> PolicyInput {
     PolicyInput {
         direction: Direction::Ingress,
         request: RequestInfo {
-            id: "01a21d22-2a1b-73bf-95e5-821c7bfbe3cc".into(),
+            id: rempart::input::RequestId::from("01a21d22-2a1b-73bf-95e5-821c7bfbe3cc").unwrap(),
             method: "GET".into(),
             scheme: "http".into(),
             host: "crm.example.eu".into(),
@@ -138,8 +138,8 @@ fn bench(c: &mut Criterion) {
     c.bench_function("decide/cache miss", |b| {
         b.iter(|| {
             n += 1;
-            varied.request.path = format!("/api/contacts/{n}");
-            varied.request.segments[2] = n.to_string();
+            varied.request.path = compact_str::format_compact!("/api/contacts/{n}");
+            varied.request.segments[2] = compact_str::format_compact!("{n}");
             set.decide(&black_box(&varied).reading(upstream), &limits, 1024)
                 .0
                 .map(|d| d.allow)

@@ -25,6 +25,23 @@ use crate::policy::InputReads;
 /// does not allocate it, and owned for the rare other value.
 pub type Name = std::borrow::Cow<'static, str>;
 
+/// A short text of the request (its host, path and segments, the peer's
+/// address, the resource's names): kept inline up to 24 bytes and on the
+/// heap beyond, so that describing a typical request allocates none of
+/// them (each allocation cost about 40 ns per request).
+pub type Text = compact_str::CompactString;
+
+/// The request's id, inline: a decision id is a UUID's 36 characters.
+/// Longer ids (only a hand-written input could have one) are refused when
+/// the input is read.
+pub type RequestId = arrayvec::ArrayString<64>;
+
+/// An RFC 3339 time with microseconds (27 characters), inline.
+pub type Timestamp = arrayvec::ArrayString<32>;
+
+/// A path's segments: inline for up to six, which covers CRM APIs' paths.
+pub type Segments = smallvec::SmallVec<[Text; 6]>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
@@ -57,15 +74,15 @@ pub struct PolicyInput {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestInfo {
     /// The decision id, also sent back as `x-rempart-decision-id`.
-    pub id: String,
+    pub id: RequestId,
     pub method: Name,
     pub scheme: Name,
-    pub host: String,
+    pub host: Text,
     pub port: u16,
     /// Percent-decoded path.
-    pub path: String,
+    pub path: Text,
     /// `path` split on `/`, empty segments dropped.
-    pub segments: Vec<String>,
+    pub segments: Segments,
     /// Query parameters, decoded; a key given twice has two values.
     pub query: BTreeMap<String, Vec<String>>,
     /// Lower-case header names; repeated headers joined with ", ";
@@ -78,7 +95,7 @@ pub struct RequestInfo {
 /// Where a request comes from (the peer of the accepted connection).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Endpoint {
-    pub ip: String,
+    pub ip: Text,
     pub port: u16,
     /// See [`crate::pipeline::locate::Scope`].
     pub scope: Name,
@@ -156,10 +173,10 @@ pub struct Identity {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Resource {
-    pub crm: String,
+    pub crm: Text,
     #[serde(rename = "type")]
-    pub kind: String,
-    pub id: Option<String>,
+    pub kind: Text,
+    pub id: Option<Text>,
     /// read | list | create | update | delete | export | import | search |
     /// login | admin | other (see `crate::profile::Operation`).
     pub operation: Name,
@@ -173,7 +190,7 @@ pub struct Resource {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TimeInfo {
     /// RFC 3339, UTC.
-    pub rfc3339: String,
+    pub rfc3339: Timestamp,
     pub unix_ns: i64,
     /// 0 = Sunday … 6 = Saturday, UTC.
     pub weekday: u8,
@@ -293,7 +310,7 @@ impl PolicyInput {
             ("host", Field::Str(&r.host)),
             ("port", Field::U64(r.port.into())),
             ("path", Field::Str(&r.path)),
-            ("segments", Field::Strs(&r.segments)),
+            ("segments", Field::Texts(&r.segments)),
             ("query", Field::Lazy(&query)),
             ("headers", Field::Lazy(&headers)),
             ("protocol", Field::Str(&r.protocol)),
@@ -389,6 +406,7 @@ enum Field<'a> {
     I64(i64),
     Bool(bool),
     Strs(&'a [String]),
+    Texts(&'a [Text]),
     Object(&'a [Named<'a>]),
     /// A value built only when read (maps).
     Lazy(&'a dyn Fn() -> Value),
@@ -416,6 +434,7 @@ fn build_object(reads: &InputReads, fields: &[Named]) -> Value {
                 Field::I64(n) => Value::from(*n),
                 Field::Bool(b) => Value::from(*b),
                 Field::Strs(v) => strings(v),
+                Field::Texts(v) => Value::from(v.iter().map(|x| s(x)).collect::<Vec<_>>()),
                 Field::Object(fields) => build_object(sub, fields),
                 Field::Lazy(build) => sub.prune(&build()),
                 Field::Geo(geo) => sub.prune(&geo.to_value()),
@@ -475,18 +494,28 @@ fn hash_field(sub: &InputReads, field: &Field<'_>, h: &mut crate::policy::KeyHas
         Field::U64(n) => tagged(tag::UINT, n, h),
         Field::I64(n) => tagged(tag::INT, n, h),
         Field::Bool(b) => tagged(tag::BOOL, b, h),
-        Field::Strs(v) => {
-            tag::ARRAY.hash(h);
-            v.len().hash(h);
-            for item in *v {
-                tagged(tag::STRING, item, h);
-            }
-        }
+        Field::Strs(v) => hash_strs(v.iter().map(String::as_str), v.len(), h),
+        Field::Texts(v) => hash_strs(v.iter().map(Text::as_str), v.len(), h),
         Field::Object(fields) => hash_object(sub, fields, h),
         Field::Lazy(build) => hash_pruned(sub, &build(), h),
         Field::Geo(geo) => tagged(tag::RECORD, geo, h),
         Field::Destination(d) => tagged(tag::RECORD, d, h),
         Field::Built(_, digest) => tagged(tag::DIGEST, digest, h),
+    }
+}
+
+/// An array of strings, keyed as one whatever the strings' type.
+fn hash_strs<'a>(
+    items: impl Iterator<Item = &'a str>,
+    len: usize,
+    h: &mut crate::policy::KeyHasher,
+) {
+    use crate::policy::cache::{tag, tagged};
+    use std::hash::Hash;
+    tag::ARRAY.hash(h);
+    len.hash(h);
+    for item in items {
+        tagged(tag::STRING, item, h);
     }
 }
 
@@ -499,9 +528,9 @@ pub fn time_info(now: std::time::SystemTime) -> TimeInfo {
     let days = secs / 86_400;
     TimeInfo {
         rfc3339: {
-            // "2026-11-28T14:49:18.497935Z": sized once, not grown.
+            // "2026-11-28T14:49:18.497935Z": 27 characters, which fit.
             use std::fmt::Write;
-            let mut text = String::with_capacity(27);
+            let mut text = Timestamp::new();
             let _ = write!(text, "{}", humantime::format_rfc3339_micros(now));
             text
         },
@@ -526,13 +555,16 @@ pub(crate) mod tests {
         PolicyInput {
             direction: Direction::Ingress,
             request: RequestInfo {
-                id: "0190-test".into(),
+                id: RequestId::from("0190-test").unwrap(),
                 method: "GET".into(),
                 scheme: "http".into(),
                 host: "crm.example.eu".into(),
                 port: 8080,
                 path: "/api/contacts/42".into(),
-                segments: vec!["api".into(), "contacts".into(), "42".into()],
+                segments: ["api", "contacts", "42"]
+                    .into_iter()
+                    .map(Text::from)
+                    .collect(),
                 query: BTreeMap::from([("q".into(), vec!["a".into(), "b".into()])]),
                 headers: BTreeMap::from([("accept".into(), "*/*".into())]),
                 protocol: "HTTP/1.1".into(),
@@ -642,10 +674,15 @@ pub(crate) mod tests {
         let cache = crate::policy::cache::DecisionCache::new(8);
         let mutations: Vec<fn(&mut PolicyInput)> = vec![
             |_| {},
-            |i| i.request.id = "other".into(),
+            |i| i.request.id = RequestId::from("other").unwrap(),
             |i| i.request.path = "/api/contacts/43".into(),
-            |i| i.request.segments = vec!["api".into(), "contacts4".into(), "2".into()],
-            |i| i.request.segments.push(String::new()),
+            |i| {
+                i.request.segments = ["api", "contacts4", "2"]
+                    .into_iter()
+                    .map(Text::from)
+                    .collect()
+            },
+            |i| i.request.segments.push(Text::default()),
             |i| i.source.port = 50001,
             |i| i.identity.subject = None,
             |i| i.identity.subject = Some(String::new()),
@@ -727,6 +764,6 @@ pub(crate) mod tests {
         // 1970-01-04 was a Sunday.
         assert_eq!(t.weekday, 0);
         assert_eq!(t.hour, 2);
-        assert_eq!(t.rfc3339, "1970-01-04T02:00:00.000000Z");
+        assert_eq!(t.rfc3339.as_str(), "1970-01-04T02:00:00.000000Z");
     }
 }

@@ -41,10 +41,10 @@ fn corpus() -> Vec<PolicyInput> {
             for (i, scope) in scopes.iter().enumerate() {
                 let scheme = schemes[(n as usize + i) % 2];
                 n += 1;
-                let segments: Vec<String> = p
+                let segments = p
                     .split('/')
                     .filter(|s| !s.is_empty())
-                    .map(percent_decode)
+                    .map(|s| percent_decode(s).into())
                     .collect();
                 let rempart::profile::Classified::Done(resource) =
                     profiles.classify(&m.parse().unwrap(), p, None)
@@ -58,12 +58,12 @@ fn corpus() -> Vec<PolicyInput> {
                         Direction::Ingress
                     },
                     request: RequestInfo {
-                        id: format!("id-{n}"),
+                        id: rempart::input::RequestId::from(&format!("id-{n}")).unwrap(),
                         method: m.into(),
                         scheme: scheme.into(),
                         host: "crm.example.eu".into(),
                         port: 8080,
-                        path: percent_decode(p),
+                        path: percent_decode(p).into(),
                         segments,
                         query: Default::default(),
                         headers: [("accept".into(), "*/*".to_string())].into(),

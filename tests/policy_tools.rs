@@ -463,7 +463,7 @@ fn the_envoy_input_fields_match_the_schema() {
     let redact = [http::header::AUTHORIZATION];
     let info = rempart::pipeline::accept::describe(
         &parts,
-        "id-1".into(),
+        rempart::input::RequestId::from("id-1").unwrap(),
         &conn,
         &redact,
         rempart::policy::RequestReads::ALL,

@@ -33,7 +33,7 @@ pub mod target;
 use super::egress::EgressGateway;
 use super::enforce::ProxyBody;
 use super::Gateway;
-use crate::input::RequestInfo;
+use crate::input::{RequestId, RequestInfo, Text};
 use crate::metrics::{Metrics, Refusal};
 use crate::policy::RequestReads;
 use http::Response;
@@ -439,7 +439,7 @@ where
 /// `read` says the policy set reads them (else left empty).
 pub fn describe(
     parts: &http::request::Parts,
-    id: String,
+    id: RequestId,
     conn: &Connection,
     redact: &[http::HeaderName],
     read: RequestReads,
@@ -449,11 +449,9 @@ pub fn describe(
     let segments = raw_path
         .split('/')
         .filter(|s| !s.is_empty())
-        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
+        .map(percent_decoded)
         .collect();
-    let path = percent_decode_str(raw_path)
-        .decode_utf8_lossy()
-        .into_owned();
+    let path = percent_decoded(raw_path);
     // Query and headers only when the policy set reads them: nothing else
     // looks at them (the audit record keeps neither), and copying every
     // header's value is most of what describing a browser's request costs.
@@ -555,18 +553,18 @@ fn method_name(m: &http::Method) -> crate::input::Name {
 /// rempart does not see).
 pub fn describe_egress(
     parts: &http::request::Parts,
-    id: String,
+    id: RequestId,
     conn: &Connection,
     redact: &[http::HeaderName],
     target: &target::Target,
     read: RequestReads,
 ) -> RequestInfo {
     let mut info = describe(parts, id, conn, redact, read);
-    info.host = target.host.to_string();
+    info.host = compact_str::ToCompactString::to_compact_string(&target.host);
     info.port = target.port;
     if parts.method == http::Method::CONNECT {
         info.scheme = "tunnel".into();
-        info.path = String::new();
+        info.path = Text::default();
         info.segments.clear();
     } else {
         info.scheme = "http".into();
@@ -636,23 +634,66 @@ fn same_place(uri: &http::Uri, host: &[u8]) -> bool {
 
 /// The host the client asked for (Host header, or the HTTP/2 authority),
 /// lower-cased and without port; the port defaults to the listener's.
-fn host_and_port(parts: &http::request::Parts, conn: &Connection) -> (String, u16) {
-    let authority = parts
-        .headers
-        .get(http::header::HOST)
+fn host_and_port(parts: &http::request::Parts, conn: &Connection) -> (Text, u16) {
+    let default_port = conn.local.port();
+    let header = parts.headers.get(http::header::HOST);
+    if let Some((host, port)) = header.and_then(|h| plain_authority(h.as_bytes())) {
+        return (host_text(host), port.unwrap_or(default_port));
+    }
+    let authority = header
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.parse::<http::uri::Authority>().ok())
         .or_else(|| parts.uri.authority().cloned());
     match authority {
-        Some(a) => (
-            a.host()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .trim_end_matches('.')
-                .to_ascii_lowercase(),
-            a.port_u16().unwrap_or(conn.local.port()),
-        ),
-        None => (String::new(), conn.local.port()),
+        Some(a) => (host_text(a.host()), a.port_u16().unwrap_or(default_port)),
+        None => (Text::default(), default_port),
+    }
+}
+
+/// A host as the policy sees it: brackets and a trailing dot removed,
+/// lower-case.
+fn host_text(host: &str) -> Text {
+    let mut text = Text::from(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .trim_end_matches('.'),
+    );
+    text.as_mut_str().make_ascii_lowercase();
+    text
+}
+
+/// `name[:port]` made only of letters, digits, dots and hyphens, as nearly
+/// every `Host` header is: split where it stands. Parsing it into an
+/// `Authority` copies it, on every request; anything else (an IPv6
+/// literal, user information, an odd port) still goes that way, and a test
+/// holds the two to the same answers.
+fn plain_authority(b: &[u8]) -> Option<(&str, Option<u16>)> {
+    let (name, port) = match b.iter().position(|&c| c == b':') {
+        Some(i) => (&b[..i], Some(&b[i + 1..])),
+        None => (b, None),
+    };
+    if name.is_empty()
+        || !name
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'.' || *c == b'-')
+    {
+        return None;
+    }
+    let port = match port {
+        None => None,
+        Some(p) if (1..=5).contains(&p.len()) && p.iter().all(u8::is_ascii_digit) => {
+            Some(std::str::from_utf8(p).ok()?.parse::<u16>().ok()?)
+        }
+        Some(_) => return None,
+    };
+    Some((std::str::from_utf8(name).ok()?, port))
+}
+
+/// A path or a segment, percent-decoded (invalid UTF-8 replaced).
+fn percent_decoded(raw: &str) -> Text {
+    match percent_decode_str(raw).decode_utf8_lossy() {
+        std::borrow::Cow::Borrowed(s) => Text::from(s),
+        std::borrow::Cow::Owned(s) => Text::from(s),
     }
 }
 
@@ -737,7 +778,7 @@ mod tests {
         let conn = loopback_connection();
         let d = describe(
             &parts,
-            "id1".into(),
+            RequestId::from("id1").unwrap(),
             &conn,
             &[http::header::AUTHORIZATION],
             RequestReads::ALL,
@@ -745,12 +786,65 @@ mod tests {
         assert_eq!(d.host, "crm.example.eu");
         assert_eq!(d.port, 8443);
         assert_eq!(d.path, "/api/Contacts/a b");
-        assert_eq!(d.segments, vec!["api", "Contacts", "a b"]);
+        assert_eq!(d.segments.as_slice(), ["api", "Contacts", "a b"]);
         assert_eq!(d.query["q"], vec!["1", "2"]);
         assert_eq!(d.query["x"], vec!["é"]);
         assert_eq!(d.headers["authorization"], "[redacted]");
         assert_eq!(d.headers["accept"], "a, b");
         assert_eq!(d.protocol, "HTTP/1.1");
+    }
+
+    #[test]
+    fn a_plain_host_header_is_split_as_an_authority_would_be() {
+        let hosts = [
+            "crm.example.eu",
+            "crm.example.eu:8443",
+            "CRM.Example.EU.",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1:65535",
+            "127.0.0.1:65536",
+            "127.0.0.1:099",
+            "a-b.c",
+            "host:",
+            ":80",
+            "",
+            "[2001:db8::1]:8080",
+            "[2001:db8::1]",
+            "user@crm.example.eu:80",
+            "crm.example.eu:80:81",
+            "crm_example.eu",
+            "crm.example.eu:8a",
+            "crm.example.eu:123456",
+            "é.example.eu",
+        ];
+        let mut split = 0;
+        for host in hosts {
+            let parsed = host.parse::<http::uri::Authority>().ok();
+            // Whatever is split here parses, to the same host and port.
+            if let Some((name, port)) = plain_authority(host.as_bytes()) {
+                split += 1;
+                let a = parsed.unwrap_or_else(|| panic!("{host:?} split but not an authority"));
+                assert_eq!(name, a.host(), "{host:?}");
+                assert_eq!(port, a.port_u16(), "{host:?}");
+            }
+        }
+        assert_eq!(split, 8, "the plain forms are split without a parse");
+        // Through the request: the fallback gives the same description.
+        for (host, want) in [
+            ("CRM.Example.EU.:8443", ("crm.example.eu", 8443)),
+            ("[2001:DB8::1]:8080", ("2001:db8::1", 8080)),
+            ("crm.example.eu", ("crm.example.eu", 8080)),
+        ] {
+            let req = http::Request::builder()
+                .uri("/a")
+                .header("Host", host)
+                .body(())
+                .unwrap();
+            let (parts, _) = req.into_parts();
+            let (h, p) = host_and_port(&parts, &loopback_connection());
+            assert_eq!((h.as_str(), p), want, "{host:?}");
+        }
     }
 
     #[test]
@@ -766,7 +860,7 @@ mod tests {
         let describe_reading = |headers, query| {
             describe(
                 &parts,
-                "id1".into(),
+                RequestId::from("id1").unwrap(),
                 &conn,
                 &[],
                 RequestReads { headers, query },
@@ -776,7 +870,7 @@ mod tests {
         assert!(neither.headers.is_empty() && neither.query.is_empty());
         // What is always described stays, whatever is read.
         assert_eq!(neither.host, "crm.example.eu");
-        assert_eq!(neither.segments, vec!["api", "contacts", "1"]);
+        assert_eq!(neither.segments.as_slice(), ["api", "contacts", "1"]);
         let headers = describe_reading(true, false);
         assert_eq!(headers.headers["cookie"], "session=abc");
         assert!(headers.query.is_empty());

@@ -33,7 +33,7 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 /// A new decision id at wall-clock time `now`.
-pub fn next(now: SystemTime) -> String {
+pub fn next(now: SystemTime) -> crate::input::RequestId {
     let (seed, counter) = STATE.with(|s| {
         let (seed, counter) = s.get();
         s.set((seed, counter.wrapping_add(1)));
@@ -46,14 +46,14 @@ pub fn next(now: SystemTime) -> String {
     let millis = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    // Encoded into a buffer of the exact size: `to_string` would go through
-    // the formatter and grow the string several times, on every request.
+    // Encoded in place, without the formatter, into an id kept inline.
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    uuid::Builder::from_unix_timestamp_millis(millis, &bytes)
+    let encoded = uuid::Builder::from_unix_timestamp_millis(millis, &bytes)
         .into_uuid()
         .hyphenated()
-        .encode_lower(&mut text)
-        .to_owned()
+        .encode_lower(&mut text);
+    // Cannot fail: 36 characters fit an id's 64.
+    crate::input::RequestId::from(encoded).unwrap_or_default()
 }
 
 #[cfg(test)]

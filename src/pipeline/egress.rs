@@ -181,7 +181,7 @@ impl EgressGateway {
         let set = self.policies.current();
         let request = accept::describe_egress(
             &parts,
-            id.clone(),
+            id,
             &conn,
             &self.redact,
             &shown_target,

@@ -175,7 +175,7 @@ fn scope_v6(ip: Ipv6Addr) -> Scope {
 pub fn locate_source(conn: &crate::pipeline::accept::Connection, geo: &Arc<GeoDb>) -> Endpoint {
     let located = conn.peer_location.locate(conn.peer.ip(), geo);
     Endpoint {
-        ip: conn.peer_ip_str().to_owned(),
+        ip: conn.peer_ip_str().into(),
         port: conn.peer.port(),
         scope: located.scope.clone(),
         geo: located,

@@ -19,7 +19,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use crate::input::Resource;
+use crate::input::{Resource, Text};
 use path::CanonicalPath;
 
 /// The profiles built into the binary, by name.
@@ -329,7 +329,7 @@ impl Profile {
     }
 
     /// The type policies see for the CRM's own name `raw`.
-    fn canonical_type(&self, raw: &str) -> String {
+    fn canonical_type(&self, raw: &str) -> Text {
         // Paths are nearly always lower-case already: no copy to look up.
         let lower: std::borrow::Cow<str> = if raw.chars().any(char::is_uppercase) {
             raw.to_lowercase().into()
@@ -337,8 +337,8 @@ impl Profile {
             raw.into()
         };
         match self.types.get(lower.as_ref()) {
-            Some(t) => t.to_string(),
-            None => lower.into_owned(),
+            Some(t) => Text::from(&**t),
+            None => Text::from(lower.as_ref()),
         }
     }
 }
@@ -615,22 +615,22 @@ impl Profiles {
                     continue;
                 };
                 let kind = match &route.kind {
-                    TypeRule::Fixed(t) => t.to_string(),
+                    TypeRule::Fixed(t) => Text::from(&**t),
                     TypeRule::Capture(c) => profile.canonical_type(path.segment(caps[*c])),
                     TypeRule::Query {
                         param,
                         map,
                         default,
                     } => match query_value(query, param, profile.repeated_query) {
-                        QueryValue::Absent => default.to_string(),
-                        QueryValue::One(v) => map.get(v.as_str()).unwrap_or(default).to_string(),
+                        QueryValue::Absent => Text::from(&**default),
+                        QueryValue::One(v) => Text::from(&**map.get(v.as_str()).unwrap_or(default)),
                         QueryValue::Ambiguous => "unknown".into(),
                     },
                 };
                 let base = Resource {
-                    crm: profile.crm.to_string(),
+                    crm: Text::from(&*profile.crm),
                     kind,
-                    id: route.id.map(|c| path.segment(caps[c]).to_string()),
+                    id: route.id.map(|c| Text::from(path.segment(caps[c]))),
                     operation: operation.as_str().into(),
                     bulk: route.bulk,
                     inspection: None,
@@ -646,7 +646,7 @@ impl Profiles {
             }
         }
         Classified::Done(Resource {
-            crm: self.list.first().map_or("unknown", |p| &p.crm).to_string(),
+            crm: Text::from(self.list.first().map_or("unknown", |p| &*p.crm)),
             kind: "unknown".into(),
             id: None,
             operation: Operation::Other.as_str().into(),
@@ -732,10 +732,10 @@ impl PendingBody<'_> {
     }
 }
 
-fn scalar(v: &serde_json::Value) -> Option<String> {
+fn scalar(v: &serde_json::Value) -> Option<Text> {
     match v {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::String(s) => Some(Text::from(s.as_str())),
+        serde_json::Value::Number(n) => Some(compact_str::format_compact!("{n}")),
         _ => None,
     }
 }

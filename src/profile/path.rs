@@ -25,13 +25,14 @@ use percent_encoding::percent_decode_str;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CanonicalPath<'a> {
     decoded: Cow<'a, str>,
-    segments: Vec<Range<usize>>,
+    /// Inline for up to 16 segments: no allocation per request.
+    segments: smallvec::SmallVec<[Range<usize>; 16]>,
 }
 
 impl<'a> CanonicalPath<'a> {
     pub fn new(raw_path: &'a str) -> Self {
         let decoded = percent_decode_str(raw_path).decode_utf8_lossy();
-        let mut segments: Vec<Range<usize>> = Vec::with_capacity(8);
+        let mut segments = smallvec::SmallVec::new();
         let mut start = 0;
         for piece in decoded.split('/') {
             let range = start..start + piece.len();

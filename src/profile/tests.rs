@@ -13,7 +13,12 @@ fn c(p: &Profiles, method: &str, target: &str) -> (String, Option<String>, Strin
     match p.classify(&method.parse().unwrap(), path, query) {
         Classified::Done(r) => {
             assert!(r.inspection.is_none());
-            (r.kind, r.id, r.operation.into_owned(), r.bulk)
+            (
+                r.kind.to_string(),
+                r.id.map(String::from),
+                r.operation.into_owned(),
+                r.bulk,
+            )
         }
         Classified::NeedsBody(_) => panic!("{method} {target} unexpectedly needs the body"),
     }
