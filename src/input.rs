@@ -148,8 +148,8 @@ impl Address {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Identity {
     pub authenticated: bool,
-    /// "jwt" | "mtls" | "header" | "none".
-    pub method: String,
+    /// "jwt" | "mtls" | "header" | "none" (egress: "proxy_basic" too).
+    pub method: Name,
     /// JWT `sub`, certificate subject DN, or the trusted header's value.
     pub subject: Option<String>,
     /// Display name (JWT `name` / `preferred_username`, certificate CN).
@@ -168,8 +168,11 @@ pub struct Identity {
     /// The identity sources configured on this gateway ("jwt", "mtls",
     /// "header"); empty when none is, which keeps the shipped
     /// authentication rules inactive.
-    pub sources: Vec<String>,
+    pub sources: Sources,
 }
+
+/// The identity sources configured on a gateway: at most the three.
+pub type Sources = smallvec::SmallVec<[Name; 3]>;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Resource {
@@ -347,7 +350,7 @@ impl PolicyInput {
             ("claims", Field::Lazy(&claims)),
             ("issuer", Field::OptStr(i.issuer.as_deref())),
             ("error", Field::OptStr(i.error.as_deref())),
-            ("sources", Field::Strs(&i.sources)),
+            ("sources", Field::Names(&i.sources)),
         ];
         let res = &self.resource;
         let resource = [
@@ -407,6 +410,7 @@ enum Field<'a> {
     Bool(bool),
     Strs(&'a [String]),
     Texts(&'a [Text]),
+    Names(&'a [Name]),
     Object(&'a [Named<'a>]),
     /// A value built only when read (maps).
     Lazy(&'a dyn Fn() -> Value),
@@ -435,6 +439,7 @@ fn build_object(reads: &InputReads, fields: &[Named]) -> Value {
                 Field::Bool(b) => Value::from(*b),
                 Field::Strs(v) => strings(v),
                 Field::Texts(v) => Value::from(v.iter().map(|x| s(x)).collect::<Vec<_>>()),
+                Field::Names(v) => Value::from(v.iter().map(|x| s(x)).collect::<Vec<_>>()),
                 Field::Object(fields) => build_object(sub, fields),
                 Field::Lazy(build) => sub.prune(&build()),
                 Field::Geo(geo) => sub.prune(&geo.to_value()),
@@ -496,6 +501,7 @@ fn hash_field(sub: &InputReads, field: &Field<'_>, h: &mut crate::policy::KeyHas
         Field::Bool(b) => tagged(tag::BOOL, b, h),
         Field::Strs(v) => hash_strs(v.iter().map(String::as_str), v.len(), h),
         Field::Texts(v) => hash_strs(v.iter().map(Text::as_str), v.len(), h),
+        Field::Names(v) => hash_strs(v.iter().map(|n| &**n), v.len(), h),
         Field::Object(fields) => hash_object(sub, fields, h),
         Field::Lazy(build) => hash_pruned(sub, &build(), h),
         Field::Geo(geo) => tagged(tag::RECORD, geo, h),
@@ -627,7 +633,7 @@ pub(crate) mod tests {
                 ]),
                 issuer: Some("https://idp.example.eu/realms/crm".into()),
                 error: None,
-                sources: vec!["jwt".into(), "mtls".into()],
+                sources: ["jwt".into(), "mtls".into()].into_iter().collect(),
             },
             resource: Resource {
                 crm: "generic".into(),

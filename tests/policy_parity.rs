@@ -99,7 +99,7 @@ fn corpus() -> Vec<PolicyInput> {
                             method: "header".into(),
                             subject: Some("alice".into()),
                             roles: vec!["dpo".into()],
-                            sources: vec!["header".into()],
+                            sources: vec!["header".into()].into(),
                             ..Identity::default()
                         }
                     } else {
@@ -111,9 +111,9 @@ fn corpus() -> Vec<PolicyInput> {
                             // most where none is (it stays inactive).
                             error: (n % 5 == 1).then(|| "expired".into()),
                             sources: if n % 5 == 1 {
-                                vec!["jwt".into()]
+                                vec!["jwt".into()].into()
                             } else {
-                                vec![]
+                                Default::default()
                             },
                             ..Identity::default()
                         }

@@ -40,7 +40,7 @@ pub struct Identifier {
     jwt: Option<Arc<JwtVerifier>>,
     strip_credentials: bool,
     /// The configured sources, as shown to policies.
-    sources: Vec<String>,
+    sources: crate::input::Sources,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -55,15 +55,15 @@ impl Identifier {
             .tls
             .as_ref()
             .is_some_and(|t| t.client_ca.is_some());
-        let mut sources = Vec::new();
+        let mut sources = crate::input::Sources::new();
         if jwt.is_some() {
-            sources.push("jwt".to_string());
+            sources.push("jwt".into());
         }
         if mtls {
-            sources.push("mtls".to_string());
+            sources.push("mtls".into());
         }
         if id.trusted_header.is_some() {
-            sources.push("header".to_string());
+            sources.push("header".into());
         }
         id.jwt = jwt;
         id.sources = sources;
@@ -82,7 +82,7 @@ impl Identifier {
     }
 
     /// The configured identity sources ("jwt", "mtls", "header").
-    pub fn sources(&self) -> &[String] {
+    pub fn sources(&self) -> &[crate::input::Name] {
         &self.sources
     }
 
@@ -308,7 +308,7 @@ mod tests {
         assert!(id.authenticated);
         assert_eq!(id.subject.as_deref(), Some("alice"));
         assert_eq!(id.roles, vec!["dpo", "sales"]);
-        assert_eq!(id.sources, vec!["header"]);
+        assert_eq!(id.sources.as_slice(), ["header"]);
         assert!(h.contains_key("x-remote-user"));
     }
 
