@@ -401,7 +401,13 @@ fn json_reasons(out: &mut Vec<u8>, reasons: &[Reason]) {
 /// and are copied whole; the rest go through `serde_json`'s escaper, so
 /// that both writers escape alike.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+    // Every byte looked at, without an early exit: the compiler then checks
+    // many bytes per instruction, and a record's strings nearly never need
+    // escaping.
+    let escapes = s.bytes().fold(false, |seen, b| {
+        seen | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if escapes {
         // Writing to a Vec cannot fail, and a str always serialises.
         let _ = serde_json::to_writer(&mut *out, s);
     } else {
