@@ -20,6 +20,62 @@ pub fn rotated_name(active: &Path, last_seq: u64) -> PathBuf {
     active.with_file_name(name)
 }
 
+/// Hands an append-only file's written pages back to the kernel as the
+/// file grows, keeping only its last [`PageRelease::KEEP`] bytes cached.
+///
+/// The trail is written once and read rarely, but every page written stays
+/// in the page cache: under load that is tens of MB a second, charged to
+/// the container's memory cgroup in Kubernetes, pushing out pages the CRM
+/// and the system use. Measured on this project's VM, writing into fresh
+/// pages also cost the writer 1.2–1.5 µs of system time per ~1 KB record,
+/// against 0.7–0.8 µs when written pages were handed back (the freed pages
+/// are reused while still warm).
+///
+/// `POSIX_FADV_DONTNEED` drops the clean pages of a range and starts
+/// writeback of its dirty ones, which it leaves: each range is therefore
+/// advised three times, [`PageRelease::STEP`] bytes apart, by which time
+/// its pages are written back. Nothing is lost either way: a page not
+/// dropped stays cached, and a dropped one is read back from disk. The
+/// last `KEEP` bytes stay cached for a reader that follows the file (a log
+/// shipper).
+#[derive(Debug, Default)]
+pub struct PageRelease {
+    /// File length at which the next advice is due.
+    next_at: u64,
+}
+
+impl PageRelease {
+    /// Bytes written between two advices.
+    pub const STEP: u64 = 4 << 20;
+    /// The file's newest bytes, never advised.
+    pub const KEEP: u64 = 8 << 20;
+
+    /// After a write that left `file` `len` bytes long: advises the range
+    /// behind the kept tail when `STEP` more bytes were written. Returns
+    /// the range advised. Errors are ignored: the advice only saves memory
+    /// and time (a trail on a pipe or `/dev/null` refuses it).
+    pub fn after_write(&mut self, file: &File, len: u64) -> Option<std::ops::Range<u64>> {
+        if len < self.next_at {
+            return None;
+        }
+        self.next_at = len + Self::STEP;
+        const PAGE: u64 = 4096;
+        let end = len.saturating_sub(Self::KEEP) & !(PAGE - 1);
+        let start = end.saturating_sub(3 * Self::STEP);
+        let advised = std::num::NonZeroU64::new(end - start)?;
+        #[cfg(target_os = "linux")]
+        let _ = rustix::fs::fadvise(file, start, Some(advised), rustix::fs::Advice::DontNeed);
+        #[cfg(not(target_os = "linux"))]
+        let _ = (file, advised);
+        Some(start..end)
+    }
+
+    /// A new, empty file (after a rotation).
+    pub fn restart(&mut self) {
+        self.next_at = 0;
+    }
+}
+
 /// The last sequence number in a rotated file's name, and whether it is
 /// compressed; `None` when `file_name` is not a rotated file of `active_name`.
 fn parse_rotated(active_name: &str, file_name: &str) -> Option<(u64, bool)> {
@@ -177,6 +233,64 @@ pub fn apply_retention(active: &Path, keep: usize) -> anyhow::Result<Vec<PathBuf
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn written_pages_are_advised_behind_the_kept_tail_and_nothing_is_lost() {
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trail.jsonl");
+        let mut file = File::options()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&path)
+            .unwrap();
+        let mut release = PageRelease::default();
+        let mut advised = Vec::new();
+        let mut written = Vec::new();
+        let line = [b'x'; 1000];
+        let mut len = 0u64;
+        // 30 MiB in writes of a thousand ~1 KB lines, as the writer makes them.
+        while len < 30 * MIB {
+            let mut batch = Vec::new();
+            for i in 0..1000u32 {
+                batch.extend_from_slice(&i.to_le_bytes());
+                batch.extend_from_slice(&line);
+                batch.push(b'\n');
+            }
+            file.write_all(&batch).unwrap();
+            written.extend_from_slice(&batch);
+            len += batch.len() as u64;
+            if let Some(r) = release.after_write(&file, len) {
+                advised.push((len, r));
+            }
+        }
+        // Advised about once per step, never within the kept tail, each
+        // range page-aligned and reaching three steps back.
+        assert!(advised.len() >= 4, "{advised:?}");
+        for pair in advised.windows(2) {
+            let gap = pair[1].0 - pair[0].0;
+            assert!(
+                (PageRelease::STEP..PageRelease::STEP + 2 * MIB).contains(&gap),
+                "{pair:?}"
+            );
+        }
+        for (at, r) in &advised {
+            assert!(r.end <= at - PageRelease::KEEP, "{at} {r:?}");
+            assert_eq!(r.end % 4096, 0);
+            assert!(r.end - r.start <= 3 * PageRelease::STEP);
+        }
+        let (_, last) = advised.last().unwrap();
+        assert!(last.end > 15 * MIB, "{last:?}");
+        // Every byte reads back, from the cache or the disk.
+        file.sync_data().unwrap();
+        drop(file);
+        assert!(std::fs::read(&path).unwrap() == written);
+        // A new file starts over.
+        release.restart();
+        let empty = File::open(&path).unwrap();
+        assert_eq!(release.after_write(&empty, 100), None);
+    }
 
     #[test]
     fn rotated_names_sort_and_parse_back() {

@@ -111,6 +111,8 @@ pub(super) struct Trail {
     pub(super) head: chain::Head,
     /// Records whose write failed since the last successful one.
     lost: u64,
+    /// The written part's page cache, handed back as the file grows.
+    cache: files::PageRelease,
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
@@ -188,6 +190,7 @@ impl Trail {
             started,
             head,
             lost: 0,
+            cache: files::PageRelease::default(),
         })
     }
 
@@ -227,6 +230,7 @@ impl Trail {
         files::sync_dir(&self.path);
         self.file = file;
         self.len = 0;
+        self.cache.restart();
         self.started = SystemTime::now();
         Ok(rotated)
     }
@@ -570,6 +574,7 @@ impl Writer {
             Ok(()) => {
                 self.failed_counted = 0;
                 trail.len += batch.len() as u64;
+                trail.cache.after_write(&trail.file, trail.len);
                 trail.lost = 0;
                 self.shared
                     .committed_seq
