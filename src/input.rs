@@ -218,8 +218,8 @@ pub mod value {
         }
     }
 
-    pub fn strings(v: &[String]) -> Value {
-        Value::from(v.iter().map(|x| s(x)).collect::<Vec<_>>())
+    pub fn strings<T: AsRef<str>>(v: &[T]) -> Value {
+        Value::from(v.iter().map(|x| s(x.as_ref())).collect::<Vec<_>>())
     }
 
     pub fn obj<const N: usize>(fields: [(&str, Value); N]) -> Value {
@@ -438,8 +438,8 @@ fn build_object(reads: &InputReads, fields: &[Named]) -> Value {
                 Field::I64(n) => Value::from(*n),
                 Field::Bool(b) => Value::from(*b),
                 Field::Strs(v) => strings(v),
-                Field::Texts(v) => Value::from(v.iter().map(|x| s(x)).collect::<Vec<_>>()),
-                Field::Names(v) => Value::from(v.iter().map(|x| s(x)).collect::<Vec<_>>()),
+                Field::Texts(v) => strings(v),
+                Field::Names(v) => strings(v),
                 Field::Object(fields) => build_object(sub, fields),
                 Field::Lazy(build) => sub.prune(&build()),
                 Field::Geo(geo) => sub.prune(&geo.to_value()),
@@ -499,9 +499,9 @@ fn hash_field(sub: &InputReads, field: &Field<'_>, h: &mut crate::policy::KeyHas
         Field::U64(n) => tagged(tag::UINT, n, h),
         Field::I64(n) => tagged(tag::INT, n, h),
         Field::Bool(b) => tagged(tag::BOOL, b, h),
-        Field::Strs(v) => hash_strs(v.iter().map(String::as_str), v.len(), h),
-        Field::Texts(v) => hash_strs(v.iter().map(Text::as_str), v.len(), h),
-        Field::Names(v) => hash_strs(v.iter().map(|n| &**n), v.len(), h),
+        Field::Strs(v) => hash_strs(v, h),
+        Field::Texts(v) => hash_strs(v, h),
+        Field::Names(v) => hash_strs(v, h),
         Field::Object(fields) => hash_object(sub, fields, h),
         Field::Lazy(build) => hash_pruned(sub, &build(), h),
         Field::Geo(geo) => tagged(tag::RECORD, geo, h),
@@ -511,17 +511,13 @@ fn hash_field(sub: &InputReads, field: &Field<'_>, h: &mut crate::policy::KeyHas
 }
 
 /// An array of strings, keyed as one whatever the strings' type.
-fn hash_strs<'a>(
-    items: impl Iterator<Item = &'a str>,
-    len: usize,
-    h: &mut crate::policy::KeyHasher,
-) {
+fn hash_strs<T: AsRef<str>>(items: &[T], h: &mut crate::policy::KeyHasher) {
     use crate::policy::cache::{tag, tagged};
     use std::hash::Hash;
     tag::ARRAY.hash(h);
-    len.hash(h);
+    items.len().hash(h);
     for item in items {
-        tagged(tag::STRING, item, h);
+        tagged(tag::STRING, item.as_ref(), h);
     }
 }
 

@@ -735,7 +735,7 @@ impl PendingBody<'_> {
 fn scalar(v: &serde_json::Value) -> Option<Text> {
     match v {
         serde_json::Value::String(s) => Some(Text::from(s.as_str())),
-        serde_json::Value::Number(n) => Some(compact_str::format_compact!("{n}")),
+        serde_json::Value::Number(n) => Some(compact_str::ToCompactString::to_compact_string(n)),
         _ => None,
     }
 }
